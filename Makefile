@@ -1,0 +1,31 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv when missing.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO   ?= demo_out
+
+.PHONY: install test test-fast demo clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest -q -ra
+
+test-fast: install
+	$(PY) -m pytest -q -ra -m "not slow"
+
+demo: install
+	$(BIN)/multimae-shard build --src synthetic --out $(DEMO)/data --num 512 --size 128 --shard-size 128
+	$(BIN)/multimae-shard verify $(DEMO)/data
+	$(BIN)/multimae-shard info $(DEMO)/data
+	$(BIN)/multimae-shard show $(DEMO)/data --out $(DEMO)/samples.png --n 6
+
+clean:
+	rm -rf $(DEMO)

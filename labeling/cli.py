@@ -1,0 +1,2 @@
+def main() -> None:
+    raise SystemExit("multimae-label: not yet available")

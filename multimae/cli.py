@@ -1,0 +1,2 @@
+def main() -> None:
+    raise SystemExit("multimae-train: not yet available")
