@@ -1,2 +1,133 @@
-def main() -> None:
-    raise SystemExit("multimae-shard: not yet available")
+"""`multimae-shard`: build, verify, inspect and picture aligned shard sets (DESIGN.md sections 2, 3 and 7).
+
+    multimae-shard build --src {imagenet,folder,webdataset,synthetic} [--root PATH] --out DATA [options]
+    multimae-shard verify DATA
+    multimae-shard info DATA
+    multimae-shard show DATA --out FILE.png [--keys K ... | --n N]
+
+Errors a user can cause (missing root, empty source, a foreign output folder, bad data) end with one
+line naming the file and exit code 2; `verify` exits 1 when it finds problems, listing each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .images import MAX_PIXELS
+from .sources import SOURCES
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _quality(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"JPEG quality must be in 1..100, got {text}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="multimae-shard", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="turn an RGB source into aligned WebDataset shards (resumes if interrupted)")
+    b.add_argument("--src", required=True, choices=SOURCES, help="source kind")
+    b.add_argument("--root", help="source location: image tree (imagenet, folder), tar folder/pattern (webdataset)")
+    b.add_argument("--out", required=True, help="output shard set (local path or fsspec URL)")
+    b.add_argument("--num", type=_positive, help="number of samples (synthetic: scenes to render, default 1024; "
+                                                 "others: keep the first N)")
+    b.add_argument("--size", type=_positive, help="shorter side of stored rgb, no upscaling (default 256; synthetic 128)")
+    b.add_argument("--shard-size", type=_positive, default=1000, help="samples per shard (default 1000)")
+    b.add_argument("--workers", type=_positive, default=_cpus(), help="worker processes (default: CPU count)")
+    b.add_argument("--seed", type=int, default=0, help="synthetic scene seed (default 0)")
+    b.add_argument("--quality", type=_quality, default=95, help="rgb JPEG quality, 1..100 (default 95)")
+    b.add_argument("--max-pixels", type=_positive, default=MAX_PIXELS,
+                   help=f"skip images larger than this many pixels as 'too large' (default {MAX_PIXELS})")
+    b.add_argument("--class-from-parent", action="store_true", help="folder source: class = parent folder")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    v = sub.add_parser("verify", help="check every shard of every modality; exit 1 listing each problem")
+    v.add_argument("data")
+
+    i = sub.add_parser("info", help="one-screen summary of a shard set")
+    i.add_argument("data")
+    i.add_argument("--semseg-samples", type=int, default=256, help="samples decoded for semseg class shares (256)")
+
+    s = sub.add_parser("show", help="picture grid: one row per sample, one column per modality")
+    s.add_argument("data")
+    s.add_argument("--out", required=True, help="output picture (.png)")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--keys", nargs="+", help="sample keys to show")
+    g.add_argument("--n", type=_positive, default=6, help="show the first N samples (default 6)")
+    s.add_argument("--modalities", nargs="+", help="columns (default: every modality in the manifest)")
+    return p
+
+
+def _build(args: argparse.Namespace) -> int:
+    from .sources import open_source
+
+    source = open_source(args.src, args.root, num=args.num, size=args.size, seed=args.seed, quality=args.quality,
+                         max_pixels=args.max_pixels, class_from_parent=args.class_from_parent)
+    from .build import build  # imports webdataset (and with it torch): only once the source is known to be fine
+    summary = build(source, args.out, shard_size=args.shard_size, workers=args.workers, progress=not args.no_progress)
+    print(summary.format())
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .verify import verify
+
+    problems = verify(args.data)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"verify: {len(problems)} problem(s) in {args.data}", file=sys.stderr)
+        return 1
+    print(f"verify: {args.data} is complete and consistent")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .info import info_text
+
+    print(info_text(args.data, semseg_samples=args.semseg_samples))
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from .show import show
+
+    keys = show(args.data, args.out, keys=args.keys, n=args.n, modalities=args.modalities)
+    print(f"show: {len(keys)} samples -> {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    from .format import FormatError  # also the base of SourceError and BuildError
+
+    command = {"build": _build, "verify": _verify, "info": _info, "show": _show}[args.command]
+    try:
+        code = command(args)
+    except (FormatError, OSError) as e:  # OSError: unwritable --out, disk full, ... (message names the path)
+        print(f"multimae-shard {args.command}: error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print(f"multimae-shard {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        code = 130
+    raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    main()

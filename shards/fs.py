@@ -51,6 +51,23 @@ def listdir(url: str) -> list[str]:
     return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
 
 
+def isdir(url: str) -> bool:
+    if is_local(url):
+        return os.path.isdir(_local(url))
+    fs, path = url_to_fs(url)
+    return fs.isdir(path)
+
+
+def find(url: str) -> list[str]:
+    """All files below a folder, recursively, as sorted full paths/URLs."""
+    if is_local(url):
+        root = _local(url)
+        return sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files)
+    fs, path = url_to_fs(url)
+    protocol = url.split("://", 1)[0]
+    return sorted(f"{protocol}://{p}" for p in fs.find(path))
+
+
 def makedirs(url: str) -> None:
     if is_local(url):
         os.makedirs(_local(url), exist_ok=True)

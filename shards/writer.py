@@ -12,10 +12,12 @@ import os
 import tempfile
 import time
 
-import webdataset as wds
-
 from . import fs
 from .format import FormatError, check_key, modality_kind
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def stats_path(root: str, modality: str, name: str) -> str:
@@ -48,6 +50,8 @@ class ShardWriter:
         self._start = time.time()
         self._files = {}
         self._tars = {}
+        import webdataset as wds  # imported here: it pulls in torch, which path helpers above don't need
+
         for m in self.modalities:
             folder = fs.join(root, m)
             fs.makedirs(folder)
@@ -82,6 +86,7 @@ class ShardWriter:
             tmp, f = self._files[m]
             self._tars[m].close()  # also closes f
             final = tar_path(self.root, m, self.name)
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a shard is as readable as any file
             if fs.is_local(final):
                 os.replace(tmp, final)
             else:

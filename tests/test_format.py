@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import tarfile
 
 import numpy as np
@@ -94,6 +95,9 @@ def test_writer_commits_tar_then_stats_and_is_deterministic(tmp_path):
         members = tf.getmembers()
     assert [m.name for m in members[:2]] == ["k0000.cls", "k0000.rgb.jpg"]
     assert all(m.mtime == 0 for m in members)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "a" / "rgb" / "shard-000000.tar").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_writer_abort_and_errors_leave_nothing_visible(tmp_path):

@@ -1,0 +1,128 @@
+"""Robust image loading for shard building (DESIGN.md section 3: bad input never stops a build).
+
+`load_rgb(data, size)` turns the bytes of any image file into a correct (H, W, 3) uint8 RGB array,
+resized so the shorter side is `size` (never upscaled):
+
+- JPEGs are decoded at reduced size with PIL's ``draft()`` (DCT scaling by 1/2, 1/4 or 1/8), which
+  is where most of the build speed comes from.
+- EXIF orientation is applied; CMYK (also Adobe-inverted) is converted to RGB; palette, LA and RGBA
+  images with transparency are composited onto white; 16-bit grayscale is scaled to 8 bits
+  (PIL's own ``convert`` would clip it).
+- Embedded ICC profiles are not applied (pixels are taken as sRGB, CMYK by PIL's plain formula).
+- Files that cannot become an image raise `BadImage` with a short reason: "empty file",
+  "not an image", "truncated", "too large: WxH px" (checked from the header, before any decoding,
+  so decompression bombs never allocate), "corrupt: ...".
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's own decompression-bomb threshold (~89.5 MP)
+RESAMPLE = Image.Resampling.BICUBIC
+BACKGROUND = (255, 255, 255)
+# EXIF orientations 5..8 swap width and height.
+_TRANSPOSED = {5, 6, 7, 8}
+
+
+class BadImage(Exception):
+    """An input file that cannot be turned into an RGB image; `reason` is the short category + detail."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def target_size(w: int, h: int, size: int | None) -> tuple[int, int]:
+    """(w, h) scaled so the shorter side is `size`; unchanged when already smaller or size is None."""
+    if size is None or min(w, h) <= size:
+        return w, h
+    scale = size / min(w, h)
+    if w <= h:
+        return size, max(1, round(h * scale))
+    return max(1, round(w * scale)), size
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB, with correct handling of 16-bit and transparency."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit grayscale (PNG/TIFF): scale 0..65535 to 0..255 (PIL's convert would clip at 255).
+        a = np.asarray(im).astype(np.float64)  # (H, W)
+        a = np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.stack([a] * 3, axis=-1))
+    if im.mode == "F":
+        a = np.clip(np.rint(np.asarray(im)), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.stack([a] * 3, axis=-1))
+    if (im.mode == "P" and "transparency" in im.info) or im.mode in ("PA", "LA", "RGBA", "La", "RGBa"):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return im.convert("RGB")  # L, 1, P, CMYK (incl. Adobe-inverted, handled by the JPEG plugin), YCbCr, LAB, ...
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    if not data:
+        raise BadImage("empty file")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"too large: {e}") from None
+    except UnidentifiedImageError:
+        raise BadImage("not an image") from None
+    w, h = im.size
+    if w * h > max_pixels:
+        raise BadImage(f"too large: {w}x{h} px")
+    if w == 0 or h == 0:
+        raise BadImage("corrupt: zero-size image")
+    return im
+
+
+def load_rgb(data: bytes, size: int | None = None, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
+    """Image file bytes -> ((H, W, 3) uint8 RGB with shorter side `size`, original (h, w) after EXIF rotation).
+
+    Raises BadImage for anything that is not a decodable image within `max_pixels`.
+    """
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set: truncated files would pass as images")
+    with warnings.catch_warnings():
+        # Corrupt EXIF / ICC chunks only warn; the decode below still decides whether the file is usable.
+        warnings.simplefilter("ignore")
+        try:
+            return _decode(_open(data, max_pixels), size)
+        except BadImage:
+            raise
+        except OSError as e:
+            msg = str(e)
+            if "truncated" in msg.lower() or "premature" in msg.lower():
+                raise BadImage("truncated") from None
+            raise BadImage(f"corrupt: {msg}") from None
+        except Exception as e:  # PIL plugins raise SyntaxError, ValueError, struct.error, ... on broken data
+            raise BadImage(f"corrupt: {type(e).__name__}: {e}") from None
+
+
+def _decode(im: Image.Image, size: int | None) -> tuple[np.ndarray, tuple[int, int]]:
+    w, h = im.size
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception:  # unreadable EXIF block: the pixels may still be fine, keep them unrotated
+        orientation = 1
+    ow, oh = (h, w) if orientation in _TRANSPOSED else (w, h)  # displayed size, after EXIF rotation
+    tw, th = target_size(ow, oh, size)
+    if im.format == "JPEG" and (tw, th) != (ow, oh):
+        # Reduced-size DCT decoding: PIL picks the largest 1/2^k scale that keeps both sides >= the request.
+        im.draft("RGB", target_size(w, h, size))
+    im.load()
+    im = ImageOps.exif_transpose(im)
+    im = _to_rgb(im)
+    if im.size != (tw, th):
+        im = im.resize((tw, th), RESAMPLE)
+    arr = np.asarray(im, dtype=np.uint8)  # (H, W, 3)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise BadImage(f"corrupt: unexpected decoded shape {arr.shape}")
+    return arr, (oh, ow)

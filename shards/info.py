@@ -1,0 +1,142 @@
+"""`multimae-shard info DATA`: a one-screen summary of a shard set.
+
+Modalities with their producer, shards (complete / listed), samples, bytes and skips come from the
+manifest and the per-shard stats jsons. The `cls` histogram reads only the tiny ``.cls`` members of
+the rgb tars (tar headers are skipped by seeking, image bytes are never read); semseg class shares
+decode the first `semseg_samples` label maps of each semseg modality.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from collections import Counter
+
+import numpy as np
+
+from . import fs
+from .format import decode_semseg, modality_kind, read_manifest
+from .writer import shard_is_complete, stats_path, tar_path
+
+BAR_WIDTH = 30
+KIND_ORDER = {"rgb": 0, "depth": 1, "semseg": 2}
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def producer_text(producer: dict, width: int = 60) -> str:
+    """A short one-line description of a producer dict (source + options, or a teacher's model id)."""
+    head = producer.get("source") or producer.get("model") or producer.get("teacher") or ""
+    options = producer.get("options", {})
+    extras = {k: v for k, v in producer.items() if k not in ("source", "model", "teacher", "options", "code_version")
+              and isinstance(v, (str, int, float)) and v is not None}
+    parts = [str(head)] + [f"{k}={v}" for k, v in {**extras, **options}.items() if v is not None]
+    text = " ".join(p for p in parts if p)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def modality_stats(root: str, modality: str, names: list[str]) -> dict:
+    """Totals over the stats jsons of one modality: complete shards, samples, bytes, skips by reason."""
+    out = {"complete": 0, "samples": 0, "bytes": 0, "skipped": Counter()}
+    for name in names:
+        if not shard_is_complete(root, modality, name):
+            continue
+        stats = fs.read_json(stats_path(root, modality, name))
+        out["complete"] += 1
+        out["samples"] += stats["count"]
+        out["bytes"] += stats["bytes"]
+        out["skipped"].update(s["reason"].split(":", 1)[0] for s in stats.get("skipped", []))
+    return out
+
+
+def _members(url: str, suffix: str, limit: int | None = None):
+    """Bytes of the members ending in `suffix` of one tar, in order (other members are seeked over)."""
+    with fs.open_file(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        n = 0
+        for info in tar:
+            if info.isfile() and info.name.endswith(suffix):
+                yield tar.extractfile(info).read()
+                n += 1
+                if limit is not None and n >= limit:
+                    return
+
+
+def cls_histogram(root: str, names: list[str]) -> Counter:
+    hist: Counter = Counter()
+    for name in names:
+        if shard_is_complete(root, "rgb", name):
+            hist.update(int(b) for b in _members(tar_path(root, "rgb", name), ".cls"))
+    return hist
+
+
+def semseg_shares(root: str, modality: str, names: list[str], samples: int) -> tuple[np.ndarray, int]:
+    """Pixel counts per class id over the first `samples` label maps, and how many maps were read."""
+    counts = np.zeros(0, dtype=np.int64)
+    seen = 0
+    for name in names:
+        if seen >= samples:
+            break
+        if not shard_is_complete(root, modality, name):
+            continue
+        for data in _members(tar_path(root, modality, name), f".{modality}.png", samples - seen):
+            c = np.bincount(decode_semseg(data).ravel())
+            counts = np.pad(counts, (0, max(0, len(c) - len(counts))))
+            counts[: len(c)] += c
+            seen += 1
+    return counts, seen
+
+
+def _histogram_lines(labels: list[str], values: list[float], fmt) -> list[str]:
+    top = max(values) if values else 0
+    width = max((len(s) for s in labels), default=0)
+    return [f"  {lab:<{width}} {fmt(v):>8} {'#' * (round(BAR_WIDTH * v / top) if top else 0)}"
+            for lab, v in zip(labels, values)]
+
+
+def info_text(root: str, semseg_samples: int = 256, max_classes: int = 12) -> str:
+    """The `multimae-shard info` screen."""
+    manifest = read_manifest(root)
+    names = [s["name"] for s in manifest.get("shards", [])]
+    lines = [f"{root}: {manifest.get('total', 0)} samples in {len(names)} shards "
+             f"(format {manifest['format_version']}, {manifest.get('created_by', '?')})", ""]
+    rows = [("modality", "kind", "shards", "samples", "bytes", "skipped", "meaning", "producer")]
+    skipped_all: Counter = Counter()
+    order = sorted(manifest["modalities"], key=lambda m: (KIND_ORDER[modality_kind(m)], m))
+    for m in order:
+        entry = manifest["modalities"][m]
+        st = modality_stats(root, m, names)
+        skipped_all.update(st["skipped"])
+        rows.append((m, entry["kind"], f"{st['complete']}/{len(names)}", str(st["samples"]), _mb(st["bytes"]),
+                     str(sum(st["skipped"].values())), entry.get("meaning", ""), producer_text(entry.get("producer", {}))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    if skipped_all:
+        lines.append("skipped by reason: " + ", ".join(f"{r}: {n}" for r, n in skipped_all.most_common()))
+
+    classes = manifest.get("cls_classes")
+    if "rgb" in manifest["modalities"]:
+        hist = cls_histogram(root, names)
+        if hist:
+            ids = sorted(hist, key=lambda c: (-hist[c], c))
+            shown = ids[:max_classes]
+            labels = [classes[c] if classes and 0 <= c < len(classes) else str(c) for c in shown]
+            lines += ["", f"cls histogram ({sum(hist.values())} samples, {len(hist)} classes):"]
+            lines += _histogram_lines(labels, [hist[c] for c in shown], lambda v: str(int(v)))
+            if len(ids) > len(shown):
+                lines.append(f"  ... {len(ids) - len(shown)} more classes, {sum(hist[c] for c in ids[len(shown):])} samples")
+
+    for m in order:
+        entry = manifest["modalities"][m]
+        if modality_kind(m) != "semseg" or semseg_samples <= 0:
+            continue
+        counts, seen = semseg_shares(root, m, names, semseg_samples)
+        if not seen:
+            continue
+        seg_classes = entry.get("classes", [])
+        ids = [int(c) for c in np.argsort(-counts, kind="stable") if counts[c] > 0][:max_classes]
+        total = counts.sum()
+        labels = [seg_classes[c] if c < len(seg_classes) else f"id {c}" for c in ids]
+        lines += ["", f"{m} pixel share by class (first {seen} samples):"]
+        lines += _histogram_lines(labels, [100.0 * counts[c] / total for c in ids], lambda v: f"{v:.1f}%")
+    return "\n".join(lines)

@@ -1,0 +1,371 @@
+"""The RGB sources of `multimae-shard build` (DESIGN.md section 3): imagenet, folder, webdataset, synthetic.
+
+A source does two things, split so that only small objects cross process boundaries:
+
+- in the main process it enumerates its samples in a fixed order (sorted paths, tar order, scene index)
+  as small picklable `Item`s: sample i goes to shard i // shard_size, whatever the worker count;
+- its `maker` (a small picklable callable, run in pool workers) turns one item into the tar members
+  of every modality, or raises `BadImage` with a reason, which the build records as a skip.
+
+Keys are deterministic and dot-free. File sources derive them from the relative path without its
+extension, '/' -> '-' and any character outside [A-Za-z0-9_-] -> '_' (``n01440764/n01440764_10026.JPEG``
+-> ``n01440764-n01440764_10026``); webdataset sources from the input key the same way; a key that
+repeats gets ``-1``, ``-2``, ... in enumeration order. Synthetic keys come from `synthetic.scene_key`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import re
+import tarfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple
+
+from fsspec.core import url_to_fs
+
+from . import __version__, fs
+from .format import FormatError, encode_rgb, encode_sample, modality_entry
+from .images import MAX_PIXELS, BadImage, load_rgb
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pnm")
+SOURCES = ("imagenet", "folder", "webdataset", "synthetic")
+Members = dict[str, dict[str, bytes]]  # modality -> {"rgb.jpg": ..., "cls": ..., "json": ...}
+
+
+class SourceError(FormatError):
+    """A source a user pointed at that cannot be read (missing root, no images, bad tar); names the path."""
+
+
+class Item(NamedTuple):
+    """One sample of a source, as enumerated in the main process."""
+
+    key: str  # the output key
+    ref: str  # where it came from, for the sample json and skip records (relative path, tar:member, ...)
+    loc: Any  # source-specific: file URL, (tar URL, {ext: (offset, size)}), scene index
+    cls: int | None = None
+    label: str | None = None  # class name (wnid / folder) when the source has classes
+
+
+# --- keys -----------------------------------------------------------------------------------------
+
+
+def sanitize_key(name: str) -> str:
+    """'a/b c.d' -> 'a-b_c_d'; never empty, never starting with '_' (webdataset reserves '__...')."""
+    key = re.sub(r"[^A-Za-z0-9_-]", "_", name.replace("/", "-"))
+    return key if key and not key.startswith("_") else f"k{key}"
+
+
+def unique_keys(names: list[str]) -> list[str]:
+    """Sanitised keys for names in order; a repeated key gets -1, -2, ... (deterministic)."""
+    seen: set[str] = set()
+    out = []
+    for name in names:
+        key = base = sanitize_key(name)
+        n = 0
+        while key in seen:
+            n += 1
+            key = f"{base}-{n}"
+        seen.add(key)
+        out.append(key)
+    return out
+
+
+def path_key(rel: str) -> str:
+    """Relative path -> key stem (extension removed)."""
+    return posixpath.splitext(rel)[0]
+
+
+# --- listing --------------------------------------------------------------------------------------
+
+
+def _fs_root(root: str):
+    if not fs.exists(root):
+        raise SourceError(f"source root {root} does not exist")
+    filesystem, path = url_to_fs(root)
+    if not filesystem.isdir(path):
+        raise SourceError(f"source root {root} is not a folder")
+    return filesystem, path.rstrip("/")
+
+
+def _hidden(rel: str) -> bool:
+    return any(part.startswith(".") for part in rel.split("/"))
+
+
+def list_images(root: str) -> list[str]:
+    """Sorted relative paths (with '/') of every image file under root, hidden files and folders excluded."""
+    filesystem, path = _fs_root(root)
+    rels = (posixpath.relpath(p, path) for p in filesystem.find(path, withdirs=False))
+    return sorted(r for r in rels if r.lower().endswith(IMAGE_EXTS) and not _hidden(r))
+
+
+def list_subdirs(root: str) -> list[str]:
+    filesystem, path = _fs_root(root)
+    dirs = (e["name"] for e in filesystem.ls(path, detail=True) if e["type"] == "directory")
+    return sorted(n for n in (posixpath.basename(d.rstrip("/")) for d in dirs) if not n.startswith("."))
+
+
+# --- makers (run in pool workers) -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RgbEncoder:
+    """Image bytes -> the rgb members: JPEG at shorter side `size`, `cls`, sample json."""
+
+    size: int | None
+    quality: int = 95
+    max_pixels: int = MAX_PIXELS
+
+    def members(self, data: bytes, meta: dict, cls: int | None) -> Members:
+        rgb, (h, w) = load_rgb(data, self.size, self.max_pixels)
+        out = {"rgb.jpg": encode_rgb(rgb, self.quality), "json": fs.dumps_json({**meta, "orig_size": [h, w]})}
+        if cls is not None:
+            out["cls"] = str(cls).encode()
+        return {"rgb": out}
+
+
+@dataclass(frozen=True)
+class FileMaker:
+    encoder: RgbEncoder
+    label_field: str  # "wnid" for imagenet, "class" for folder
+
+    def __call__(self, item: Item) -> Members:
+        try:
+            data = fs.read_bytes(item.loc)
+        except OSError as e:
+            raise BadImage(f"unreadable: {e}") from None
+        meta: dict[str, Any] = {"source": item.ref}
+        if item.label is not None:
+            meta[self.label_field] = item.label
+        return self.encoder.members(data, meta, item.cls)
+
+
+@dataclass(frozen=True)
+class TarSampleMaker:
+    """Reads one sample's members from an input tar by byte range; only image/cls/txt/json are ever decoded."""
+
+    encoder: RgbEncoder
+
+    def __call__(self, item: Item) -> Members:
+        url, ranges = item.loc
+        image_ext = next((e for e in IMAGE_EXTS if e[1:] in ranges), None)
+        if image_ext is None:
+            raise BadImage(f"no image member (has {sorted(ranges)})")
+        try:
+            with fs.open_file(url, "rb") as f:
+                raw = {}
+                for ext in (image_ext[1:], "cls", "txt", "json"):
+                    if ext in ranges:
+                        offset, size = ranges[ext]
+                        f.seek(offset)
+                        raw[ext] = f.read(size)
+        except OSError as e:
+            raise BadImage(f"unreadable: {e}") from None
+        meta: dict[str, Any] = {"source": item.ref}
+        cls = None
+        if "cls" in raw:
+            text = raw["cls"].decode("ascii", "replace").strip()
+            if not re.fullmatch(r"\d+", text):
+                raise BadImage(f"corrupt: cls member is not an integer: {text[:20]!r}")
+            cls = int(text)
+        if "txt" in raw:
+            meta["caption"] = raw["txt"].decode("utf-8", "replace")
+        if "json" in raw:
+            try:
+                meta["meta"] = json.loads(raw["json"])
+            except ValueError as e:
+                raise BadImage(f"corrupt: json member: {e}") from None
+        return self.encoder.members(raw[image_ext[1:]], meta, cls)
+
+
+@dataclass(frozen=True)
+class SceneMaker:
+    """Renders synthetic scene `index` into rgb (+cls, json), depth_gt and semseg_gt members."""
+
+    seed: int
+    size: int
+    quality: int = 95
+
+    def __call__(self, item: Item) -> Members:
+        from . import synthetic
+
+        scene = synthetic.render_scene(self.seed, item.loc, self.size)
+        meta = {"source": "synthetic", "seed": self.seed, "index": item.loc, "orig_size": [self.size, self.size]}
+        rgb = {"rgb.jpg": encode_rgb(scene["rgb"], self.quality), "cls": str(int(scene["cls"])).encode(),
+               "json": fs.dumps_json(meta)}
+        return {
+            "rgb": rgb,
+            "depth_gt": encode_sample("depth_gt", scene["depth_gt"]),
+            "semseg_gt": encode_sample("semseg_gt", scene["semseg_gt"], num_classes=len(synthetic.SEMSEG_CLASSES)),
+        }
+
+
+# --- sources --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    """An enumerated source: items in build order, the maker that encodes one item, manifest facts."""
+
+    name: str
+    root: str | None
+    items: list[Item]
+    maker: Callable[[Item], Members]
+    options: dict
+    modalities: tuple[str, ...] = ("rgb",)
+    cls_classes: list[str] | None = None
+    semseg_classes: list[str] | None = None
+    meanings: dict[str, str] = field(default_factory=lambda: {"rgb": "image"})
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def producer(self) -> dict:
+        return {"source": self.name, "root": self.root, "options": self.options, "code_version": __version__}
+
+    def modality_entries(self) -> dict[str, dict]:
+        producer = self.producer()
+        return {
+            m: modality_entry(m, producer, meaning=self.meanings[m],
+                              classes=self.semseg_classes if m.startswith("semseg") else None)
+            for m in self.modalities
+        }
+
+
+def imagenet_source(root: str, encoder: RgbEncoder) -> Source:
+    """ILSVRC train layout ROOT/<wnid>/*.JPEG; class index = position in the sorted wnids (as ImageFolder)."""
+    wnids = list_subdirs(root)
+    rels = [r for r in list_images(root) if "/" in r]
+    if not rels:
+        raise SourceError(f"no images found under {root}/<class>/ (expected ROOT/<wnid>/*.JPEG)")
+    index = {w: i for i, w in enumerate(wnids)}
+    keys = unique_keys([path_key(r) for r in rels])
+    items = [Item(k, r, fs.join(root, r), index[r.split("/", 1)[0]], r.split("/", 1)[0]) for k, r in zip(keys, rels)]
+    return Source("imagenet", root, items, FileMaker(encoder, "wnid"), _encoder_options(encoder), cls_classes=wnids)
+
+
+def folder_source(root: str, encoder: RgbEncoder, class_from_parent: bool = False) -> Source:
+    """Any tree of images; with class_from_parent the class is the parent folder (relative path)."""
+    rels = list_images(root)
+    if not rels:
+        raise SourceError(f"no image files ({', '.join(IMAGE_EXTS)}) found under {root}")
+    keys = unique_keys([path_key(r) for r in rels])
+    classes = None
+    labels: list[str | None] = [None] * len(rels)
+    if class_from_parent:
+        top = [r for r in rels if "/" not in r]
+        if top:
+            raise SourceError(f"--class-from-parent: {fs.join(root, top[0])} has no parent folder below {root}")
+        labels = [posixpath.dirname(r) for r in rels]
+        classes = sorted(set(labels))
+    index = {c: i for i, c in enumerate(classes or [])}
+    items = [Item(k, r, fs.join(root, r), index.get(lab) if lab else None, lab) for k, r, lab in zip(keys, rels, labels)]
+    options = {**_encoder_options(encoder), "class_from_parent": class_from_parent}
+    return Source("folder", root, items, FileMaker(encoder, "class"), options, cls_classes=classes)
+
+
+def _split_member(name: str) -> tuple[str, str] | None:
+    """'dir/000123.rgb.jpg' -> ('dir/000123', 'rgb.jpg') as webdataset splits (at the basename's first dot)."""
+    m = re.match(r"^((?:.*/|)[^./]+)\.([^/]*)$", name)
+    return (m.group(1), m.group(2).lower()) if m else None
+
+
+def scan_tar(url: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """[(input key, {ext: (offset, size)})] of a tar, in member order, by reading headers only."""
+    samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
+    try:
+        with fs.open_file(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                split = _split_member(info.name)
+                if split is None or posixpath.basename(split[0]).startswith("__"):
+                    continue
+                key, ext = split
+                if not samples or samples[-1][0] != key:
+                    samples.append((key, {}))
+                if ext in samples[-1][1]:
+                    raise SourceError(f"{url}: member {info.name} appears twice for key {key!r}")
+                samples[-1][1][ext] = (info.offset_data, info.size)
+    except (tarfile.TarError, OSError) as e:
+        raise SourceError(f"{url} is not a readable uncompressed tar: {e}") from None
+    return samples
+
+
+def webdataset_source(root: str, encoder: RgbEncoder) -> Source:
+    """Existing tar shards (img2dataset style: key.jpg/png + optional .cls/.txt/.json), re-sharded.
+
+    `root` is a folder of .tar files, one .tar, or a brace pattern ("data/{00000..00009}.tar").
+    """
+    import braceexpand
+
+    if "{" in root:
+        urls = list(braceexpand.braceexpand(root))
+        missing = [u for u in urls if not fs.exists(u)]
+        if missing:
+            raise SourceError(f"{missing[0]} does not exist ({len(missing)} of {len(urls)} tars of {root} missing)")
+    elif root.endswith(".tar"):
+        if not fs.exists(root):
+            raise SourceError(f"{root} does not exist")
+        urls = [root]
+    else:
+        _fs_root(root)
+        urls = [fs.join(root, n) for n in fs.listdir(root) if n.endswith(".tar")]
+    if not urls:
+        raise SourceError(f"no .tar files in {root}")
+    refs, locs = [], []
+    for url in urls:
+        for key, ranges in scan_tar(url):
+            refs.append(f"{posixpath.basename(url)}:{key}")
+            locs.append((url, ranges))
+    if not refs:
+        raise SourceError(f"the tars of {root} hold no samples")
+    keys = unique_keys([r.split(":", 1)[1] for r in refs])
+    items = [Item(k, r, loc) for k, r, loc in zip(keys, refs, locs)]
+    return Source("webdataset", root, items, TarSampleMaker(encoder), _encoder_options(encoder))
+
+
+def synthetic_source(num: int, size: int = 128, seed: int = 0, quality: int = 95) -> Source:
+    """`num` procedurally rendered scenes (shards/synthetic.py) with exact depth_gt, semseg_gt and cls."""
+    from . import synthetic
+
+    if num <= 0:
+        raise SourceError("--num must be positive for the synthetic source")
+    items = [Item(synthetic.scene_key(seed, i), f"synthetic:{seed}:{i}", i) for i in range(num)]
+    return Source(
+        "synthetic", None, items, SceneMaker(seed, size, quality),
+        {"num": num, "size": size, "seed": seed, "quality": quality},
+        modalities=("rgb", "depth_gt", "semseg_gt"), cls_classes=list(synthetic.CLS_CLASSES),
+        semseg_classes=list(synthetic.SEMSEG_CLASSES),
+        meanings={"rgb": "image", "depth_gt": "metric_m", "semseg_gt": "class_id"},
+    )
+
+
+def _encoder_options(encoder: RgbEncoder) -> dict:
+    return {"size": encoder.size, "quality": encoder.quality, "max_pixels": encoder.max_pixels}
+
+
+def open_source(src: str, root: str | None = None, *, num: int | None = None, size: int | None = None,
+                seed: int = 0, quality: int = 95, max_pixels: int = MAX_PIXELS,
+                class_from_parent: bool = False) -> Source:
+    """The source named `src`, enumerated. `num` keeps the first N samples (synthetic: renders N scenes)."""
+    if src not in SOURCES:
+        raise SourceError(f"unknown source {src!r}: choose one of {', '.join(SOURCES)}")
+    if src == "synthetic":
+        return synthetic_source(1024 if num is None else num, size or 128, seed, quality)
+    if not root:
+        raise SourceError(f"--src {src} needs --root (the folder to read)")
+    if fs.is_local(root):
+        root = os.path.abspath(root)  # recorded in the producer: a resume from another directory still matches
+    encoder = RgbEncoder(256 if size is None else size, quality, max_pixels)
+    if src == "imagenet":
+        source = imagenet_source(root, encoder)
+    elif src == "folder":
+        source = folder_source(root, encoder, class_from_parent)
+    else:
+        source = webdataset_source(root, encoder)
+    if num is not None:
+        source.items = source.items[:num]
+        source.options = {**source.options, "num": num}
+    return source
