@@ -1,0 +1,174 @@
+"""Pre-training losses on masked tokens (MultiMAE paper, Sec. 3.4 and Appendix A).
+
+* rgb: MSE; `norm_rgb`: MSE against per-patch normalized pixels (MAE's norm-pix target);
+* depth: L1 on depth standardized per image with 10-90 % trimmed statistics
+  (`robust_standardize_depth`, applied by the data path to both input and target);
+* semseg: cross-entropy on the class map at stride 4.
+
+As in the official criterion, each loss is averaged over the pixels of the masked patches of a
+sample, then over the samples that have masked patches (the official `nanmean`); a task without
+any masked patch in the batch contributes 0. Computation is per patch (patchify, mean per patch,
+weighted by the (B, N) token mask), which equals the official pixel-level formulation without
+upsampling the mask. Optional uncertainty weighting (Kendall et al., 2018) as in the official
+`UncertaintyWeightingStrategy`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def robust_standardize_depth(depth: torch.Tensor, mask: torch.Tensor | None = None,
+                             trim: float = 0.1, eps: float = 1e-6) -> torch.Tensor:
+    """Standardize each image with the mean and variance of its 10-90 % value range.
+
+    depth: (B, 1, H, W) or (B, H, W) float; mask: same shape, bool, True = valid pixel (optional).
+    Per image the values are sorted, the lowest and highest `trim` fraction dropped (indices
+    [int(0.1 n), int(0.9 n)) as official), and (depth - mean) / sqrt(var + eps) returned, with the
+    unbiased variance. Invalid pixels do not enter the statistics (their output is still defined).
+    """
+    B = depth.shape[0]
+    flat = depth.reshape(B, -1).float()  # (B, n)
+    n = flat.shape[1]
+    if mask is None:
+        vals = flat.sort(dim=1).values[:, int(trim * n): int((1 - trim) * n)]  # (B, n_kept)
+        mean, var = vals.mean(1), vals.var(1)
+    else:
+        valid = mask.reshape(B, -1).bool()
+        n_valid = valid.sum(1)  # (B,)
+        vals = torch.where(valid, flat, torch.full_like(flat, float("inf"))).sort(dim=1).values
+        pos = torch.arange(n, device=depth.device)[None, :]
+        lo, hi = (trim * n_valid).long(), ((1 - trim) * n_valid).long()  # int() per image
+        keep = (pos >= lo[:, None]) & (pos < hi[:, None])
+        cnt = keep.sum(1).clamp(min=1)
+        vals = torch.where(keep, vals, torch.zeros_like(vals))
+        mean = vals.sum(1) / cnt
+        var = torch.where(keep, (vals - mean[:, None]) ** 2, torch.zeros_like(vals)).sum(1) / (cnt - 1).clamp(min=1)
+    shape = (B,) + (1,) * (depth.ndim - 1)
+    return ((depth.float() - mean.view(shape)) / torch.sqrt(var.view(shape) + eps)).to(depth.dtype)
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/p * W/p, p*p*C), pixels of a patch row-major, channels last (as official)."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)  # (B, nh, nw, p, p, C)
+    return x.reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def normalize_patches(target: torch.Tensor, p: int, eps: float = 1e-6) -> torch.Tensor:
+    """Per-patch normalized pixels (MAE norm-pix target) in patch layout (B, N, p*p*C)."""
+    t = patchify(target, p)
+    return (t - t.mean(-1, keepdim=True)) / torch.sqrt(t.var(-1, keepdim=True) + eps)
+
+
+def _masked_mean(patch_loss: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, N) per-patch loss, (B, N) mask (1 = masked, counted) -> scalar.
+
+    Mean over the masked patches of each sample, then over samples with any masked patch;
+    0 when no sample has one. NaN/inf in counted patches propagates (it must stop training).
+    """
+    if mask is None:
+        return patch_loss.mean()
+    if mask.shape != patch_loss.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match the {tuple(patch_loss.shape)} "
+                         f"patch grid of the prediction")
+    m = mask.to(patch_loss.dtype)
+    n = m.sum(1)  # (B,)
+    per_sample = (patch_loss * m).sum(1) / n.clamp(min=1)
+    has = (n > 0).to(patch_loss.dtype)
+    return (per_sample * has).sum() / has.sum().clamp(min=1)
+
+
+def _check_grid(pred: torch.Tensor, target: torch.Tensor, p: int, name: str) -> None:
+    if pred.shape[-2:] != target.shape[-2:] or pred.shape[-1] % p or pred.shape[-2] % p:
+        raise ValueError(f"'{name}': prediction {tuple(pred.shape)} and target {tuple(target.shape)} "
+                         f"must have the same size, divisible by the patch size {p}")
+
+
+def masked_mse_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, p: int,
+                    norm_pix: bool = False) -> torch.Tensor:
+    """MSE over masked patches; pred/target (B, C, H, W), mask (B, H/p * W/p) with 1 = masked."""
+    _check_grid(pred, target, p, "mse")
+    t = normalize_patches(target.float(), p) if norm_pix else patchify(target.float(), p)
+    return _masked_mean(((patchify(pred.float(), p) - t) ** 2).mean(-1), mask)
+
+
+def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, p: int) -> torch.Tensor:
+    """L1 over masked patches; pred/target (B, C, H, W), mask (B, H/p * W/p) with 1 = masked."""
+    _check_grid(pred, target, p, "l1")
+    return _masked_mean((patchify(pred.float(), p) - patchify(target.float(), p)).abs().mean(-1), mask)
+
+
+def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, p: int,
+                         label_smoothing: float = 0.0, ignore_index: int = -100) -> torch.Tensor:
+    """Cross-entropy over masked patches; logits (B, K, h, w), target (B, h, w) int64 class ids."""
+    _check_grid(logits, target, p, "cross-entropy")
+    ce = F.cross_entropy(logits.float(), target.long(), reduction="none",
+                         label_smoothing=label_smoothing, ignore_index=ignore_index)  # (B, h, w)
+    return _masked_mean(patchify(ce[:, None], p).mean(-1), mask)
+
+
+class UncertaintyWeighting(nn.Module):
+    """Learned task weighting: loss_t -> exp(-s_t) * loss_t + s_t; a zero loss stays zero."""
+
+    def __init__(self, tasks: Iterable[str]) -> None:
+        super().__init__()
+        self.tasks = list(tasks)
+        self.log_vars = nn.Parameter(torch.zeros(len(self.tasks)))
+
+    def forward(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = dict(losses)
+        for i, task in enumerate(self.tasks):
+            if task in losses:
+                l = losses[task]
+                out[task] = (torch.exp(-self.log_vars[i]) * l + self.log_vars[i]) * (l != 0)
+        return out
+
+
+#: Loss kind and stride (target resolution = image / stride) per known output task.
+TASK_LOSSES: dict[str, tuple[str, int]] = {
+    "rgb": ("mse", 1), "norm_rgb": ("norm_mse", 1), "depth": ("l1", 1), "semseg": ("ce", 4),
+}
+
+
+def pretraining_loss(preds: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
+                     masks: dict[str, torch.Tensor], patch_size: int = 16,
+                     loss_on_unmasked: bool = False, weighting: nn.Module | None = None,
+                     task_losses: dict[str, tuple[str, int]] | None = None) -> dict[str, torch.Tensor]:
+    """Per-task masked losses and their sum under "total".
+
+    preds: model outputs; targets: the batch (rgb (B,3,H,W), depth (B,1,H,W) already robustly
+    standardized, semseg (B,H/4,W/4) int64); masks: the model's (B, N) masks, 1 = masked.
+    `norm_rgb` is scored against `targets["rgb"]` with the rgb mask. A task that was not an input
+    has no mask and is scored on all its pixels (as official). `weighting` (e.g.
+    `UncertaintyWeighting`) maps the raw losses to the ones summed into "total"; the raw ones are
+    returned under their task names, the weighted ones under "<task>_weighted".
+    """
+    kinds = {**TASK_LOSSES, **(task_losses or {})}
+    losses: dict[str, torch.Tensor] = {}
+    for task, pred in preds.items():
+        if task not in kinds:
+            raise KeyError(f"no loss defined for output task '{task}' (known: {sorted(kinds)})")
+        kind, stride = kinds[task]
+        source = "rgb" if task == "norm_rgb" else task
+        if source not in targets:
+            raise KeyError(f"target '{source}' for output task '{task}' is missing from the batch")
+        target = targets[source]
+        mask = None if loss_on_unmasked else masks.get(source)
+        p = max(1, patch_size // stride)
+        if kind == "ce":
+            losses[task] = masked_cross_entropy(pred, target, mask, p)
+        elif kind == "l1":
+            losses[task] = masked_l1_loss(pred, target, mask, p)
+        else:
+            losses[task] = masked_mse_loss(pred, target, mask, p, norm_pix=kind == "norm_mse")
+    weighted = weighting(losses) if weighting is not None else losses
+    out = dict(losses)
+    if weighting is not None:
+        out.update({f"{t}_weighted": v for t, v in weighted.items()})
+    out["total"] = torch.stack(list(weighted.values())).sum()
+    return out

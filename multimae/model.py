@@ -1,0 +1,316 @@
+"""The MultiMAE pre-training model and the MultiViT fine-tuning model (MultiMAE paper, Sec. 3).
+
+`MultiMAE`: input adapters -> multi-modal masking -> ViT encoder (pre-norm blocks, no final norm,
+global token(s) appended after the modality tokens) -> one spatial decoder per output task.
+`MultiViT`: the same input adapters and encoder without masking, plus one fine-tuning head.
+
+Both keep the official module names, so `create_model("multimae-base").state_dict()` has exactly
+the keys and shapes of the official pre-training model, and both save/load in Hugging Face Hub
+layout (`save_pretrained(dir)` / `from_pretrained(dir)`: `config.json` + `model.safetensors`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+from huggingface_hub import PyTorchModelHubMixin
+
+from .attention import key_padding_mask, transformer_block
+from .heads import ConvNeXtHead, DPTHead, LinearHead, default_hooks
+from .input_adapters import PatchedInputAdapter, SemSegInputAdapter
+from .masking import mask_to_ids, random_masks
+from .output_adapters import SpatialOutputAdapter
+from .tokens import TokenLayout
+
+#: Channels of the dense modalities known by name; other names need `domain_channels`.
+DEFAULT_CHANNELS = {"rgb": 3, "depth": 1}
+HUB_TAGS = dict(library_name="multimae-toolkit", tags=["multimae", "vision"], license="apache-2.0")
+
+
+def init_weights(model: nn.Module) -> None:
+    """The official MultiMAE initialization, applied once to the whole model.
+
+    Linear: xavier-uniform (qkv / kv with the fan of one of q, k, v), zero bias; LayerNorm: 1, 0;
+    Conv2d patch projections (`*.proj`): xavier-uniform on the flattened kernel, like nn.Linear.
+    """
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            fan_out = m.weight.shape[0] // 3 if name.endswith("qkv") else (
+                m.weight.shape[0] // 2 if name.endswith(".kv") else m.weight.shape[0])
+            bound = math.sqrt(6.0 / (fan_out + m.weight.shape[1]))
+            nn.init.uniform_(m.weight, -bound, bound)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d) and ".proj" in name:
+            nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+
+
+class _Backbone(nn.Module):
+    """Input adapters, global tokens and the ViT encoder shared by MultiMAE and MultiViT."""
+
+    def _build_inputs(self, in_domains: Sequence[str], dim_tokens: int, image_size: int, patch_size: int,
+                      num_global_tokens: int, num_semseg_classes: int, semseg_stride: int,
+                      dim_class_emb: int, emb_padding_idx: int | None,
+                      domain_channels: dict[str, int] | None) -> None:
+        channels = {**DEFAULT_CHANNELS, **(domain_channels or {})}
+        adapters = {}
+        for domain in in_domains:
+            if domain == "semseg":
+                adapters[domain] = SemSegInputAdapter(
+                    num_semseg_classes, dim_tokens, stride_level=semseg_stride, patch_size_full=patch_size,
+                    image_size=image_size, dim_class_emb=dim_class_emb, emb_padding_idx=emb_padding_idx)
+            elif domain in channels:
+                adapters[domain] = PatchedInputAdapter(channels[domain], dim_tokens, patch_size_full=patch_size,
+                                                       image_size=image_size)
+            else:
+                raise ValueError(f"unknown input domain '{domain}': give its channel count in "
+                                 f"domain_channels (known: {sorted(channels) + ['semseg']})")
+        if not adapters:
+            raise ValueError("in_domains must name at least one input modality")
+        self.num_global_tokens = num_global_tokens
+        self.input_adapters = nn.ModuleDict(adapters)
+        self.global_tokens = nn.Parameter(torch.zeros(1, num_global_tokens, dim_tokens))
+
+    def _build_encoder(self, dim_tokens: int, depth: int, num_heads: int, mlp_ratio: float,
+                       drop_path: float) -> None:
+        dpr = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth decay rule
+        self.encoder = nn.ModuleList([transformer_block(dim_tokens, num_heads, mlp_ratio, d) for d in dpr])
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names excluded from weight decay (official list)."""
+        names = {"global_tokens"}
+        for group in ("input_adapters", "output_adapters"):
+            for task, adapter in getattr(self, group, {}).items():
+                if hasattr(adapter, "no_weight_decay"):
+                    names |= {f"{group}.{task}.{n}" for n in adapter.no_weight_decay()}
+        return names
+
+    def tokenize(self, x: dict[str, torch.Tensor] | torch.Tensor) -> tuple[dict[str, torch.Tensor], TokenLayout]:
+        """Run the input adapters on the known modalities of `x` (a bare tensor means rgb).
+
+        Returns {task: (B, n_t, D)} and the token layout; keys of `x` without an input adapter
+        are ignored (targets may travel in the same dict).
+        """
+        x = {"rgb": x} if isinstance(x, torch.Tensor) else x
+        present = [d for d in self.input_adapters if d in x]
+        if not present:
+            raise ValueError(f"no input modality of the model ({list(self.input_adapters)}) in the "
+                             f"batch keys {list(x)}")
+        sizes = {}
+        for d in present:
+            t, a = x[d], self.input_adapters[d]
+            h, w = t.shape[-2:]
+            if isinstance(a, SemSegInputAdapter):
+                h, w = h * a.stride_level, w * a.stride_level
+            sizes[d] = (int(h), int(w))
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"input modalities imply different image sizes: {sizes} (semseg maps "
+                             f"are given at 1/stride_level of the image size)")
+        tokens = {d: self.input_adapters[d](x[d]) for d in present}
+        layout = TokenLayout.from_counts({d: t.shape[1] for d, t in tokens.items()},
+                                         sizes[present[0]], self.num_global_tokens)
+        return tokens, layout
+
+    def encode(self, seq: torch.Tensor, attn_mask: torch.Tensor | None = None,
+               return_all_layers: bool = False) -> torch.Tensor | list[torch.Tensor]:
+        """(B, L, D) -> (B, L, D) after all blocks, or the list of every block's output."""
+        layers = []
+        for block in self.encoder:
+            seq = block(seq, attn_mask=attn_mask)
+            if return_all_layers:
+                layers.append(seq)
+        return layers if return_all_layers else seq
+
+    def _with_global(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, K, D) -> (B, K + G, D): global tokens appended after the modality tokens."""
+        g = self.global_tokens.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
+        return torch.cat([tokens, g], dim=1)
+
+
+class MultiMAE(_Backbone, PyTorchModelHubMixin, **HUB_TAGS):
+    """MultiMAE pre-training model. See `forward` for the call signature (official-compatible).
+
+    Args:
+        in_domains / out_domains: modalities encoded / reconstructed; "norm_rgb" adds the
+            norm-pixel rgb decoder (official `extra_norm_pix_loss`), built last as officially.
+        image_size, patch_size: default image size (position-embedding grid) and patch size at
+            full resolution; other sizes work by resampling the position embeddings.
+        dim_tokens, depth, num_heads, mlp_ratio: encoder size (see `registry.SIZES`).
+        num_global_tokens: learned tokens appended to the encoder input.
+        num_semseg_classes, semseg_stride, dim_class_emb, emb_padding_idx: semseg adapter settings.
+        decoder_dim, decoder_depth, decoder_heads: spatial decoder size (256, 2, 8 in the paper).
+        drop_path: stochastic depth rate of the encoder.
+        domain_channels: channels of extra dense modalities, e.g. {"ir": 1}.
+    """
+
+    def __init__(self, in_domains: Sequence[str] = ("rgb", "depth", "semseg"),
+                 out_domains: Sequence[str] = ("rgb", "norm_rgb", "depth", "semseg"),
+                 image_size: int = 224, patch_size: int = 16, dim_tokens: int = 768, depth: int = 12,
+                 num_heads: int = 12, mlp_ratio: float = 4.0, num_global_tokens: int = 1,
+                 num_semseg_classes: int = 133, semseg_stride: int = 4, dim_class_emb: int = 64,
+                 emb_padding_idx: int | None = None, decoder_dim: int = 256, decoder_depth: int = 2,
+                 decoder_heads: int = 8, drop_path: float = 0.0,
+                 domain_channels: dict[str, int] | None = None) -> None:
+        super().__init__()
+        in_domains, out_domains = tuple(in_domains), tuple(out_domains)
+        self.patch_size = patch_size
+        self._build_inputs(in_domains, dim_tokens, image_size, patch_size, num_global_tokens,
+                           num_semseg_classes, semseg_stride, dim_class_emb, emb_padding_idx, domain_channels)
+        channels = {**DEFAULT_CHANNELS, **(domain_channels or {}), "semseg": num_semseg_classes}
+        ordered = [d for d in out_domains if d != "norm_rgb"] + (["norm_rgb"] if "norm_rgb" in out_domains else [])
+        outputs = {}
+        for domain in ordered:
+            source = "rgb" if domain == "norm_rgb" else domain
+            if source not in channels:
+                raise ValueError(f"unknown output domain '{domain}': give its channel count in domain_channels")
+            outputs[domain] = SpatialOutputAdapter(
+                channels[source], dim_tokens, task=source, context_tasks=list(in_domains),
+                stride_level=semseg_stride if source == "semseg" else 1, patch_size_full=patch_size,
+                dim_tokens=decoder_dim, depth=decoder_depth, num_heads=decoder_heads, image_size=image_size)
+        self.output_adapters = nn.ModuleDict(outputs)
+        self._build_encoder(dim_tokens, depth, num_heads, mlp_ratio, drop_path)
+        init_weights(self)
+        nn.init.trunc_normal_(self.global_tokens, std=0.02)
+
+    def forward(self, x: dict[str, torch.Tensor] | torch.Tensor, mask_inputs: bool = True,
+                task_masks: dict[str, torch.Tensor] | None = None, num_encoded_tokens: int = 98,
+                alphas: float | Sequence[float] = 1.0, sample_tasks_uniformly: bool = False,
+                generator: torch.Generator | None = None, fp32_output_adapters: Sequence[str] = ()
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Mask, encode and decode a batch.
+
+        x: {"rgb": (B,3,H,W) normalized, "depth": (B,1,H,W) standardized,
+            "semseg": (B,H/4,W/4) int64} (any subset; a bare tensor means rgb).
+        mask_inputs: False encodes every token (masks are all 0).
+        task_masks: optional {task: (B, n_t)} masks, 1 = masked, for every input task; samples may
+            keep different numbers of tokens. Overrides random masking.
+        num_encoded_tokens: visible-token budget per sample, split across input tasks by a
+            per-sample Dirichlet(alphas) draw (float, or one alpha per input task).
+        sample_tasks_uniformly: first pick a random non-empty subset of input tasks per sample.
+        generator: torch.Generator for reproducible masks.
+        fp32_output_adapters: tasks whose decoders run with autocast off.
+
+        Returns (preds, masks): preds {task: rgb/norm_rgb (B,3,H,W), depth (B,1,H,W),
+        semseg (B,num_classes,H/4,W/4) logits}; masks {input task: (B, n_t) int64, 1 = masked}.
+        """
+        tokens, layout = self.tokenize(x)
+        all_tokens = torch.cat(list(tokens.values()), dim=1)  # (B, N, D)
+        B, N, _ = all_tokens.shape
+        device = all_tokens.device
+        counts = {t: v.shape[1] for t, v in tokens.items()}
+        keep_valid = None
+        if task_masks is not None:
+            masks = self._check_masks(task_masks, counts, B, device)
+            ids_keep, ids_restore, keep_valid = mask_to_ids(torch.cat(list(masks.values()), dim=1))
+        elif not mask_inputs:
+            masks = {t: torch.zeros(B, n, dtype=torch.long, device=device) for t, n in counts.items()}
+            ids_restore = torch.arange(N, device=device).expand(B, N)
+            ids_keep = ids_restore
+        else:
+            masks, ids_keep, ids_restore = random_masks(counts, B, num_encoded_tokens, alphas,
+                                                        sample_tasks_uniformly, generator, device)
+
+        visible = torch.gather(all_tokens, 1, ids_keep[..., None].expand(-1, -1, all_tokens.shape[2]))
+        seq = self._with_global(visible)  # (B, K + G, D)
+        attn_mask = None
+        if keep_valid is not None:
+            attn_mask = key_padding_mask(torch.cat([keep_valid, keep_valid.new_ones(B, self.num_global_tokens)], 1))
+        encoded = self.encode(seq, attn_mask)
+
+        preds = {}
+        for task, adapter in self.output_adapters.items():
+            if task in fp32_output_adapters:
+                with torch.autocast(device_type=device.type, enabled=False):
+                    preds[task] = adapter(encoded.float(), layout, ids_keep, ids_restore, keep_valid)
+            else:
+                preds[task] = adapter(encoded, layout, ids_keep, ids_restore, keep_valid)
+        return preds, masks
+
+    @staticmethod
+    def _check_masks(task_masks: dict[str, torch.Tensor], counts: dict[str, int], batch: int,
+                     device: torch.device) -> dict[str, torch.Tensor]:
+        masks = {}
+        for task, n in counts.items():
+            if task not in task_masks:
+                raise KeyError(f"task_masks has no mask for input task '{task}' (got {list(task_masks)})")
+            m = torch.as_tensor(task_masks[task], device=device)
+            m = m.expand(batch, -1) if m.ndim == 2 and m.shape[0] == 1 else m
+            if tuple(m.shape) != (batch, n):
+                raise ValueError(f"task_masks['{task}'] has shape {tuple(m.shape)}, expected ({batch}, {n})")
+            masks[task] = (m != 0).long()
+        if bool((torch.cat(list(masks.values()), 1) == 0).sum(1).eq(0).any()):
+            raise ValueError("task_masks leave a sample with no visible token")
+        return masks
+
+
+#: Default head and number of outputs per fine-tuning task.
+TASK_DEFAULTS = {"cls": ("linear", 1000), "depth": ("dpt", 1), "semseg": ("convnext", 150)}
+
+
+class MultiViT(_Backbone, PyTorchModelHubMixin, **HUB_TAGS):
+    """MultiMAE encoder without masking plus one fine-tuning head; `model(x) -> Tensor`.
+
+    Args (beyond MultiMAE's encoder/input ones):
+        task: "cls" (logits (B, K)), "depth" ((B, 1, H, W)) or "semseg" (logits (B, K, H, W)).
+        head: "linear" | "dpt" | "convnext" (default: linear for cls, dpt for depth, convnext for semseg).
+        num_classes: outputs of the head (default 1000 / 1 / 150).
+        main_tasks: input tasks whose tokens the dense heads read (default: all in_domains).
+        head_kwargs: extra head options, e.g. {"embed_dim": 6144} (ConvNeXt), {"hooks": [...]} (DPT),
+            {"use_mean_pooling": False} (linear).
+    """
+
+    def __init__(self, in_domains: Sequence[str] = ("rgb",), task: str = "cls", head: str | None = None,
+                 num_classes: int | None = None, image_size: int = 224, patch_size: int = 16,
+                 dim_tokens: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 num_global_tokens: int = 1, num_semseg_classes: int = 133, semseg_stride: int = 4,
+                 dim_class_emb: int = 64, emb_padding_idx: int | None = None, drop_path: float = 0.0,
+                 main_tasks: Sequence[str] | None = None, head_kwargs: dict | None = None,
+                 domain_channels: dict[str, int] | None = None) -> None:
+        super().__init__()
+        if task not in TASK_DEFAULTS:
+            raise ValueError(f"unknown fine-tuning task '{task}' (known: {sorted(TASK_DEFAULTS)})")
+        head = head or TASK_DEFAULTS[task][0]
+        num_classes = num_classes if num_classes is not None else TASK_DEFAULTS[task][1]
+        in_domains = tuple(in_domains)
+        main_tasks = tuple(main_tasks) if main_tasks else in_domains
+        self.task = task
+        self._build_inputs(in_domains, dim_tokens, image_size, patch_size, num_global_tokens,
+                           num_semseg_classes, semseg_stride, dim_class_emb, emb_padding_idx, domain_channels)
+        kw = dict(head_kwargs or {})
+        if head == "linear":
+            module = LinearHead(num_classes, dim_tokens, **kw)
+        elif head == "dpt":
+            kw.setdefault("hooks", default_hooks(depth))
+            kw.setdefault("head_type", "regression" if task == "depth" else "semseg")
+            module = DPTHead(num_classes, dim_tokens, main_tasks=main_tasks, patch_size=patch_size, **kw)
+        elif head == "convnext":
+            module = ConvNeXtHead(num_classes, dim_tokens, main_tasks=main_tasks, patch_size=patch_size, **kw)
+        else:
+            raise ValueError(f"unknown head '{head}' (known: linear, dpt, convnext)")
+        self.output_adapters = nn.ModuleDict({task: module})
+        self._build_encoder(dim_tokens, depth, num_heads, mlp_ratio, drop_path)
+        init_weights(self.input_adapters)
+        init_weights(self.encoder)
+        nn.init.trunc_normal_(self.global_tokens, std=0.02)
+
+    @property
+    def head(self) -> nn.Module:
+        return self.output_adapters[self.task]
+
+    def forward_features(self, x: dict[str, torch.Tensor] | torch.Tensor, return_all_layers: bool = False
+                         ) -> tuple[torch.Tensor | list[torch.Tensor], TokenLayout]:
+        """Encoder output (B, N + G, D) (or every layer's) and the token layout, no masking."""
+        tokens, layout = self.tokenize(x)
+        seq = self._with_global(torch.cat(list(tokens.values()), dim=1))
+        return self.encode(seq, return_all_layers=return_all_layers), layout
+
+    def forward(self, x: dict[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """x: {"rgb": (B,3,H,W), ...} (or a bare rgb tensor) -> the head's output tensor."""
+        features, layout = self.forward_features(x, return_all_layers=self.head.needs_all_layers)
+        return self.head(features, layout)
