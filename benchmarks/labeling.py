@@ -1,0 +1,172 @@
+"""Labeling throughput: the job end to end vs bare teacher forwards vs a naive transformers-pipeline loop.
+
+    python benchmarks/labeling.py                      # CPU, shipped small teachers, through Ray
+    python benchmarks/labeling.py --device cuda --dtype bfloat16 --real-size --no-ray
+
+Three numbers, measured in the same run on the same synthetic shards:
+- job:      samples/s of the labeling job (read, decode, all teachers, encode, commit shards); Ray startup
+            and teacher loading excluded (the job's own `labeling_s`). `--no-ray` runs the same per-shard
+            code (`ShardLabeler.label_shard`, the body of each actor) in this process, for machines without Ray.
+- bare:     the same teachers on the same batches of pre-decoded tensors, nothing else (the ceiling).
+- naive:    a per-image loop of `transformers.pipeline("depth-estimation")` and
+            `pipeline("image-segmentation", subtask="semantic")` on PIL images.
+Prints efficiency = job / bare (target >= 0.85) and speedup = job / naive (target >= 3).
+`--real-size` uses random-weight DPT-Hybrid and Mask2Former Swin-S (COCO panoptic, 133 classes) models
+built from config objects (no download), saved with save_pretrained and loaded like any checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# `python benchmarks/labeling.py` puts benchmarks/ first on sys.path, where this file would shadow the
+# `labeling` package it measures
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import torch  # noqa: E402
+
+from labeling.config import LabelConfig, TeacherConfig  # noqa: E402
+from labeling.job import ShardLabeler, decoded_batches, run  # noqa: E402
+from labeling.teachers import DEFAULT_TEACHERS, load_teacher  # noqa: E402
+from shards.format import encode_sample, shard_name, update_manifest  # noqa: E402
+from shards.synthetic import render_scene, scene_key  # noqa: E402
+from shards.writer import ShardWriter, tar_path  # noqa: E402
+
+
+def make_input(root: Path, num: int, shard_size: int, size: int) -> list[str]:
+    names = []
+    for s in range(0, num, shard_size):
+        name = shard_name(len(names))
+        with ShardWriter(str(root), name, ["rgb"]) as w:
+            for i in range(s, min(num, s + shard_size)):
+                w.write(scene_key(3, i), {"rgb": encode_sample("rgb", render_scene(3, i, size=size)["rgb"])})
+        names.append(name)
+    update_manifest(str(root), {"rgb": {"kind": "rgb", "ext": "jpg", "dtype": "uint8", "meaning": "srgb",
+                                        "producer": {}}},
+                    shards=[{"name": n, "count": min(shard_size, num - i * shard_size)} for i, n in enumerate(names)])
+    return names
+
+
+def real_size_teachers(folder: Path) -> dict[str, str]:
+    """Random-weight DPT-Hybrid (MiDaS) and Mask2Former Swin-S (133 classes) saved in HF format."""
+    from transformers import (DPTConfig, DPTForDepthEstimation, DPTImageProcessor, Mask2FormerConfig,
+                              Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor, SwinConfig)
+
+    torch.manual_seed(0)
+    dpt = DPTForDepthEstimation(DPTConfig(is_hybrid=True, image_size=384, neck_hidden_sizes=[256, 512, 768, 768],
+                                           reassemble_factors=[1, 1, 1, 0.5], backbone_out_indices=[2, 5, 8, 11]))
+    dpt.save_pretrained(folder / "dpt-hybrid")
+    DPTImageProcessor(size={"height": 384, "width": 384}, keep_aspect_ratio=False, ensure_multiple_of=1,
+                      do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder / "dpt-hybrid")
+    swin = SwinConfig(embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24], window_size=7,
+                      out_features=["stage1", "stage2", "stage3", "stage4"])
+    m2f = Mask2FormerForUniversalSegmentation(Mask2FormerConfig(
+        backbone_config=swin, num_labels=133, id2label={i: f"class{i}" for i in range(133)},
+        label2id={f"class{i}": i for i in range(133)}))
+    m2f.save_pretrained(folder / "m2f-swin-s")
+    Mask2FormerImageProcessor(size={"shortest_edge": 384, "longest_edge": 1333}, size_divisor=32, ignore_index=255,
+                              do_reduce_labels=False).save_pretrained(folder / "m2f-swin-s")
+    return {"depth": str(folder / "dpt-hybrid"), "semseg": str(folder / "m2f-swin-s")}
+
+
+def bare(cfg: LabelConfig, names: list[str], device: str, threads: int) -> float:
+    """Samples/s of the teachers alone on the same batches, decoded beforehand."""
+    torch.set_num_threads(threads)
+    teachers = [load_teacher(t.kind, t.model, device=device, dtype=t.dtype) for t in cfg.teachers.values()]
+    batches = [[img for _, img, _ in b] for n in names
+               for b in decoded_batches(tar_path(cfg.input, cfg.rgb, n), cfg.rgb, cfg.batch_size)]
+    for t in teachers:  # warm-up
+        t(batches[0])
+    sync(device)
+    start = time.perf_counter()
+    for b in batches:
+        for t in teachers:
+            t(b)
+    sync(device)
+    return sum(len(b) for b in batches) / (time.perf_counter() - start)
+
+
+def naive(cfg: LabelConfig, names: list[str], device: str, limit: int) -> float:
+    """Samples/s of a per-image loop over the transformers pipelines (PIL in, PIL/tensors out)."""
+    from PIL import Image
+    from transformers import pipeline
+
+    kw = {"device": device, "dtype": {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        cfg.teachers["depth"].dtype, torch.float32)}
+    depth = pipeline("depth-estimation", model=cfg.teachers["depth"].model, **kw)
+    seg = pipeline("image-segmentation", model=cfg.teachers["semseg"].model, **kw)
+    images = [Image.fromarray(img.numpy()) for b in decoded_batches(tar_path(cfg.input, cfg.rgb, names[0]), cfg.rgb, 1)
+              for _, img, _ in b][:limit]
+    depth(images[0]), seg(images[0], subtask="semantic")  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    for im in images:
+        depth(im)
+        seg(im, subtask="semantic")
+    sync(device)
+    return len(images) / (time.perf_counter() - start)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--num", type=int, default=256, help="synthetic scenes to label")
+    p.add_argument("--shard-size", type=int, default=64)
+    p.add_argument("--size", type=int, default=128, help="stored rgb size")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--actors", type=int, default=2, help="CPU actors of the job (the bare baseline gets as many threads)")
+    p.add_argument("--real-size", action="store_true", help="random-weight DPT-Hybrid + Mask2Former Swin-S")
+    p.add_argument("--no-ray", action="store_true", help="run the actor's per-shard code in this process")
+    p.add_argument("--naive-num", type=int, default=32, help="images for the naive pipeline loop")
+    args = p.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-label-"))
+    try:
+        names = make_input(work / "data", args.num, args.shard_size, args.size)
+        models = real_size_teachers(work / "teachers") if args.real_size else {k: str(v) for k, v in DEFAULT_TEACHERS.items()}
+        cfg = LabelConfig(input=str(work / "data"), batch_size=args.batch_size, progress=False,
+                          device=args.device if args.device != "cpu" else "cpu",
+                          actors=1 if args.no_ray else args.actors,
+                          teachers={m: TeacherConfig(m, model=models[m], dtype=args.dtype) for m in ("depth", "semseg")})
+        threads = 1 if args.device.startswith("cuda") else args.actors
+        if args.no_ray:
+            cfg.threads_per_actor = threads
+            labeler = ShardLabeler(cfg, args.device)
+            labeler.label_shard(names[0], ["depth", "semseg"])  # warm-up (rewrites shard 0)
+            sync(args.device)
+            start = time.perf_counter()
+            for n in names:
+                labeler.label_shard(n, ["depth", "semseg"])
+            sync(args.device)
+            job = args.num / (time.perf_counter() - start)
+            del labeler
+        else:
+            cfg.ray.address, cfg.ray.num_cpus = "local", args.actors
+            summary = run(cfg)
+            job = summary["samples_per_s"]
+        base = bare(cfg, names, args.device, threads)
+        slow = naive(cfg, names, args.device, args.naive_num)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU x{torch.get_num_threads()}"
+    print(f"device {dev} | teachers {'real-size (random weights)' if args.real_size else 'shipped small'} | "
+          f"{args.num} images {args.size}px | batch {args.batch_size} | {'in-process' if args.no_ray else 'Ray'}")
+    print(f"job (end to end)        {job:8.1f} samples/s")
+    print(f"bare teacher forwards   {base:8.1f} samples/s   efficiency job/bare = {job / base:.2f}  (target >= 0.85)")
+    print(f"naive pipeline loop     {slow:8.1f} samples/s   speedup job/naive   = {job / slow:.1f}x (target >= 3x)")
+
+
+if __name__ == "__main__":
+    main()

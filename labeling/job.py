@@ -1,0 +1,447 @@
+"""The Ray pseudo-labeling job (DESIGN.md section 4): RGB shards in, aligned teacher-label shards out.
+
+One Ray task per input shard, run by a pool of teacher actors (one per GPU, or `actors` on CPU).
+Inside an actor a shard flows through three overlapped stages:
+
+    reader thread   tar members -> (key, decoded uint8 (H, W, 3) tensor | error), batched   (bounded queue)
+    main thread     every configured teacher on the same decoded batch                      (torch)
+    encoder thread  16-bit depth / 8-bit semseg PNGs -> one ShardWriter per output modality (in key order)
+
+Output shards are committed with `shards.writer.ShardWriter` (temp name + rename, stats json last),
+so a re-run skips committed shards and a killed run loses only the shards in flight. A crashed actor
+is restarted by Ray and its shard retried (at most `max_retries` times). A sample that cannot be
+decoded, labeled or encoded is recorded in the stats of every output modality and left out of all
+of them, so the output shards stay aligned with each other; the rest of the shard is kept.
+The manifest is updated atomically once every shard of a new modality is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import tarfile
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Iterator
+
+import torch
+
+from shards import fs
+from shards.format import FormatError, decode_sample, encode_sample, modality_entry, read_manifest, update_manifest
+from shards.writer import ShardWriter, shard_is_complete, stats_path, tar_path
+
+from .config import ConfigError, LabelConfig, input_shards, resolve_model
+
+Event = dict[str, Any]
+Sample = tuple[str, "torch.Tensor | None", "str | None"]  # (key, uint8 (H, W, 3) image or None, error or None)
+
+
+# --- the work of one actor ------------------------------------------------------------------------
+
+
+def read_samples(url: str, modality: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {"rgb.jpg": ...}) per sample of one tar, in stored order; members of a sample are adjacent."""
+    key, members = None, {}
+    with fs.open_file(url, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            k, _, ext = info.name.rpartition("/")[2].partition(".")
+            if k != key:
+                if key is not None:
+                    yield key, members
+                key, members = k, {}
+            if ext.startswith(modality + "."):
+                members[ext] = tar.extractfile(info).read()
+    if key is not None:
+        yield key, members
+
+
+def decoded_batches(url: str, modality: str, batch_size: int) -> Iterator[list[Sample]]:
+    """Batches of decoded samples; a sample that fails to decode carries its error instead of an image."""
+    batch: list[Sample] = []
+    for key, members in read_samples(url, modality):
+        try:
+            img = torch.from_numpy(decode_sample(modality, members).copy())  # uint8 (H, W, 3)
+            batch.append((key, img, None))
+        except Exception as e:  # corrupt or missing member: recorded, not fatal
+            batch.append((key, None, f"decode {modality}: {type(e).__name__}: {e}"))
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def prefetch(it: Iterator, depth: int) -> Iterator:
+    """Run `it` in a background thread, at most `depth` items ahead; its exceptions re-raise here."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done, stop = object(), threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def worker() -> None:
+        try:
+            for item in it:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as e:  # handed to the consumer
+            put(e)
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+class ShardLabeler:
+    """Loads the configured teachers once and labels whole shards (the body of each Ray actor)."""
+
+    def __init__(self, cfg: LabelConfig, device: str = "cpu"):
+        from .teachers import load_teacher
+
+        if device == "cpu":
+            torch.set_num_threads(cfg.threads_per_actor)  # fixed thread count -> identical bytes across runs
+        torch.manual_seed(0)
+        self.cfg, self.device = cfg, device
+        self.teachers = {
+            mod: load_teacher(t.kind, resolve_model(t), device=device, dtype=t.dtype, resolution=t.resolution,
+                              modality=mod)
+            for mod, t in cfg.teachers.items()
+        }
+
+    def describe(self) -> dict:
+        """Process id, device and, per output modality, the manifest entry of its teacher."""
+        entries = {mod: modality_entry(mod, t.producer, meaning=t.meaning if t.kind == "depth" else "class_ids",
+                                       classes=t.classes)
+                   for mod, t in self.teachers.items()}
+        return {"pid": os.getpid(), "device": self.device, "modalities": entries}
+
+    def _label(self, mods: list[str], images: list[torch.Tensor]) -> tuple[dict[str, list], dict[int, str]]:
+        """Run each teacher on the batch; a failing batch is redone per image to isolate the bad samples."""
+        outputs, failed = {}, {}
+        for mod in mods:
+            teacher = self.teachers[mod]
+            try:
+                outputs[mod] = teacher(images)
+            except Exception:
+                outputs[mod] = []
+                for i, img in enumerate(images):
+                    try:
+                        outputs[mod].append(teacher([img])[0])
+                    except Exception as e:
+                        outputs[mod].append(None)
+                        failed.setdefault(i, f"{mod} teacher: {type(e).__name__}: {e}")
+        return outputs, failed
+
+    def _encode(self, mod: str, value: torch.Tensor) -> dict[str, bytes]:
+        teacher = self.teachers[mod]
+        n = len(teacher.classes) if teacher.classes is not None else None
+        return encode_sample(mod, value.cpu().numpy(), num_classes=n)
+
+    def _write(self, writers: dict[str, ShardWriter], batch: list[Sample], outputs: dict[str, list],
+               failed: dict[int, str]) -> None:
+        """Encode and write one labeled batch in key order; failures are skipped in every modality."""
+        j = 0  # index into the teachers' outputs (decoded samples only)
+        for key, img, error in batch:
+            if error is None:
+                error = failed.get(j)
+                if error is None:
+                    try:
+                        members = {mod: self._encode(mod, outputs[mod][j]) for mod in writers}
+                    except Exception as e:
+                        error = f"encode: {type(e).__name__}: {e}"
+                j += 1
+            if error is None:
+                for mod, w in writers.items():
+                    w.write(key, {mod: members[mod]})
+            else:
+                for w in writers.values():
+                    w.skip(key, error)
+
+    def label_shard(self, name: str, modalities: list[str]) -> dict:
+        """Label input shard `name` into the output `modalities`; returns counts (raises on shard-level errors)."""
+        cfg = self.cfg
+        start = time.time()
+        url = tar_path(cfg.input, cfg.rgb, name)
+        for m in modalities:  # leftovers of an earlier attempt at this shard (its actor was killed)
+            folder = fs.join(cfg.output_root, m)
+            for stale in fs.listdir(folder):
+                if stale.startswith(f"{name}.tar.tmp-"):
+                    fs.remove(fs.join(folder, stale))
+        writers = {m: ShardWriter(cfg.output_root, name, [m], producer=self.teachers[m].producer) for m in modalities}
+        encoder = ThreadPoolExecutor(1)
+        pending: Future | None = None
+        try:
+            for batch in prefetch(decoded_batches(url, cfg.rgb, cfg.batch_size), cfg.prefetch):
+                images = [img for _, img, err in batch if err is None]
+                outputs, failed = self._label(modalities, images) if images else ({}, {})
+                if pending is not None:
+                    pending.result()  # keeps writes in key order and at most one batch in the encoder
+                pending = encoder.submit(self._write, writers, batch, outputs, failed)
+            if pending is not None:
+                pending.result()
+            stats = [w.commit()[m] for m, w in writers.items()]
+        except tarfile.TarError as e:
+            for w in writers.values():
+                w.abort()
+            raise FormatError(f"{url}: unreadable tar ({e})") from None
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            raise
+        finally:
+            encoder.shutdown()
+        return {"shard": name, "modalities": list(modalities), "count": stats[0]["count"],
+                "skipped": stats[0]["skipped"], "duration_s": round(time.time() - start, 3), "pid": os.getpid()}
+
+
+# --- the driver -----------------------------------------------------------------------------------
+
+
+def plan(cfg: LabelConfig) -> tuple[list[dict], dict[str, list[str]]]:
+    """(input shard entries, {shard: output modalities still missing}) — committed shards are skipped."""
+    entries = input_shards(cfg)
+    todo = {}
+    for e in entries:
+        missing = [m for m in cfg.teachers if not shard_is_complete(cfg.output_root, m, e["name"])]
+        if missing:
+            todo[e["name"]] = missing
+    return entries, todo
+
+
+def _connect(cfg: LabelConfig) -> bool:
+    """ray.init unless already connected; True when this call did it (and so must shut it down)."""
+    if "RAY_AUTH_MODE" not in os.environ and os.path.exists(os.path.expanduser("~/.ray/auth_token")):
+        # `ray start` turns token auth on when this token file exists, a driver connecting by address does
+        # not; Ray reads the mode when first imported, so this must precede `import ray` (true for the CLI)
+        os.environ["RAY_AUTH_MODE"] = "token"
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"address": cfg.ray.address, "log_to_driver": True}
+    if cfg.ray.address == "local" and cfg.ray.num_cpus is not None:
+        kwargs["num_cpus"] = cfg.ray.num_cpus
+    ray.init(**kwargs)
+    return True
+
+
+def _start_actors(cfg: LabelConfig) -> tuple[list, list[dict]]:
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    device = cfg.device if cfg.device != "auto" else ("cuda" if gpus else "cpu")
+    if device == "cuda" and not gpus:
+        raise ConfigError("device: cuda requested but the Ray cluster has no GPU")
+    n = gpus if device == "cuda" else cfg.actors
+    actor_cls = ray.remote(ShardLabeler).options(
+        num_cpus=cfg.cpus_per_actor, num_gpus=1 if device == "cuda" else 0,
+        max_restarts=-1, max_task_retries=0)  # restarts are unbounded; shard retries are bounded below
+    actors = [actor_cls.remote(cfg, device) for _ in range(n)]
+    try:
+        infos = ray.get([a.describe.remote() for a in actors])
+    except ray.exceptions.RayActorError as e:
+        raise RuntimeError(f"a teacher actor failed to start: {e}") from None
+    return actors, infos
+
+
+def _same_producer(a: dict | None, b: dict) -> bool:
+    """Equal provenance; the same weights hash counts as the same model wherever its folder lies."""
+    if a is None:
+        return False
+    if a.get("weights_sha256") and a.get("weights_sha256") == b.get("weights_sha256"):
+        a, b = {k: v for k, v in a.items() if k != "model"}, {k: v for k, v in b.items() if k != "model"}
+    return a == b
+
+
+def _check_producers(cfg: LabelConfig, entries: list[dict], todo: dict, info: dict) -> None:
+    """Committed shards must come from the configured teacher, or a re-run would mix two teachers."""
+    for mod, entry in info["modalities"].items():
+        for e in entries:
+            if mod in todo.get(e["name"], []):
+                continue
+            old = fs.read_json(stats_path(cfg.output_root, mod, e["name"])).get("producer")
+            if not _same_producer(old, entry["producer"]):
+                raise ConfigError(f"teachers.{mod}: {stats_path(cfg.output_root, mod, e['name'])} was produced by "
+                                  f"{old}, not by the configured teacher {entry['producer']}: label into another "
+                                  f"output modality name or delete {fs.join(cfg.output_root, mod)}")
+
+
+def print_event(event: Event) -> None:
+    """Default progress printer: one line per finished, retried or failed shard."""
+    kind = event["event"]
+    if kind == "shard_done":
+        eta = event["eta_s"]
+        print(f"[multimae-label] shards {event['done']}/{event['total']} | samples {event['samples']}/"
+              f"{event['samples_total']} | {event['rate']:.1f} samples/s | ETA "
+              f"{'?' if eta is None else time.strftime('%H:%M:%S', time.gmtime(eta))} | {event['shard']}: "
+              f"{event['count']} labeled, {len(event['skipped'])} skipped", file=sys.stderr, flush=True)
+    elif kind == "shard_retry":
+        print(f"[multimae-label] {event['shard']}: actor died ({event['error']}); retry "
+              f"{event['attempt']}/{event['max_retries']}", file=sys.stderr, flush=True)
+    elif kind == "shard_failed":
+        print(f"[multimae-label] {event['shard']}: FAILED: {event['error']}", file=sys.stderr, flush=True)
+    elif kind == "actors_ready":
+        print(f"[multimae-label] {len(event['actors'])} teacher actor(s) on {event['actors'][0]['device']}; "
+              f"{event['todo']} shard(s) to label, {event['already']} already complete", file=sys.stderr, flush=True)
+
+
+def _dispatch(cfg: LabelConfig, actors: list, todo: dict[str, list[str]], counts: dict[str, int],
+              emit: Callable[[Event], None]) -> tuple[list[dict], dict[str, str], int]:
+    """Feed shards to idle actors, one in flight per actor; retry (bounded) shards whose actor died.
+
+    A dead actor is restarted by Ray; it gets work again only once a `describe` ping answers.
+    """
+    import ray
+    from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+
+    queue_ = deque(todo)
+    idle = list(actors)
+    inflight: dict[Any, tuple[Any, str | None]] = {}  # ref -> (actor, shard name | None for a ping)
+    attempts: dict[str, int] = {}
+    results, failed, retries = [], {}, 0
+    samples_total = sum(counts[n] for n in todo)
+    samples, start = 0, time.time()
+
+    def ping(actor: Any) -> None:
+        inflight[actor.describe.remote()] = (actor, None)
+
+    while queue_ or any(name is not None for _, name in inflight.values()):
+        while idle and queue_:
+            actor, name = idle.pop(0), queue_.popleft()
+            inflight[actor.label_shard.remote(name, todo[name])] = (actor, name)
+        if not inflight:  # every actor is gone for good
+            for name in queue_:
+                failed[name] = "no teacher actor left"
+            break
+        ready, _ = ray.wait(list(inflight), num_returns=1)
+        for ref in ready:
+            actor, name = inflight.pop(ref)
+            try:
+                res = ray.get(ref)
+            except RayActorError as e:  # the actor process died (or is restarting after a death)
+                if name is None:  # a ping: wait while Ray restarts the actor, drop it if it is gone for good
+                    if isinstance(e, ActorUnavailableError):
+                        time.sleep(0.2)
+                        ping(actor)
+                    continue
+                attempts[name] = attempts.get(name, 0) + 1
+                error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                if attempts[name] <= cfg.max_retries:
+                    retries += 1
+                    queue_.appendleft(name)
+                    emit({"event": "shard_retry", "shard": name, "attempt": attempts[name],
+                          "max_retries": cfg.max_retries, "error": error})
+                else:
+                    failed[name] = f"actor died {attempts[name]} times: {error}"
+                    emit({"event": "shard_failed", "shard": name, "error": failed[name]})
+                ping(actor)
+                continue
+            except RayTaskError as e:  # an error raised by the shard itself (bad tar, disk full)
+                cause = e.cause if getattr(e, "cause", None) is not None else e
+                failed[name] = f"{type(cause).__name__}: {cause}"
+                emit({"event": "shard_failed", "shard": name, "error": failed[name]})
+                idle.append(actor)
+                continue
+            idle.append(actor)
+            if name is None:  # a restarted actor answered its ping
+                continue
+            results.append(res)
+            samples += counts[name]
+            elapsed = time.time() - start
+            rate = samples / elapsed if elapsed > 0 else 0.0
+            left = samples_total - samples
+            emit({"event": "shard_done", **res, "done": len(results), "total": len(todo), "samples": samples,
+                  "samples_total": samples_total, "rate": rate, "eta_s": left / rate if rate > 0 else None})
+    return results, failed, retries
+
+
+def run(cfg: LabelConfig, on_event: Callable[[Event], None] | None = None) -> dict:
+    """Label every input shard not yet labeled; returns the summary (also the Python API of `multimae-label`)."""
+    emit = on_event or (print_event if cfg.progress else (lambda e: None))
+    start = time.time()
+    out = cfg.output_root
+    entries, todo = plan(cfg)
+    counts = {e["name"]: e["count"] for e in entries}
+    manifest_mods = read_manifest(out)["modalities"] if fs.exists(fs.join(out, "manifest.json")) else {}
+    summary: dict[str, Any] = {
+        "input": cfg.input, "output": out, "modalities": list(cfg.teachers), "shards_total": len(entries),
+        "shards_already_complete": len(entries) - len(todo), "shards_labeled": 0, "shards_failed": {},
+        "samples_labeled": 0, "samples_skipped": [], "retries": 0, "actors": 0, "device": None,
+        "manifest_updated": False}
+    if not todo and all(m in manifest_mods for m in cfg.teachers):
+        summary["duration_s"] = round(time.time() - start, 3)
+        summary["samples_per_s"] = 0.0
+        return summary
+
+    for mod in cfg.teachers:  # leftovers of killed writers are never visible as shards, but take space
+        fs.remove_stale_temporaries(fs.join(out, mod))
+    started = _connect(cfg)
+    import ray
+
+    actors: list = []
+    try:
+        actors, infos = _start_actors(cfg)
+        _check_producers(cfg, entries, todo, infos[0])
+        emit({"event": "actors_ready", "actors": [{"pid": i["pid"], "device": i["device"]} for i in infos],
+              "todo": len(todo), "already": len(entries) - len(todo)})
+        label_start = time.time()
+        results, failed, retries = _dispatch(cfg, actors, todo, counts, emit)
+        label_s = time.time() - label_start
+    finally:
+        for a in actors:
+            ray.kill(a)
+        if started:
+            ray.shutdown()
+
+    complete = all(shard_is_complete(out, m, e["name"]) for m in cfg.teachers for e in entries)
+    if complete and not failed:
+        shards = None if out == cfg.input else read_manifest(cfg.input)["shards"]
+        update_manifest(out, infos[0]["modalities"], shards=shards)
+    labeled = sum(r["count"] for r in results)
+    summary.update({
+        "shards_labeled": len(results), "shards_failed": failed, "samples_labeled": labeled,
+        "samples_skipped": [dict(s, shard=r["shard"]) for r in results for s in r["skipped"]],
+        "retries": retries, "actors": len(infos), "device": infos[0]["device"],
+        "manifest_updated": complete and not failed, "labeling_s": round(label_s, 3),
+        "samples_per_s": round((labeled + sum(len(r["skipped"]) for r in results)) / label_s, 2) if label_s else 0.0,
+        "duration_s": round(time.time() - start, 3)})
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """The one-screen end-of-run summary."""
+    lines = [
+        f"multimae-label: {'done' if not summary['shards_failed'] else 'FINISHED WITH FAILURES'} in "
+        f"{summary['duration_s']:.1f} s",
+        f"  input    {summary['input']}   output {summary['output']}   modalities {', '.join(summary['modalities'])}",
+        f"  shards   {summary['shards_labeled']} labeled, {summary['shards_already_complete']} already complete, "
+        f"{len(summary['shards_failed'])} failed (of {summary['shards_total']}); {summary['retries']} retried",
+        f"  samples  {summary['samples_labeled']} labeled, {len(summary['samples_skipped'])} skipped; "
+        f"{summary['samples_per_s']:.1f} samples/s on {summary['actors']} actor(s) ({summary['device'] or '-'})",
+        f"  manifest {'updated' if summary['manifest_updated'] else 'unchanged'}: "
+        f"{fs.join(summary['output'], 'manifest.json')}",
+    ]
+    for s in summary["samples_skipped"][:10]:
+        lines.append(f"  skipped  {s['shard']}/{s['ref']}: {s['reason']}")
+    for name, err in summary["shards_failed"].items():
+        lines.append(f"  FAILED   {name}: {err}")
+    return "\n".join(lines)
