@@ -1,0 +1,376 @@
+"""Teacher networks that pseudo-label RGB images with depth and semantic segmentation (DESIGN.md section 4).
+
+A teacher wraps a Hugging Face transformers model loaded with ``from_pretrained`` from a local folder or the
+local Hugging Face cache (never a download):
+
+- depth: any ``AutoModelForDepthEstimation`` (DPT, DPT-Hybrid, Depth Anything, ...);
+- semseg: mask-classification models (Mask2Former, MaskFormer) turned into per-pixel class scores the way
+  their processor's ``post_process_semantic_segmentation`` does, or any ``AutoModelForSemanticSegmentation``.
+
+Pre-processing is the model's own image processor (transformers' torchvision backend: batched torch ops on the
+teacher's device). Post-processing is re-implemented here as batched torch ops and is numerically equal to the
+processor's ``post_process_*`` methods (``tests/test_teachers.py`` checks both against real processors): labels
+are produced at the teacher's working resolution and resized back to each input image's size (depth with the
+processor's interpolation, segmentation from upsampled class scores, then argmax).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import transformers
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import try_to_load_from_cache
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForDepthEstimation,
+    AutoModelForSemanticSegmentation,
+    AutoModelForUniversalSegmentation,
+)
+from transformers.modeling_outputs import DepthEstimatorOutput
+from transformers.utils import logging as hf_logging
+
+TEACHERS_DIR = Path(__file__).parent / "teachers"
+DEFAULT_TEACHERS = {
+    "depth": str(TEACHERS_DIR / "synthetic-dpt"),
+    "semseg": str(TEACHERS_DIR / "synthetic-mask2former"),
+}
+PAPER_TEACHERS = {
+    "depth": "Intel/dpt-hybrid-midas",
+    "semseg": "facebook/mask2former-swin-small-coco-panoptic",
+}
+KINDS = ("depth", "semseg")
+DEPTH_MEANINGS = ("inverse_relative", "relative", "metric_m")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Mask-classification models: their processors first upsample mask logits to a fixed size (Mask2Former: 384x384
+# "for all models"), then resize class scores to the target size. None = no intermediate step (MaskFormer).
+MASK_CLASSIFICATION_INTERMEDIATE = {"mask2former": (384, 384), "maskformer": None}
+# Processors whose post_process_depth_estimation is a plain per-image F.interpolate of predicted_depth.
+DEPTH_RESIZE_MODE = {"DPTImageProcessor": "bicubic", "DPTImageProcessorPil": "bicubic"}
+# Depth models that predict metres; every other depth model is read as MiDaS-style inverse relative depth.
+METRIC_DEPTH_MODEL_TYPES = ("zoedepth", "depth_pro")
+
+
+class TeacherNotFoundError(FileNotFoundError):
+    """The teacher's weights are neither in the given local folder nor in the local Hugging Face cache."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# post-processing (pure functions on batches)
+
+
+def resize_to_sizes(maps: torch.Tensor, sizes: list[tuple[int, int]], mode: str) -> list[torch.Tensor]:
+    """Resize maps (B, C, h, w) to per-sample sizes [(H_b, W_b)]; returns B tensors (C, H_b, W_b).
+
+    Samples sharing a target size are resized in one ``F.interpolate`` call.
+    """
+    out: list[torch.Tensor] = [maps.new_empty(0)] * len(sizes)
+    by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for b, size in enumerate(sizes):
+        by_size[tuple(size)].append(b)
+    for size, idx in by_size.items():
+        resized = F.interpolate(maps[idx], size=size, mode=mode, align_corners=False)  # (n, C, H, W)
+        for b, m in zip(idx, resized):
+            out[b] = m
+    return out
+
+
+def mask_classification_scores(
+    class_logits: torch.Tensor, mask_logits: torch.Tensor, intermediate_size: tuple[int, int] | None
+) -> torch.Tensor:
+    """Per-pixel class scores of a mask-classification model (Mask2Former / MaskFormer semantic inference).
+
+    class_logits (B, Q, K+1) with the "no object" class last, mask_logits (B, Q, h, w) -> scores (B, K, h', w'),
+    where (h', w') = intermediate_size or (h, w).
+    """
+    if intermediate_size is not None:
+        mask_logits = F.interpolate(mask_logits, size=intermediate_size, mode="bilinear", align_corners=False)
+    class_probs = class_logits.softmax(dim=-1)[..., :-1]  # (B, Q, K)
+    mask_probs = mask_logits.sigmoid()  # (B, Q, h', w')
+    return torch.einsum("bqc, bqhw -> bchw", class_probs, mask_probs)  # (B, K, h', w')
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the teacher
+
+
+class Teacher:
+    """One pseudo-labeling teacher: a transformers model, its image processor and batched post-processing.
+
+    Attributes:
+        modality: output modality name in the shard set (e.g. "depth", "semseg").
+        kind: "depth" or "semseg".
+        classes: semseg class names from ``model.config.id2label`` (index = class id); None for depth.
+        meaning: depth meaning ("inverse_relative" | "relative" | "metric_m"); None for semseg.
+        producer: provenance for the manifest (model, revision or weights_sha256, resolution, dtype, meaning,
+            library).
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        model: torch.nn.Module,
+        processor: Any,
+        *,
+        modality: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        meaning: str | None,
+        producer: dict,
+    ) -> None:
+        self.kind = kind
+        self.model = model.eval().to(device)
+        self.processor = processor
+        self.modality = modality
+        self.device = device
+        self.dtype = dtype
+        self.meaning = meaning
+        self.producer = producer
+        config = model.config
+        self.classes = [str(config.id2label[i]) for i in range(len(config.id2label))] if kind == "semseg" else None
+        self._model_type = config.model_type
+        self._universal = kind == "semseg" and config.model_type in MASK_CLASSIFICATION_INTERMEDIATE
+
+    def __repr__(self) -> str:
+        return f"Teacher(kind={self.kind!r}, modality={self.modality!r}, model={self.producer['model']!r})"
+
+    def preprocess(self, images: list[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
+        """Run the model's image processor on the teacher's device.
+
+        images: uint8 (H_i, W_i, 3). Returns batches [(indices, pixel_values (n, 3, h, w))], one per processed
+        shape. Images are fed to the processor grouped by input size, so no batch is ever padded.
+        """
+        by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, image in enumerate(images):
+            _check_image(image, i)
+            by_size[tuple(image.shape[:2])].append(i)
+        batches: dict[tuple[int, int], tuple[list[int], list[torch.Tensor]]] = defaultdict(lambda: ([], []))
+        for idx in by_size.values():
+            chw = [images[i].permute(2, 0, 1) for i in idx]  # (3, H, W) each
+            pixel_values = self.processor(
+                images=chw, return_tensors="pt", device=self.device, input_data_format="channels_first"
+            )["pixel_values"]  # (n, 3, h, w) float32
+            indices, tensors = batches[tuple(pixel_values.shape[-2:])]
+            indices.extend(idx)
+            tensors.append(pixel_values)
+        return [(indices, torch.cat(tensors)) for indices, tensors in batches.values()]
+
+    def scores(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Model output at the working resolution as float32: depth (n, 1, h, w) or class scores (n, K, h', w')."""
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            out = self.model(pixel_values=pixel_values.to(self.device))
+        if self.kind == "depth":
+            return out.predicted_depth.float().unsqueeze(1)  # (n, 1, h, w)
+        if self._universal:
+            return mask_classification_scores(
+                out.class_queries_logits.float(),
+                out.masks_queries_logits.float(),
+                MASK_CLASSIFICATION_INTERMEDIATE[self._model_type],
+            )
+        return out.logits.float()  # (n, K, h, w)
+
+    def postprocess(self, scores: torch.Tensor, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """scores from ``scores()`` -> per image depth float32 (H, W) or class ids int64 (H, W) at ``sizes``."""
+        if self.kind == "semseg":
+            return [s.argmax(dim=0) for s in resize_to_sizes(scores, sizes, "bilinear")]
+        mode = DEPTH_RESIZE_MODE.get(type(self.processor).__name__)
+        if mode is not None:
+            return [d[0] for d in resize_to_sizes(scores, sizes, mode)]
+        # other depth processors (GLPN, ZoeDepth, ...) keep their own post-processing
+        results = self.processor.post_process_depth_estimation(
+            DepthEstimatorOutput(predicted_depth=scores[:, 0]), target_sizes=sizes
+        )
+        return [r["predicted_depth"].float().reshape(size) for r, size in zip(results, sizes)]
+
+    @torch.inference_mode()
+    def __call__(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """images: uint8 (H_i, W_i, 3) tensors (sizes may differ). Returns per image, on the CPU and at the input
+        size: depth float32 (H_i, W_i) in the teacher's units, or semseg class ids int64 (H_i, W_i)."""
+        outputs: list[torch.Tensor] = [torch.empty(0)] * len(images)
+        for indices, pixel_values in self.preprocess(images):
+            sizes = [tuple(images[i].shape[:2]) for i in indices]
+            for i, label in zip(indices, self.postprocess(self.scores(pixel_values), sizes)):
+                outputs[i] = label.cpu()
+        return outputs
+
+
+def _check_image(image: Any, index: int) -> None:
+    if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        desc = f"{type(image).__name__} {getattr(image, 'dtype', '')} {tuple(getattr(image, 'shape', ()))}"
+        raise ValueError(f"teacher input image {index}: expected a uint8 tensor (H, W, 3), got {desc}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def load_teacher(
+    kind: str,
+    model: str,
+    *,
+    device: str = "cpu",
+    dtype: str | None = None,
+    resolution: int | tuple[int, int] | None = None,
+    modality: str | None = None,
+) -> Teacher:
+    """Load a teacher from a local folder (``save_pretrained`` layout) or the local Hugging Face cache.
+
+    Args:
+        kind: "depth" or "semseg".
+        model: local folder or Hugging Face model id (resolved from the local cache only).
+        device: torch device string, e.g. "cpu", "cuda", "cuda:1".
+        dtype: "float32" | "bfloat16" | "float16" (autocast); default bfloat16 on a GPU, float32 on the CPU.
+        resolution: working resolution (h, w) or a square side, overriding the processor's size.
+        modality: output modality name; defaults to ``kind``.
+
+    Raises:
+        TeacherNotFoundError: the folder / cached id lacks the config or the weights.
+        ValueError: bad kind / dtype / resolution, or a checkpoint that is not a ``kind`` model.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown teacher kind {kind!r}; expected one of {KINDS}")
+    torch_device = torch.device(device)
+    torch_dtype = _resolve_dtype(dtype, torch_device)
+    source, provenance = _locate(kind, model)
+
+    config = AutoConfig.from_pretrained(source, local_files_only=True)
+    if kind == "depth":
+        auto_cls = AutoModelForDepthEstimation
+    elif config.model_type in MASK_CLASSIFICATION_INTERMEDIATE:
+        auto_cls = AutoModelForUniversalSegmentation
+    else:
+        auto_cls = AutoModelForSemanticSegmentation
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar per actor
+    try:
+        net, info = auto_cls.from_pretrained(source, local_files_only=True, output_loading_info=True)
+        processor = AutoImageProcessor.from_pretrained(source, local_files_only=True, **_size_override(resolution))
+    except OSError as err:
+        raise TeacherNotFoundError(f"{kind} teacher {model!r}: {err}\n{_HOW_TO_GET_WEIGHTS}") from err
+    except (ValueError, RuntimeError) as err:  # another task's checkpoint, e.g. a depth model loaded as semseg
+        raise ValueError(f"{kind} teacher {model!r} ({config.model_type}) cannot be loaded as {kind}: {err}") from err
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise ValueError(
+            f"{kind} teacher {model!r}: the checkpoint has no weights for {len(missing)} parameters of "
+            f"{type(net).__name__} (e.g. {missing[0]}); is it a {kind} model?"
+        )
+    if getattr(processor, "do_center_crop", False) or (
+        type(processor).__name__ in DEPTH_RESIZE_MODE and getattr(processor, "do_pad", False)
+    ):
+        raise ValueError(f"{kind} teacher {model!r}: its processor crops or pads; labels would not align to pixels")
+
+    plain_vit_dpt = config.model_type == "dpt" and not config.is_hybrid and config.backbone_config is None
+    if plain_vit_dpt and resolution is not None and len(set(_resolution_of(processor))) != 1:
+        raise ValueError(f"{kind} teacher {model!r}: a plain ViT DPT needs a square resolution, got {resolution!r}")
+    meaning = _depth_meaning(config, model) if kind == "depth" else None
+    producer = {
+        "model": model,
+        **provenance,
+        "resolution": _resolution_of(processor),
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "meaning": meaning,
+        "library": f"transformers {transformers.__version__}",
+        "architecture": type(net).__name__,
+    }
+    return Teacher(
+        kind,
+        net,
+        processor,
+        modality=modality or kind,
+        device=torch_device,
+        dtype=torch_dtype,
+        meaning=meaning,
+        producer=producer,
+    )
+
+
+_HOW_TO_GET_WEIGHTS = (
+    "Teachers load from a local folder written by save_pretrained() or from the local Hugging Face cache "
+    f"({hf_constants.HF_HUB_CACHE}); nothing is downloaded at run time. Fetch a hub model once with "
+    "`hf download <id>` (or set HF_HOME to a cache that holds it), or use the embedded teachers "
+    f"{DEFAULT_TEACHERS['depth']} / {DEFAULT_TEACHERS['semseg']}."
+)
+
+
+def _locate(kind: str, model: str) -> tuple[str, dict]:
+    """Resolve ``model`` to a loadable source and its provenance ({"weights_sha256"} or {"revision"})."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise TeacherNotFoundError(f"{kind} teacher folder {path} has no config.json.\n{_HOW_TO_GET_WEIGHTS}")
+        weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+        if not weights:
+            raise TeacherNotFoundError(
+                f"{kind} teacher folder {path} has no weights (*.safetensors or *.bin).\n{_HOW_TO_GET_WEIGHTS}"
+            )
+        return str(path), {"weights_sha256": _sha256(weights)}
+    if path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1:
+        raise TeacherNotFoundError(f"{kind} teacher folder {model} does not exist.\n{_HOW_TO_GET_WEIGHTS}")
+    try:
+        cached = try_to_load_from_cache(model, "config.json")
+    except ValueError as err:  # not a valid repo id either
+        raise TeacherNotFoundError(f"{kind} teacher {model!r} is neither a folder nor a model id: {err}") from err
+    if not isinstance(cached, str):
+        raise TeacherNotFoundError(
+            f"{kind} teacher {model!r} is not a local folder and not in the local Hugging Face cache.\n"
+            f"{_HOW_TO_GET_WEIGHTS}"
+        )
+    return model, {"revision": Path(cached).parent.name}  # .../snapshots/<commit>/config.json
+
+
+def _sha256(files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown teacher dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _size_override(resolution: int | tuple[int, int] | None) -> dict:
+    if resolution is None:
+        return {}
+    h, w = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+    if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
+        raise ValueError(f"teacher resolution must be a positive int or (h, w), got {resolution!r}")
+    return {"size": {"height": h, "width": w}}
+
+
+def _resolution_of(processor: Any) -> list[int] | dict:
+    """Working resolution [h, w] when the processor resizes to a fixed size, else its size rule."""
+    size = processor.size
+    size = size if isinstance(size, dict) else {k: v for k, v in vars(size).items() if v is not None}
+    if size.get("height") and size.get("width"):
+        return [int(size["height"]), int(size["width"])]
+    return {k: v for k, v in size.items() if v is not None}
+
+
+def _depth_meaning(config: Any, model: str) -> str:
+    """Depth meaning from ``config.depth_meaning`` (set by the embedded teachers) or the model family."""
+    meaning = getattr(config, "depth_meaning", None)
+    if meaning is not None:
+        if meaning not in DEPTH_MEANINGS:
+            raise ValueError(f"depth teacher {model!r}: config depth_meaning {meaning!r} not in {DEPTH_MEANINGS}")
+        return meaning
+    if config.model_type in METRIC_DEPTH_MODEL_TYPES or getattr(config, "depth_estimation_type", None) == "metric":
+        return "metric_m"
+    return "inverse_relative"

@@ -1,0 +1,365 @@
+"""Train the embedded default teachers on synthetic scenes (DESIGN.md section 4, "embedded default teachers").
+
+Two small models of the same transformers classes as the paper's teachers are trained from scratch on the
+synthetic source's exact ground truth and saved with ``save_pretrained`` (weights + image processor config):
+
+- ``synthetic-dpt``: ``DPTForDepthEstimation`` regressing metric z-depth in metres (``depth_gt``, L1 loss);
+  the config carries ``depth_meaning = "metric_m"``, which ``load_teacher`` reads back.
+- ``synthetic-mask2former``: ``Mask2FormerForUniversalSegmentation`` over ``SEMSEG_CLASSES`` trained with the
+  model's own loss (Hungarian-matched mask + class losses) from ``mask_labels`` / ``class_labels`` made by its
+  image processor from ``semseg_gt``, as Hugging Face does.
+
+Training scenes come from ``TRAIN_SEED``; the held-out evaluation uses ``EVAL_SEED``. The evaluation loads the
+saved folders with ``load_teacher`` (the path real checkpoints take) and writes ``quality.json``: depth AbsRel and
+delta1 after per-image scale-and-shift alignment against the mean-depth baseline, semseg mIoU against the
+majority-class baseline.
+
+    python -m labeling.train_teachers --out labeling/teachers --steps 1200 --semseg-steps 700
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import (
+    DPTConfig,
+    DPTForDepthEstimation,
+    DPTImageProcessor,
+    Mask2FormerConfig,
+    Mask2FormerForUniversalSegmentation,
+    Mask2FormerImageProcessor,
+)
+
+from labeling.teachers import load_teacher
+from shards.synthetic import SEMSEG_CLASSES, render_scene
+
+TRAIN_SEED = 1001  # training scenes: render_scene(TRAIN_SEED, i)
+EVAL_SEED = 7  # held-out scenes: render_scene(EVAL_SEED, i); never used for training
+SCENE_SIZE = 128
+DEPTH_MEANING = "metric_m"
+DEPTH_DIR, SEMSEG_DIR = "synthetic-dpt", "synthetic-mask2former"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# models
+
+
+def dpt_config(resolution: int, hidden: int = 64, layers: int = 4) -> DPTConfig:
+    """A small DPT (ViT backbone, 8x8 patches); ``predicted_depth`` comes out at twice the input resolution."""
+    config = DPTConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 32,
+        intermediate_size=2 * hidden,
+        image_size=resolution,
+        patch_size=8,
+        neck_hidden_sizes=[16, 32, 64, 64],
+        fusion_hidden_size=32,
+        backbone_out_indices=[layers // 4 - 1, layers // 2 - 1, 3 * layers // 4 - 1, layers - 1],
+        reassemble_factors=[4, 2, 1, 0.5],
+        head_hidden_size=16,
+    )
+    config.depth_meaning = DEPTH_MEANING
+    return config
+
+
+def mask2former_config(classes: list[str], resolution: int, embed: int = 16) -> Mask2FormerConfig:
+    """A small Mask2Former (tiny Swin backbone); masks are predicted at 1/4 of the input resolution."""
+    hidden = 2 * embed
+    return Mask2FormerConfig(
+        num_labels=len(classes),
+        id2label=dict(enumerate(classes)),
+        label2id={name: i for i, name in enumerate(classes)},
+        hidden_dim=hidden,
+        mask_feature_size=hidden,
+        feature_size=hidden,
+        encoder_layers=1,
+        decoder_layers=3,
+        num_queries=16,
+        dim_feedforward=2 * hidden,
+        encoder_feedforward_dim=2 * hidden,
+        train_num_points=1024,
+        backbone_config={
+            "model_type": "swin",
+            "embed_dim": embed,
+            "depths": [1, 1, 2, 1],
+            "num_heads": [max(1, embed * 2**i // 32) for i in range(4)],
+            "window_size": 4,
+            "image_size": resolution,
+            "out_features": ["stage1", "stage2", "stage3", "stage4"],
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# data
+
+
+def _render(args: tuple[int, int]) -> dict:
+    return render_scene(*args, size=SCENE_SIZE)
+
+
+def render_scenes(seed: int, count: int, workers: int = 1) -> dict[str, torch.Tensor]:
+    """Render scenes (seed, 0..count-1) -> rgb (N, S, S, 3) uint8, depth (N, S, S) float32, semseg (N, S, S) int64."""
+    jobs = [(seed, i) for i in range(count)]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            scenes = list(pool.map(_render, jobs, chunksize=16))
+    else:
+        scenes = [_render(job) for job in jobs]
+    return {
+        "rgb": torch.from_numpy(np.stack([s["rgb"] for s in scenes])),
+        "depth": torch.from_numpy(np.stack([s["depth_gt"] for s in scenes])),
+        "semseg": torch.from_numpy(np.stack([s["semseg_gt"] for s in scenes]).astype(np.int64)),
+    }
+
+
+def _batch(data: dict[str, torch.Tensor], size: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """A random batch with random horizontal flips (the same flip for every modality of a scene)."""
+    idx = torch.randint(len(data["rgb"]), (size,), generator=gen)
+    flip = torch.rand(size, generator=gen) < 0.5
+    rgb, depth, semseg = data["rgb"][idx], data["depth"][idx], data["semseg"][idx]  # (B, S, S, 3), (B, S, S) x2
+    rgb[flip], depth[flip], semseg[flip] = rgb[flip].flip(2), depth[flip].flip(2), semseg[flip].flip(2)
+    return {"rgb": rgb, "depth": depth, "semseg": semseg}
+
+
+def _lr_factor(step: int, steps: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# training
+
+
+def train_depth(
+    data: dict[str, torch.Tensor],
+    steps: int,
+    *,
+    batch: int,
+    lr: float,
+    resolution: int,
+    hidden: int,
+    device: torch.device,
+) -> tuple[DPTForDepthEstimation, DPTImageProcessor]:
+    """Train the small DPT on metric depth with an L1 loss (metres) at the scene resolution."""
+    torch.manual_seed(0)
+    processor = DPTImageProcessor(size={"height": resolution, "width": resolution})
+    model = DPTForDepthEstimation(dpt_config(resolution, hidden, layers=hidden // 16)).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(1)
+    t0 = time.time()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * _lr_factor(step, steps, warmup=max(1, steps // 20))
+        b = _batch(data, batch, gen)
+        pixel_values = processor(images=b["rgb"].permute(0, 3, 1, 2), return_tensors="pt", device=device)
+        pred = model(pixel_values=pixel_values["pixel_values"]).predicted_depth  # (B, 2r, 2r)
+        pred = F.interpolate(pred[:, None], size=b["depth"].shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        loss = (pred - b["depth"].to(device)).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"  depth  step {step:5d}/{steps}  L1 {loss.item():.4f} m  {time.time() - t0:.0f} s", flush=True)
+    return model.eval(), processor
+
+
+def train_semseg(
+    data: dict[str, torch.Tensor],
+    steps: int,
+    *,
+    batch: int,
+    lr: float,
+    resolution: int,
+    embed: int,
+    device: torch.device,
+) -> tuple[Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor]:
+    """Train the small Mask2Former with its own loss; mask/class labels come from its processor."""
+    torch.manual_seed(0)
+    processor = Mask2FormerImageProcessor(size={"height": resolution, "width": resolution}, ignore_index=255)
+    model = Mask2FormerForUniversalSegmentation(mask2former_config(SEMSEG_CLASSES, resolution, embed))
+    model = model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(2)
+    t0 = time.time()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * _lr_factor(step, steps, warmup=max(1, steps // 20))
+        b = _batch(data, batch, gen)
+        inputs = processor(
+            images=list(b["rgb"].permute(0, 3, 1, 2)), segmentation_maps=list(b["semseg"]), return_tensors="pt"
+        )
+        loss = model(
+            pixel_values=inputs["pixel_values"].to(device),
+            mask_labels=[m.to(device) for m in inputs["mask_labels"]],  # per image (n_i, r, r) binary masks
+            class_labels=[c.to(device) for c in inputs["class_labels"]],  # per image (n_i,) class ids
+        ).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"  semseg step {step:5d}/{steps}  loss {loss.item():.3f}  {time.time() - t0:.0f} s", flush=True)
+    return model.eval(), processor
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# evaluation
+
+
+def align_scale_shift(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """Least-squares s, t with s * pred + t ~ gt over one image; pred, gt (H, W) -> aligned (H, W)."""
+    a = torch.stack([pred.flatten().double(), torch.ones(pred.numel(), dtype=torch.float64)], dim=1)  # (HW, 2)
+    sol = torch.linalg.lstsq(a, gt.flatten().double()[:, None]).solution  # (2, 1)
+    return (a @ sol).reshape(gt.shape).float()
+
+
+def depth_metrics(preds: list[torch.Tensor], gts: list[torch.Tensor], align: bool = True) -> dict[str, float]:
+    """AbsRel and delta1 (max(p/g, g/p) < 1.25) over all pixels, after per-image scale-and-shift alignment."""
+    abs_rel, delta1, n = 0.0, 0.0, 0
+    for pred, gt in zip(preds, gts):
+        pred = (align_scale_shift(pred, gt) if align else pred).clamp_min(1e-3)
+        abs_rel += ((pred - gt).abs() / gt).sum().item()
+        delta1 += (torch.maximum(pred / gt, gt / pred) < 1.25).sum().item()
+        n += gt.numel()
+    return {"abs_rel": abs_rel / n, "delta1": delta1 / n}
+
+
+def miou(preds: list[torch.Tensor], gts: list[torch.Tensor], num_classes: int) -> float:
+    """Mean over classes (present in prediction or ground truth) of IoU accumulated over all images."""
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)  # (gt, pred)
+    for pred, gt in zip(preds, gts):
+        conf += torch.bincount(gt.flatten() * num_classes + pred.flatten(), minlength=num_classes**2).reshape(
+            num_classes, num_classes
+        )
+    inter = conf.diagonal()
+    union = conf.sum(0) + conf.sum(1) - inter
+    return (inter[union > 0] / union[union > 0]).mean().item()
+
+
+def evaluate(teachers_dir: Path, eval_data: dict[str, torch.Tensor], majority_class: int) -> dict:
+    """Score the saved teachers (loaded with load_teacher) and the trivial baselines on held-out scenes."""
+    images = list(eval_data["rgb"])
+    gt_depth, gt_seg = list(eval_data["depth"]), list(eval_data["semseg"])
+    depth_teacher = load_teacher("depth", str(teachers_dir / DEPTH_DIR))
+    seg_teacher = load_teacher("semseg", str(teachers_dir / SEMSEG_DIR))
+    pred_depth = [d for i in range(0, len(images), 32) for d in depth_teacher(images[i : i + 32])]
+    pred_seg = [s for i in range(0, len(images), 32) for s in seg_teacher(images[i : i + 32])]
+    mean_depth = [torch.full_like(g, g.mean().item()) for g in gt_depth]  # best constant after alignment
+    majority = [torch.full_like(g, majority_class) for g in gt_seg]
+    k = len(SEMSEG_CLASSES)
+    return {
+        "eval_seed": EVAL_SEED,
+        "eval_scenes": len(images),
+        "depth": {
+            "teacher": depth_metrics(pred_depth, gt_depth),
+            "teacher_unaligned": depth_metrics(pred_depth, gt_depth, align=False),
+            "mean_depth_baseline": depth_metrics(mean_depth, gt_depth, align=False),
+        },
+        "semseg": {
+            "teacher_miou": miou(pred_seg, gt_seg, k),
+            "majority_baseline_miou": miou(majority, gt_seg, k),
+            "teacher_pixel_acc": float(np.mean([(p == g).float().mean().item() for p, g in zip(pred_seg, gt_seg)])),
+            "majority_class": SEMSEG_CLASSES[majority_class],
+        },
+    }
+
+
+def print_quality(q: dict) -> None:
+    d, s = q["depth"], q["semseg"]
+    print(f"held-out scenes: {q['eval_scenes']} (seed {q['eval_seed']})")
+    print(f"{'model':<34}{'AbsRel':>8}{'delta1':>8}")
+    print(f"{'depth teacher (scale+shift aligned)':<34}{d['teacher']['abs_rel']:8.3f}{d['teacher']['delta1']:8.3f}")
+    print(f"{'depth teacher (metric, unaligned)':<34}"
+          f"{d['teacher_unaligned']['abs_rel']:8.3f}{d['teacher_unaligned']['delta1']:8.3f}")
+    print(f"{'mean-depth baseline':<34}{d['mean_depth_baseline']['abs_rel']:8.3f}"
+          f"{d['mean_depth_baseline']['delta1']:8.3f}")
+    print(f"{'model':<34}{'mIoU':>8}")
+    print(f"{'semseg teacher':<34}{s['teacher_miou']:8.3f}")
+    print(f"{'majority-class baseline (' + s['majority_class'] + ')':<34}{s['majority_baseline_miou']:8.3f}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _save(model: torch.nn.Module, processor: object, folder: Path, recipe: dict) -> None:
+    """save_pretrained weights + processor config, and the recipe that produced them (training.json)."""
+    model.cpu().save_pretrained(folder)
+    processor.save_pretrained(folder)
+    (folder / "training.json").write_text(json.dumps(recipe, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "teachers", help="folder for both teachers")
+    p.add_argument("--steps", type=int, default=1200, help="optimizer steps per teacher")
+    p.add_argument("--depth-steps", type=int, default=None, help="steps for the depth teacher (default --steps)")
+    p.add_argument("--semseg-steps", type=int, default=700, help="steps for the semseg teacher (0: --steps)")
+    p.add_argument("--only", choices=("depth", "semseg"), help="train one teacher; evaluate both from --out")
+    p.add_argument("--scenes", type=int, default=1024, help="training scenes rendered")
+    p.add_argument("--eval-scenes", type=int, default=64, help="held-out scenes for the quality report")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--depth-lr", type=float, default=1e-3)
+    p.add_argument("--semseg-lr", type=float, default=1e-3)
+    p.add_argument("--depth-resolution", type=int, default=64, help="DPT working resolution (output is 2x)")
+    p.add_argument("--semseg-resolution", type=int, default=128, help="Mask2Former working resolution")
+    p.add_argument("--depth-hidden", type=int, default=64, help="DPT ViT width (layers = width / 16)")
+    p.add_argument("--semseg-embed", type=int, default=32, help="Mask2Former Swin embedding width")
+    p.add_argument("--workers", type=int, default=2, help="processes rendering scenes")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    t0 = time.time()
+
+    print(f"rendering {args.scenes} training + {args.eval_scenes} held-out scenes (seeds {TRAIN_SEED}, {EVAL_SEED})")
+    train = render_scenes(TRAIN_SEED, args.scenes, args.workers)
+    held_out = render_scenes(EVAL_SEED, args.eval_scenes, args.workers)
+    majority_class = int(torch.bincount(train["semseg"].flatten(), minlength=len(SEMSEG_CLASSES)).argmax())
+    print(f"rendered in {time.time() - t0:.0f} s")
+    common = {"train_seed": TRAIN_SEED, "train_scenes": args.scenes, "batch": args.batch, "device": str(device)}
+
+    if args.only in (None, "depth"):
+        steps, t = args.depth_steps or args.steps, time.time()
+        print(f"training depth teacher ({steps} steps)")
+        model, processor = train_depth(
+            train, steps, batch=args.batch, lr=args.depth_lr, resolution=args.depth_resolution,
+            hidden=args.depth_hidden, device=device,
+        )
+        recipe = {"steps": steps, "lr": args.depth_lr, "resolution": args.depth_resolution}
+        recipe["hidden"] = args.depth_hidden
+        recipe["loss"] = "L1 on metric depth (m)"
+        _save(model, processor, args.out / DEPTH_DIR, {**common, **recipe, "train_s": round(time.time() - t)})
+    if args.only in (None, "semseg"):
+        steps, t = args.semseg_steps or args.steps, time.time()
+        print(f"training semseg teacher ({steps} steps)")
+        model, processor = train_semseg(
+            train, steps, batch=args.batch, lr=args.semseg_lr, resolution=args.semseg_resolution,
+            embed=args.semseg_embed, device=device,
+        )
+        recipe = {"steps": steps, "lr": args.semseg_lr, "resolution": args.semseg_resolution}
+        recipe["embed"] = args.semseg_embed
+        recipe["loss"] = "Mask2Former loss (Hungarian-matched class CE + mask BCE + dice)"
+        _save(model, processor, args.out / SEMSEG_DIR, {**common, **recipe, "train_s": round(time.time() - t)})
+
+    quality = evaluate(args.out, held_out, majority_class)
+    quality["training"] = {
+        name: json.loads((args.out / name / "training.json").read_text()) for name in (DEPTH_DIR, SEMSEG_DIR)
+    }
+    (args.out / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
+    print_quality(quality)
+    print(f"saved {args.out / DEPTH_DIR}, {args.out / SEMSEG_DIR}, {args.out / 'quality.json'} "
+          f"in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
