@@ -1,0 +1,373 @@
+"""Loader throughput: ShardDataset vs a one-file-per-sample-per-modality folder layout (DESIGN.md sections 2, 7).
+
+Both read the same encoded bytes (rgb JPEG, 16-bit depth PNG, 8-bit semseg PNG), decode them to the
+same arrays and apply the same joint random-resized-crop + flip, in a torch DataLoader with the same
+worker count and batch size. The folder baseline opens three files per sample with PIL, as the
+official MultiMAE layout does (its depth ranges come from one index loaded up front, so it pays no
+extra file per sample). A decode-only limit decodes the same bytes from memory (no I/O at all).
+
+Each layout is timed with a cold page cache (every file evicted with posix_fadvise(DONTNEED) just
+before the pass, as on first read from disk or network storage) and warm (second pass). Peak RSS of
+a reader process is reported at two dataset sizes: streaming must keep it flat.
+
+    .venv/bin/python benchmarks/loader.py                 # 2000 samples at 128 px, crop 112, 2 workers
+    .venv/bin/python benchmarks/loader.py --size 256 --crop 224 --n 1000
+    .venv/bin/python benchmarks/loader.py --n 500 --size 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+from fsspec.core import url_to_fs
+import torch
+from PIL import Image
+from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from shards import format as F  # noqa: E402
+from shards import fs  # noqa: E402
+from shards.reader import ShardDataset  # noqa: E402
+from shards.writer import ShardWriter  # noqa: E402
+
+MODS = ["rgb", "depth", "semseg"]
+NUM_CLASSES = 20
+PER_SHARD = 100
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+
+def make_sample(rng: np.random.Generator, size: int) -> dict[str, np.ndarray]:
+    """A grainy smooth colour image, a smooth depth map and blocky segmentation, all (size, size)."""
+    def smooth(low: np.ndarray) -> np.ndarray:  # (c, c) or (c, c, 3) -> (size, size) or (size, size, 3), bicubic
+        return np.asarray(Image.fromarray(low).resize((size, size), Image.BICUBIC))
+
+    rgb = smooth(rng.integers(30, 230, (8, 8, 3), dtype=np.uint8)) + rng.normal(0, 10, (size, size, 3))
+    depth = smooth(rng.uniform(0.5, 10.0, (4, 4)).astype(np.float32))
+    semseg = np.kron(rng.integers(0, NUM_CLASSES, (8, 8)), np.ones((size // 8, size // 8), dtype=np.int64))
+    return {"rgb": rgb.clip(0, 255).astype(np.uint8), "depth": depth, "semseg": semseg}
+
+
+def generate(out: str, n: int, size: int) -> None:
+    """Write the shard set and the folder layout from the same encoded bytes."""
+    shutil.rmtree(out, ignore_errors=True)
+    shard_root, folder_root = os.path.join(out, "shards"), os.path.join(out, "folder")
+    for m in MODS:
+        os.makedirs(os.path.join(folder_root, m))
+    rng = np.random.default_rng(0)
+    ranges, shards = {}, []
+    for s in range(0, n, PER_SHARD):
+        name = F.shard_name(s // PER_SHARD)
+        with ShardWriter(shard_root, name, MODS) as w:
+            for i in range(s, min(n, s + PER_SHARD)):
+                key = f"{i:08d}"
+                sample = make_sample(rng, size)
+                members = {m: F.encode_sample(m, sample[m], num_classes=NUM_CLASSES) for m in MODS}
+                w.write(key, members)
+                for m in MODS:
+                    ext = F.EXTENSIONS[m]
+                    with open(os.path.join(folder_root, m, f"{key}.{ext}"), "wb") as f:
+                        f.write(members[m][f"{m}.{ext}"])
+                ranges[key] = json.loads(members["depth"]["depth.json"])["depth_range"]
+        shards.append({"name": name, "count": min(n, s + PER_SHARD) - s})
+    classes = [f"c{i}" for i in range(NUM_CLASSES)]
+    entries = {m: F.modality_entry(m, {"name": "bench"}, meaning="bench", classes=classes if m == "semseg" else None)
+               for m in MODS}
+    F.update_manifest(shard_root, entries, shards, cls_classes=None)
+    with open(os.path.join(folder_root, "depth_ranges.json"), "w") as f:
+        json.dump(ranges, f)
+
+
+def all_files(root: str) -> list[str]:
+    return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files]
+
+
+def evict(root: str) -> None:
+    """Drop every file under root from the page cache (no root rights needed)."""
+    for path in all_files(root):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+# --- the shared transform -------------------------------------------------------------------------
+
+
+class JointCrop:
+    """The same random-resized-crop and flip on every modality: rgb/depth bilinear, semseg nearest."""
+
+    def __init__(self, crop: int):
+        self.crop = crop
+
+    def __call__(self, s: dict) -> dict:
+        rgb = torch.from_numpy(np.require(s["rgb"], requirements="W")).permute(2, 0, 1)  # (3, H, W) uint8
+        depth = torch.from_numpy(s["depth"])[None]  # (1, H, W) float32
+        semseg = torch.from_numpy(s["semseg"])[None]  # (1, H, W) int64
+        top, left, h, w = RandomResizedCrop.get_params(rgb, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3))
+        size = [self.crop, self.crop]
+        out = {
+            "rgb": TF.resized_crop(rgb, top, left, h, w, size, InterpolationMode.BILINEAR, antialias=True),
+            "depth": TF.resized_crop(depth, top, left, h, w, size, InterpolationMode.BILINEAR, antialias=True),
+            "semseg": TF.resized_crop(semseg, top, left, h, w, size, InterpolationMode.NEAREST),
+        }
+        if torch.rand(()) < 0.5:
+            out = {k: v.flip(-1) for k, v in out.items()}
+        return out
+
+
+# --- the three loaders ----------------------------------------------------------------------------
+
+
+def _decode_folder_sample(rgb: bytes, depth: bytes, semseg: bytes, depth_range: list[float]) -> dict[str, np.ndarray]:
+    """The shard reader's own PIL codecs, so that only the storage layout differs."""
+    return {"rgb": F.decode_rgb(rgb), "depth": F.decode_depth(depth, depth_range), "semseg": F.decode_semseg(semseg)}
+
+
+def _read(url: str) -> bytes:
+    """A whole file: local open, or one GET (fsspec cat_file) for a URL."""
+    if fs.is_local(url):
+        with open(url, "rb") as f:
+            return f.read()
+    filesystem, path = url_to_fs(url)
+    return filesystem.cat_file(path)
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """rgb/KEY.jpg, depth/KEY.png, semseg/KEY.png, one file each (local path or URL), decoded with PIL."""
+
+    def __init__(self, root: str, transform, limit: int | None = None):
+        self.ranges = json.loads(_read(fs.join(root, "depth_ranges.json")))
+        self.keys = sorted(self.ranges)[:limit]
+        self.root, self.transform = root, transform
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> dict:
+        k = self.keys[i]
+        blobs = [_read(fs.join(self.root, m, f"{k}.{F.EXTENSIONS[m]}")) for m in MODS]
+        return self.transform(_decode_folder_sample(*blobs, self.ranges[k]))
+
+
+class InMemoryDataset(torch.utils.data.Dataset):
+    """The decode-only limit: the folder files' bytes held in memory, decoded the same way."""
+
+    def __init__(self, folder: FolderDataset):
+        self.items = [([_read(os.path.join(folder.root, m, f"{k}.{F.EXTENSIONS[m]}")) for m in MODS], folder.ranges[k])
+                      for k in folder.keys]
+        self.transform = folder.transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        blobs, rng = self.items[i]
+        return self.transform(_decode_folder_sample(*blobs, rng))
+
+
+def _shard_dataset(root: str, crop: int, **kw) -> ShardDataset:
+    return ShardDataset(root, MODS, shuffle_shards=True, shuffle_buffer=200, transform=JointCrop(crop), **kw)
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process plus its reaped children (the DataLoader workers of finished passes)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def timed_pass(dataset, workers: int, batch: int, shuffle: bool) -> tuple[float, float]:
+    """(samples per second, CPU ms per sample) over one full pass, worker start-up included.
+
+    Wall time is what a user sees; CPU time per sample is the cost, and barely moves when other
+    jobs share the machine.
+    """
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, shuffle=shuffle or None,
+                                         persistent_workers=False)
+    start, cpu, n = time.perf_counter(), cpu_seconds(), 0
+    for b in loader:
+        n += b["rgb"].shape[0]
+    del loader  # workers exit and are reaped, so their CPU time is counted
+    return n / (time.perf_counter() - start), (cpu_seconds() - cpu) / n * 1e3
+
+
+# --- object-store-like storage -------------------------------------------------------------------
+
+
+def serve(folder: str, port: int, latency_ms: float) -> None:
+    """An HTTP file server that waits `latency_ms` before answering each request (object-store first byte)
+    and serves byte ranges, as object stores do."""
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(SimpleHTTPRequestHandler):
+        def send_head(self):
+            time.sleep(latency_ms / 1000)
+            path, byte_range = self.translate_path(self.path), self.headers.get("Range", "")
+            if not (byte_range.startswith("bytes=") and os.path.isfile(path)):
+                return super().send_head()
+            size = os.path.getsize(path)
+            first, last = byte_range[len("bytes="):].split("-")
+            start, end = int(first), min(int(last) if last else size - 1, size - 1)
+            with open(path, "rb") as f:
+                f.seek(start)
+                body = f.read(end - start + 1)
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            return io.BytesIO(body)
+
+        def log_message(self, *args):
+            pass
+
+    ThreadingHTTPServer(("127.0.0.1", port), partial(Handler, directory=folder)).serve_forever()
+
+
+def http_scenario(out: str, n_shards: int, latency_ms: float, a: argparse.Namespace) -> dict[str, tuple[float, float]]:
+    """Both layouts read over HTTP from a server with a fixed per-request latency."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, __file__, "--serve", out, str(port), str(latency_ms)])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(100):  # wait until it answers
+            try:
+                _read(f"{url}/shards/manifest.json")
+                break
+            except Exception:
+                time.sleep(0.1)
+        shards = _shard_dataset(f"{url}/shards", a.crop, shards=[F.shard_name(i) for i in range(n_shards)])
+        folder = FolderDataset(f"{url}/folder", JointCrop(a.crop), limit=shards.num_samples)
+        return {"folder http": timed_pass(folder, a.workers, a.batch, True),
+                "shards http": timed_pass(shards, a.workers, a.batch, False)}
+    finally:
+        server.terminate()
+        server.wait()
+
+
+# --- peak memory ----------------------------------------------------------------------------------
+
+
+def rss_mib() -> float:
+    """Current resident set size of this process."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def rss_child(root: str, n_shards: int, crop: int) -> None:
+    ds = _shard_dataset(root, crop, shards=[F.shard_name(i) for i in range(n_shards)])
+    start = peak = rss_mib()  # torch, torchvision, PIL imported; dataset built
+    n = 0
+    for b in torch.utils.data.DataLoader(ds, batch_size=32, num_workers=0):
+        n += b["rgb"].shape[0]
+        peak = max(peak, rss_mib())
+    print(json.dumps({"samples": n, "start_mib": start, "peak_mib": peak}))
+
+
+def peak_rss(root: str, n_shards: int, crop: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--rss-child", root, str(n_shards), "--crop", str(crop)],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=2000, help="samples")
+    p.add_argument("--size", type=int, default=128, help="stored image side (px)")
+    p.add_argument("--crop", type=int, default=112, help="random-resized-crop output side (px)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=2, help="timed passes per setting; the best is kept")
+    p.add_argument("--out", default="/tmp/multimae_loader_bench")
+    p.add_argument("--http-latency-ms", type=float, default=20.0,
+                   help="per-request latency of the HTTP (object-store-like) scenario; 0 skips it")
+    p.add_argument("--http-shards", type=int, default=3, help="shards read in the HTTP scenario")
+    p.add_argument("--rss-child", nargs=2, metavar=("ROOT", "N_SHARDS"), help=argparse.SUPPRESS)
+    p.add_argument("--serve", nargs=3, metavar=("DIR", "PORT", "LATENCY_MS"), help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.rss_child:
+        return rss_child(a.rss_child[0], int(a.rss_child[1]), a.crop)
+    if a.serve:
+        return serve(a.serve[0], int(a.serve[1]), float(a.serve[2]))
+
+    t0 = time.perf_counter()
+    params = os.path.join(a.out, "params.json")
+    if not (os.path.exists(params) and json.loads(_read(params)) == {"n": a.n, "size": a.size}):
+        generate(a.out, a.n, a.size)
+        with open(params, "w") as f:
+            json.dump({"n": a.n, "size": a.size}, f)
+    shard_root, folder_root = os.path.join(a.out, "shards"), os.path.join(a.out, "folder")
+    mib = {k: sum(map(os.path.getsize, all_files(r))) / 2**20
+           for k, r in (("shards", shard_root), ("folder", folder_root))}
+    print(f"data: {a.n} samples at {a.size} px ({mib['shards']:.0f} MiB in {len(all_files(shard_root))} shard files, "
+          f"{mib['folder']:.0f} MiB in {len(all_files(folder_root))} folder files), ready in "
+          f"{time.perf_counter() - t0:.0f} s")
+    print(f"loader: crop {a.crop}, batch {a.batch}, {a.workers} workers, best of {a.repeats} passes; "
+          f"torch {torch.__version__}, {os.cpu_count()} CPUs")
+
+    folder = FolderDataset(folder_root, JointCrop(a.crop))
+    shards = _shard_dataset(shard_root, a.crop)
+    runs: dict[str, list[tuple[float, float]]] = {}
+    for _ in range(a.repeats):  # interleaved, so background load hits every setting alike
+        for cache in ("cold", "warm"):
+            for name, ds, root, shuffle in (("folder", folder, folder_root, True),
+                                            ("shards", shards, shard_root, False)):
+                if cache == "cold":
+                    evict(root)
+                runs.setdefault(f"{name} {cache}", []).append(timed_pass(ds, a.workers, a.batch, shuffle))
+    if a.http_latency_ms > 0:
+        for k, v in http_scenario(a.out, a.http_shards, a.http_latency_ms, a).items():
+            runs[k] = [v]
+    memory = InMemoryDataset(folder)
+    runs["decode-only"] = [timed_pass(memory, a.workers, a.batch, True) for _ in range(a.repeats)]
+    del memory
+    rate = {k: max(r for r, _ in v) for k, v in runs.items()}  # best pass: least disturbed by other jobs
+    cpu = {k: min(c for _, c in v) for k, v in runs.items()}
+
+    print(f"\n{'setting':<14}{'samples/s':>10}{'CPU ms/sample':>15}   all passes (samples/s)")
+    for k in runs:
+        print(f"{k:<14}{rate[k]:>10.0f}{cpu[k]:>15.2f}   {', '.join(f'{r:.0f}' for r, _ in runs[k])}")
+    print("\nratios (> 1: shards better)     throughput   CPU cost")
+    for cache in ("cold", "warm", "http"):
+        if f"shards {cache}" in rate:
+            label = f"{cache} cache" if cache != "http" else f"HTTP {a.http_latency_ms:.0f} ms"
+            print(f"  shards vs folder, {label}:{' ' * (13 - len(label))}"
+                  f"{rate[f'shards {cache}'] / rate[f'folder {cache}']:>8.2f}x"
+                  f"   {cpu[f'folder {cache}'] / cpu[f'shards {cache}']:>7.2f}x")
+    print(f"  shards warm vs decode-only limit: {rate['shards warm'] / rate['decode-only']:>6.2f}x"
+          f"   {cpu['decode-only'] / cpu['shards warm']:>7.2f}x")
+
+    n_shards = len(F.read_manifest(shard_root)["shards"])
+    # both sizes fill the 200-sample shuffle buffer, so only the dataset size differs
+    small, large = (peak_rss(shard_root, k, a.crop) for k in (max(3, n_shards // 4), n_shards))
+    print("\nRSS of one reader process (0 workers, shuffle buffer 200), start -> peak while iterating:")
+    for r in (small, large):
+        print(f"  {r['samples']:>6} samples: {r['start_mib']:.0f} -> {r['peak_mib']:.0f} MiB "
+              f"(+{r['peak_mib'] - r['start_mib']:.0f} MiB)")
+    print(f"  peak ratio {large['peak_mib'] / small['peak_mib']:.2f} for {large['samples'] / small['samples']:.0f}x "
+          "the data")
+    print(f"total {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

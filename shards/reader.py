@@ -1,0 +1,378 @@
+"""Streaming reader over an aligned shard set (DESIGN.md sections 2 and 6), built on webdataset.
+
+One epoch is a webdataset pipeline of iterator-to-iterator stages:
+
+    shard names     manifest order, shuffled by (seed, epoch); or drawn with replacement (resampled)
+    split by node   every world_size-th shard from rank          (explicit rank/world_size or torch.distributed)
+    split by worker every num_workers-th shard from worker id    (torch DataLoader worker)
+    aligned shard   the tars of every chosen modality opened together and zipped by key; a key
+                    mismatch raises AlignmentError naming the shard and both keys
+    shuffle         bounded buffer of raw member bytes, seeded by (seed, epoch, rank, worker)
+    decode          shards.format.decode_sample: rgb uint8 (H, W, 3), depth float32 (H, W) in
+                    teacher units via the stored range, semseg int64 (H, W), cls int
+    transform       the user's function on the decoded dict
+
+Only members the format names are decoded; anything else in a tar (e.g. ``.pyd`` / ``.pickle``) is
+ignored as bytes, so nothing found in a shard is ever unpickled.
+
+Splitting is by shard, so ranks see unequal sample counts when shards do not divide evenly, and
+DDP stalls on the rank that runs out first. For training use ``resampled=True`` (every rank and
+worker draws shards with its own seed, endlessly) and stop after a fixed number of steps per epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import partial
+from itertools import islice
+from typing import Any, Callable, Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.utils import make_seed
+
+from . import fs
+from .format import FormatError, decode_sample, modality_kind, read_manifest
+from .writer import stats_path, tar_path
+
+log = logging.getLogger(__name__)
+
+OnError = Literal["raise", "skip"]
+
+
+class AlignmentError(FormatError):
+    """Modality shards disagree on keys, order or shard names; never skipped, whatever the error policy."""
+
+
+# --- one shard ------------------------------------------------------------------------------------
+
+
+def tar_samples(url: str) -> Iterator[dict[str, Any]]:
+    """Samples of one tar in order: {"__key__": key, "<suffix>": bytes, ...} (suffix e.g. "rgb.jpg", "cls")."""
+    try:
+        with fs.open_file(url, "rb") as stream:
+            files = tar_file_expander([{"url": url, "stream": stream}], eof_value=None)
+            for sample in group_by_keys(files):
+                sample.pop("__url__", None)
+                yield sample
+    except Exception as exc:  # tarfile.ReadError, OSError, duplicate member (ValueError), ...
+        detail = str(exc.args[0]).split(" @ ")[0] if exc.args else type(exc).__name__
+        raise FormatError(f"{url}: cannot read tar ({type(exc).__name__}: {detail})") from exc
+
+
+def _stats_count(root: str, modality: str, name: str) -> int:
+    path = stats_path(root, modality, name)
+    if not fs.exists(path):
+        raise FormatError(
+            f"{path} not found: shard {name} of {modality!r} is incomplete (its stats json is written last)"
+        )
+    return int(fs.read_json(path)["count"])
+
+
+def _check_modalities(modalities: Sequence[str]) -> list[str]:
+    if isinstance(modalities, str):
+        modalities = [modalities]
+    modalities = list(modalities)
+    if not modalities or len(set(modalities)) != len(modalities):
+        raise ValueError(f"modalities must be a non-empty list without repeats, got {modalities}")
+    for m in modalities:
+        modality_kind(m)
+    return modalities
+
+
+def iter_shard_members(root: str, name: str, modalities: Sequence[str]) -> Iterator[dict[str, Any]]:
+    """Raw aligned members of one shard, in order, without decoding.
+
+    Yields {"__key__": key, "__shard__": name, "<modality>": {"rgb.jpg": b"...", "cls": b"3", ...}, ...}.
+    Raises AlignmentError when the modality tars disagree on keys or length, FormatError when a tar
+    is unreadable or holds a different number of samples than its stats json.
+    """
+    modalities = _check_modalities(modalities)
+    urls = {m: tar_path(root, m, name) for m in modalities}
+    expected = {m: _stats_count(root, m, name) for m in modalities}
+    streams = {m: tar_samples(urls[m]) for m in modalities}
+    ref = modalities[0]
+    seen: set[str] = set()
+    n = 0
+    try:
+        while True:
+            row = {m: next(streams[m], None) for m in modalities}
+            ended = [m for m in modalities if row[m] is None]
+            if ended:
+                going = [m for m in modalities if row[m] is not None]
+                if going:
+                    raise AlignmentError(
+                        f"shard {name} misaligned: {', '.join(urls[m] for m in ended)} ended after {n} samples but "
+                        f"{urls[going[0]]} goes on with key {row[going[0]]['__key__']!r}"
+                    )
+                break
+            key = row[ref]["__key__"]
+            for m in modalities[1:]:
+                if row[m]["__key__"] != key:
+                    raise AlignmentError(
+                        f"shard {name} misaligned at sample {n}: {urls[ref]} has key {key!r} "
+                        f"but {urls[m]} has key {row[m]['__key__']!r}"
+                    )
+            if key in seen:
+                raise AlignmentError(f"shard {name}: key {key!r} appears twice in {urls[ref]}")
+            seen.add(key)
+            sample: dict[str, Any] = {"__key__": key, "__shard__": name}
+            for m in modalities:
+                sample[m] = {k: v for k, v in row[m].items() if not k.startswith("__")}
+            n += 1
+            yield sample
+    finally:
+        for s in streams.values():
+            s.close()
+    for m in modalities:
+        if n != expected[m]:
+            raise FormatError(
+                f"{urls[m]}: read {n} samples but {stats_path(root, m, name)} says {expected[m]}: "
+                "the tar is truncated or corrupt"
+            )
+
+
+def parse_cls(data: bytes) -> int:
+    text = data.decode("ascii").strip()
+    if not text.lstrip("-").isdigit():
+        raise ValueError(f"cls must be an ASCII integer, got {data[:20]!r}")
+    return int(text)
+
+
+def decode_members(root: str, sample: dict[str, Any], modalities: Sequence[str]) -> dict[str, Any]:
+    """Decode one aligned raw sample (from iter_shard_members) into numpy arrays (+ "cls": int when stored).
+
+    Raises FormatError naming the tar and key when a member does not decode or shapes disagree.
+    """
+    key, name = sample["__key__"], sample["__shard__"]
+    out: dict[str, Any] = {"__key__": key, "__shard__": name}
+    for m in modalities:
+        members = sample[m]
+        try:
+            out[m] = decode_sample(m, members)
+            if "cls" in members and "cls" not in out:
+                out["cls"] = parse_cls(members["cls"])
+        except Exception as exc:  # PIL / zlib / json / FormatError from the codec
+            raise FormatError(
+                f"{tar_path(root, m, name)}: sample {key!r} does not decode ({type(exc).__name__}: {exc})"
+            ) from exc
+    shapes = {m: out[m].shape[:2] for m in modalities}
+    if len(set(shapes.values())) > 1:
+        raise FormatError(f"shard {name} sample {key!r}: modalities differ in size {shapes}")
+    return out
+
+
+def iter_shard(
+    root: str, name: str, modalities: Sequence[str], on_error: OnError = "raise", skipped: dict | None = None
+) -> Iterator[dict[str, Any]]:
+    """Decoded samples of one shard, in stored order, aligned by key (used by the labeling job).
+
+    With on_error="skip" a sample that does not decode is dropped and a corrupt tar ends the shard;
+    both are counted in `skipped` ({"shards": n, "samples": n}) when given. Misalignment always raises.
+    """
+    _check_on_error(on_error)
+    modalities = _check_modalities(modalities)
+    counters = skipped if skipped is not None else {}
+    yield from wds.DataPipeline(
+        wds.SimpleShardList([name]),
+        _aligned(root, modalities, on_error, counters),
+        _decoded(root, modalities, on_error, counters),
+    )
+
+
+# --- pipeline stages ------------------------------------------------------------------------------
+
+
+def _check_on_error(on_error: str) -> None:
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+
+
+def _count(counters: dict, what: str, exc: Exception) -> None:
+    counters[what] = counters.get(what, 0) + 1
+    log.warning("skipping %s: %s", "rest of shard" if what == "shards" else "sample", exc)
+
+
+def _aligned_(names, root: str, modalities: list[str], on_error: OnError, counters: dict):
+    """{"url": shard name} -> raw aligned samples; a corrupt shard ends that shard under "skip"."""
+    for item in names:
+        try:
+            yield from iter_shard_members(root, item["url"], modalities)
+        except AlignmentError:
+            raise
+        except FormatError as exc:
+            if on_error == "raise":
+                raise
+            _count(counters, "shards", exc)
+
+
+def _decoded_(samples, root: str, modalities: list[str], on_error: OnError, counters: dict):
+    """Raw aligned samples -> decoded numpy samples; a sample that does not decode is dropped under "skip"."""
+    for sample in samples:
+        try:
+            out = decode_members(root, sample, modalities)
+        except FormatError as exc:
+            if on_error == "raise":
+                raise
+            _count(counters, "samples", exc)
+            continue
+        yield out
+
+
+def _every_(src, offset: int, step: int):
+    """Items offset, offset + step, ... (node and worker splitting)."""
+    yield from islice(src, offset, None, step)
+
+
+_aligned = wds.pipelinefilter(_aligned_)
+_decoded = wds.pipelinefilter(_decoded_)
+_every = wds.pipelinefilter(_every_)
+
+
+def _constant(value: int) -> int:
+    return value
+
+
+# --- the dataset ----------------------------------------------------------------------------------
+
+
+class ShardDataset(torch.utils.data.IterableDataset):
+    """Aligned samples of the chosen modalities of a shard set, streamed as numpy dicts.
+
+    Yields {"__key__": str, "__shard__": str, "<modality>": array, ..., "cls": int (when rgb has it)}
+    with modality names as stored (e.g. "depth_gt"). Call `set_epoch(epoch)` before each epoch to
+    reshuffle; with a DataLoader keep `persistent_workers=False` so workers see the new epoch.
+    `skipped` counts {"shards", "samples"} skipped under on_error="skip" in this process (a
+    DataLoader worker counts its own; the warnings in the log name each one).
+
+    Without resampling, each rank takes every world_size-th shard and each DataLoader worker every
+    num_workers-th of those, so one epoch reads every sample exactly once over all ranks and workers.
+    With `resampled=True` the stream is endless and every rank and worker draws shards with its own
+    seed, whatever the split flags say.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        modalities: Sequence[str],
+        *,
+        shuffle_shards: bool = False,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        resampled: bool = False,
+        split_by_node: bool = True,
+        split_by_worker: bool = True,
+        on_error: OnError = "raise",
+        shards: Sequence[str] | None = None,
+        transform: Callable[[dict], dict] | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
+        super().__init__()
+        _check_on_error(on_error)
+        if (rank is None) != (world_size is None) or (world_size is not None and not 0 <= rank < world_size):
+            raise ValueError(f"give both rank and world_size with 0 <= rank < world_size, got {rank}, {world_size}")
+        if shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
+        self.root = root
+        self.modalities = _check_modalities(modalities)
+        self.shuffle_shards, self.shuffle_buffer, self.seed = shuffle_shards, shuffle_buffer, seed
+        self.resampled, self.split_by_node, self.split_by_worker = resampled, split_by_node, split_by_worker
+        self.on_error, self.transform = on_error, transform
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.skipped: dict[str, int] = {"shards": 0, "samples": 0}
+
+        manifest = read_manifest(root)
+        stored = manifest.get("modalities", {})
+        missing = [m for m in self.modalities if m not in stored]
+        if missing:
+            raise FormatError(f"{fs.join(root, 'manifest.json')}: no modality {missing} (stored: {sorted(stored)})")
+        counts = {s["name"]: int(s["count"]) for s in manifest.get("shards", [])}
+        names = list(counts) if shards is None else list(shards)
+        unknown = [n for n in names if n not in counts]
+        if unknown:
+            raise FormatError(f"{fs.join(root, 'manifest.json')}: shards {unknown[:5]} are not in the manifest")
+        if not names:
+            raise FormatError(f"{root}: no shards to read")
+        _check_shard_files(root, self.modalities, names, set(counts))
+        self.shard_names = names
+        self.num_samples = sum(counts[n] for n in names)  # over all ranks and workers
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _node(self) -> tuple[int, int]:
+        if self.world_size is not None:
+            return self.rank, self.world_size
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun, before init_process_group
+            return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        return 0, 1
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        rank, world_size = self._node()
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self.resampled:
+            # every rank and worker draws its own endless shard sequence (seeded by seed, epoch, rank, worker)
+            source = wds.ResampledShards(
+                self.shard_names, seed=self.seed, deterministic=True,
+                worker_seed=partial(_constant, make_seed(rank, worker)),
+            )
+            source.epoch = self.epoch - 1  # ResampledShards counts one up when iterated
+            splitters = []
+        else:
+            order_seed = make_seed(self.seed, self.epoch) if self.shuffle_shards else None
+            source = wds.SimpleShardList(self.shard_names, seed=order_seed)  # same order on every rank/worker
+            splitters = []
+            if self.split_by_node:
+                splitters.append(_every(rank, world_size))
+            if self.split_by_worker:
+                splitters.append(_every(worker, num_workers))
+            readers = (world_size if self.split_by_node else 1) * (num_workers if self.split_by_worker else 1)
+            if readers > len(self.shard_names) and worker == 0 and rank == 0:
+                log.warning("%d shards for %d readers (ranks x workers): some read nothing",
+                            len(self.shard_names), readers)
+        stages = [source, *splitters, _aligned(self.root, self.modalities, self.on_error, self.skipped)]
+        if self.shuffle_buffer > 1:
+            seed = make_seed(self.seed, self.epoch, rank, worker)
+            stages.append(wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, seed=seed))
+        stages.append(_decoded(self.root, self.modalities, self.on_error, self.skipped))
+        if self.transform is not None:
+            stages.append(wds.map(self.transform))
+        return iter(wds.DataPipeline(*stages))
+
+
+def _check_shard_files(root: str, modalities: list[str], names: list[str], manifest_names: set[str]) -> None:
+    """Every chosen shard exists and is complete in every modality; no modality has shards the manifest lacks."""
+    for m in modalities:
+        files = set(fs.listdir(fs.join(root, m)))
+        tars = {f[: -len(".tar")] for f in files if f.endswith(".tar")}
+        extra = sorted(tars - manifest_names)
+        if extra:
+            raise AlignmentError(f"{fs.join(root, m)} has shards {extra[:5]} that the manifest does not list")
+        absent = [n for n in names if f"{n}.tar" not in files or f"{n}.json" not in files]
+        if absent:
+            raise FormatError(
+                f"{fs.join(root, m)}: shards {absent[:5]} missing or incomplete (no tar or no stats json)"
+                + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
+            )
+
+
+def to_torch(sample: dict[str, Any]) -> dict[str, Any]:
+    """numpy arrays -> torch tensors (rgb stays uint8 (H, W, 3)), "cls" -> int64 scalar tensor; other keys kept."""
+    out: dict[str, Any] = {}
+    for k, v in sample.items():
+        if isinstance(v, np.ndarray):
+            out[k] = torch.from_numpy(v if v.flags.writeable else v.copy())
+        elif k == "cls":
+            out[k] = torch.tensor(v, dtype=torch.int64)
+        else:
+            out[k] = v
+    return out

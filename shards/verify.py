@@ -1,0 +1,216 @@
+"""`multimae-shard verify DATA`: a full integrity check of an aligned shard set (DESIGN.md section 2).
+
+For every shard of every modality in the manifest: the tar and its stats json exist and the tar
+reads to the end; every member the format names decodes (rgb JPEG, 16-bit depth PNG with a valid
+range, semseg ids within the class list, cls within `cls_classes`) and no other member is present;
+keys are aligned across modalities (same keys, same order, same image size); counts agree between
+tar, stats json and manifest, and the stats' keys digest matches. No modality folder holds a shard
+the manifest does not list. Every problem is reported as (file, key, what); nothing stops the scan.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, NamedTuple
+
+from . import fs
+from .format import EXTENSIONS, MANIFEST, FormatError, decode_sample, modality_kind, read_manifest
+from .reader import parse_cls, tar_samples
+from .writer import keys_digest, stats_path, tar_path
+
+MAX_KEY_PROBLEMS = 10  # per shard and modality, for missing / extra keys
+
+
+class Problem(NamedTuple):
+    file: str
+    key: str | None
+    what: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.key}: {self.what}" if self.key else f"{self.file}: {self.what}"
+
+
+class _Scan(NamedTuple):
+    """What one modality tar of one shard holds: keys in order and each key's image size."""
+
+    keys: list[str]
+    sizes: dict[str, tuple[int, int]]
+    readable: bool
+
+
+def _allowed_members(modality: str) -> tuple[set[str], set[str]]:
+    """(required, optional) member suffixes of one sample in this modality's tar."""
+    kind = modality_kind(modality)
+    required = {f"{modality}.{EXTENSIONS[kind]}"}
+    if kind == "depth":
+        required.add(f"{modality}.json")
+    optional = {"cls", "json"} if kind == "rgb" else set()
+    return required, optional
+
+
+def _check_sample(
+    modality: str, members: dict[str, bytes], entry: dict, cls_classes: list | None
+) -> tuple[list[str], tuple[int, int] | None]:
+    """Problems with one sample's members (empty when it decodes and its values are in range), and its (H, W)."""
+    what = []
+    required, optional = _allowed_members(modality)
+    for suffix in sorted(set(members) - required - optional):
+        what.append(f"unexpected member .{suffix} (not part of the format; not decoded)")
+    missing = required - set(members)
+    if missing:
+        return what + [f"missing member(s) {sorted('.' + s for s in missing)}"], None
+    kind = modality_kind(modality)
+    try:
+        if kind == "depth":
+            lo, hi = json.loads(members[f"{modality}.json"])["depth_range"]
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+                what.append(f"bad depth_range [{lo}, {hi}]")
+        value = decode_sample(modality, members)
+    except Exception as exc:
+        return what + [f"{modality} does not decode ({type(exc).__name__}: {exc})"], None
+    if kind == "semseg" and value.size:
+        classes = entry.get("classes") or []
+        if value.min() < 0 or value.max() >= len(classes):
+            what.append(f"class ids [{value.min()}, {value.max()}] outside the {len(classes)} manifest classes")
+    if "cls" in members:
+        try:
+            cls = parse_cls(members["cls"])
+            if cls_classes is not None and not 0 <= cls < len(cls_classes):
+                what.append(f"cls {cls} outside the {len(cls_classes)} cls_classes")
+        except Exception as exc:
+            what.append(f"cls does not decode ({exc})")
+    if "json" in members:
+        try:
+            json.loads(members["json"])
+        except Exception as exc:
+            what.append(f"sample json does not parse ({exc})")
+    if min(value.shape[:2]) == 0:
+        what.append(f"empty image of shape {value.shape}")
+    return what, tuple(value.shape[:2])
+
+
+def _scan_tar(root: str, modality: str, name: str, manifest: dict, problems: list[Problem]) -> _Scan:
+    url = tar_path(root, modality, name)
+    entry = manifest["modalities"][modality]
+    keys: list[str] = []
+    sizes: dict[str, tuple[int, int]] = {}
+    readable = True
+    seen: set[str] = set()
+    try:
+        for sample in tar_samples(url):
+            key = sample.pop("__key__")
+            if key in seen:
+                problems.append(Problem(url, key, "key appears twice"))
+            seen.add(key)
+            keys.append(key)
+            found, size = _check_sample(modality, sample, entry, manifest.get("cls_classes"))
+            problems.extend(Problem(url, key, what) for what in found)
+            if size is not None:
+                sizes[key] = size
+    except FormatError as exc:
+        problems.append(Problem(url, keys[-1] if keys else None, f"tar unreadable after {len(keys)} samples: {exc}"))
+        readable = False
+    return _Scan(keys, sizes, readable)
+
+
+def _check_counts(root: str, modality: str, name: str, count: int, scan: _Scan, problems: list[Problem]) -> None:
+    path = stats_path(root, modality, name)
+    try:
+        stats = fs.read_json(path)
+    except Exception as exc:
+        problems.append(Problem(path, None, f"stats json unreadable ({exc})"))
+        return
+    if stats.get("count") != count:
+        problems.append(Problem(path, None, f"count {stats.get('count')} but the manifest says {count}"))
+    if scan.readable and len(scan.keys) != stats.get("count"):
+        problems.append(Problem(tar_path(root, modality, name), None,
+                                f"holds {len(scan.keys)} samples but its stats json says {stats.get('count')}"))
+    if scan.readable and stats.get("keys_digest") != keys_digest(scan.keys):
+        problems.append(Problem(path, None, "keys_digest does not match the keys in the tar"))
+
+
+def _check_alignment(root: str, name: str, scans: dict[str, _Scan], problems: list[Problem]) -> None:
+    if not scans:
+        return
+    ref = "rgb" if "rgb" in scans else next(iter(scans))
+    ref_url, ref_scan = tar_path(root, ref, name), scans[ref]
+    ref_set = set(ref_scan.keys)
+    for m, scan in scans.items():
+        if m == ref:
+            continue
+        url = tar_path(root, m, name)
+        if scan.keys != ref_scan.keys:
+            here = set(scan.keys)
+            missing = [k for k in ref_scan.keys if k not in here]
+            extra = [k for k in scan.keys if k not in ref_set]
+            for k in missing[:MAX_KEY_PROBLEMS]:
+                problems.append(Problem(url, k, f"key missing (present in {ref_url})"))
+            for k in extra[:MAX_KEY_PROBLEMS]:
+                problems.append(Problem(url, k, f"extra key (absent from {ref_url})"))
+            hidden = len(missing) + len(extra) - len(missing[:MAX_KEY_PROBLEMS]) - len(extra[:MAX_KEY_PROBLEMS])
+            if hidden:
+                problems.append(Problem(url, None, f"{hidden} more missing/extra keys not listed"))
+            if not missing and not extra:
+                i = next(i for i, (a, b) in enumerate(zip(scan.keys, ref_scan.keys)) if a != b)
+                problems.append(Problem(url, scan.keys[i],
+                                        f"key order differs: sample {i} is {ref_scan.keys[i]!r} in {ref_url}"))
+        for k, size in scan.sizes.items():
+            if k in ref_scan.sizes and ref_scan.sizes[k] != size:
+                problems.append(Problem(url, k, f"size {size} differs from {ref_scan.sizes[k]} in {ref_url}"))
+
+
+def _verify_shard(root: str, manifest: dict, shard: dict) -> list[Problem]:
+    problems: list[Problem] = []
+    name, count = shard["name"], int(shard["count"])
+    scans = {}
+    for m in manifest["modalities"]:
+        tar, stats = tar_path(root, m, name), stats_path(root, m, name)
+        if not fs.exists(tar):
+            problems.append(Problem(tar, None, "shard missing"))
+            continue
+        if not fs.exists(stats):
+            problems.append(Problem(stats, None, "stats json missing: the shard is incomplete"))
+        scans[m] = scan = _scan_tar(root, m, name, manifest, problems)
+        if fs.exists(stats):
+            _check_counts(root, m, name, count, scan, problems)
+    _check_alignment(root, name, scans, problems)
+    return problems
+
+
+def verify(root: str, workers: int = 1, progress: Callable[[str, int], None] | None = None) -> list[Problem]:
+    """Check the whole shard set under `root`; returns every problem found (empty list = valid).
+
+    `workers` threads check shards in parallel; `progress(shard_name, n_problems)` is called per shard.
+    """
+    manifest_path = fs.join(root, MANIFEST)
+    try:
+        manifest = read_manifest(root)
+        modalities = manifest["modalities"]
+        shards = manifest["shards"]
+        for m in modalities:
+            modality_kind(m)
+    except (FormatError, KeyError, ValueError) as exc:
+        return [Problem(manifest_path, None, f"manifest unusable ({type(exc).__name__}: {exc})")]
+
+    problems: list[Problem] = []
+    names = [s["name"] for s in shards]
+    if manifest.get("total") != sum(int(s["count"]) for s in shards):
+        problems.append(Problem(manifest_path, None, f"total {manifest.get('total')} is not the sum of shard counts"))
+    if len(set(names)) != len(names):
+        problems.append(Problem(manifest_path, None, "a shard name is listed twice"))
+    for d in fs.listdir(root):
+        if d not in modalities and "." not in d and any(f.endswith(".tar") for f in fs.listdir(fs.join(root, d))):
+            problems.append(Problem(fs.join(root, d), None, "shards of a modality the manifest does not list"))
+    for m in modalities:
+        for f in fs.listdir(fs.join(root, m)):
+            if f.endswith(".tar") and f[: -len(".tar")] not in names:
+                problems.append(Problem(fs.join(root, m, f), None, "extra shard: not listed in the manifest"))
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for shard, found in zip(shards, pool.map(lambda s: _verify_shard(root, manifest, s), shards)):
+            problems.extend(found)
+            if progress is not None:
+                progress(shard["name"], len(found))
+    return problems
