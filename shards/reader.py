@@ -64,13 +64,18 @@ def tar_samples(url: str) -> Iterator[dict[str, Any]]:
         raise FormatError(f"{url}: cannot read tar ({type(exc).__name__}: {detail})") from exc
 
 
-def _stats_count(root: str, modality: str, name: str) -> int:
+def _read_stats(root: str, modality: str, name: str) -> dict:
     path = stats_path(root, modality, name)
     if not fs.exists(path):
         raise FormatError(
             f"{path} not found: shard {name} of {modality!r} is incomplete (its stats json is written last)"
         )
-    return int(fs.read_json(path)["count"])
+    return fs.read_json(path)
+
+
+def skipped_refs(stats: dict) -> set[str]:
+    """Refs a shard's stats record as skipped; for derived modalities (labeling) these are sample keys."""
+    return {str(s.get("ref", s.get("key", ""))) for s in stats.get("skipped", [])}
 
 
 def _check_modalities(modalities: Sequence[str]) -> list[str]:
@@ -93,14 +98,29 @@ def iter_shard_members(root: str, name: str, modalities: Sequence[str]) -> Itera
     """
     modalities = _check_modalities(modalities)
     urls = {m: tar_path(root, m, name) for m in modalities}
-    expected = {m: _stats_count(root, m, name) for m in modalities}
+    stats = {m: _read_stats(root, m, name) for m in modalities}
+    # A sample a modality recorded as skipped (e.g. an image its teacher could not label) is dropped
+    # from every modality: an explicit, recorded gap, not a misalignment.
+    dropped = {m: skipped_refs(stats[m]) for m in modalities}
     streams = {m: tar_samples(urls[m]) for m in modalities}
-    ref = modalities[0]
+    read = dict.fromkeys(modalities, 0)
     seen: set[str] = set()
     n = 0
+
+    def advance(m: str) -> dict | None:
+        row = next(streams[m], None)
+        read[m] += row is not None
+        return row
+
+    def gap(m: str, row: dict | None) -> bool:  # this row is a sample another modality skipped
+        return row is not None and any(row["__key__"] in dropped[o] for o in modalities if o != m)
+
     try:
+        row = {m: advance(m) for m in modalities}
         while True:
-            row = {m: next(streams[m], None) for m in modalities}
+            for m in modalities:
+                while gap(m, row[m]):
+                    row[m] = advance(m)
             ended = [m for m in modalities if row[m] is None]
             if ended:
                 going = [m for m in modalities if row[m] is not None]
@@ -110,6 +130,7 @@ def iter_shard_members(root: str, name: str, modalities: Sequence[str]) -> Itera
                         f"{urls[going[0]]} goes on with key {row[going[0]]['__key__']!r}"
                     )
                 break
+            ref = modalities[0]
             key = row[ref]["__key__"]
             for m in modalities[1:]:
                 if row[m]["__key__"] != key:
@@ -125,13 +146,14 @@ def iter_shard_members(root: str, name: str, modalities: Sequence[str]) -> Itera
                 sample[m] = {k: v for k, v in row[m].items() if not k.startswith("__")}
             n += 1
             yield sample
+            row = {m: advance(m) for m in modalities}
     finally:
-        for s in streams.values():
-            s.close()
+        for st in streams.values():
+            st.close()
     for m in modalities:
-        if n != expected[m]:
+        if read[m] != int(stats[m]["count"]):
             raise FormatError(
-                f"{urls[m]}: read {n} samples but {stats_path(root, m, name)} says {expected[m]}: "
+                f"{urls[m]}: read {read[m]} samples but {stats_path(root, m, name)} says {stats[m]['count']}: "
                 "the tar is truncated or corrupt"
             )
 

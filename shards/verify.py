@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple
 
 from . import fs
 from .format import EXTENSIONS, MANIFEST, FormatError, decode_sample, modality_kind, read_manifest
-from .reader import parse_cls, tar_samples
+from .reader import parse_cls, skipped_refs, tar_samples
 from .writer import keys_digest, stats_path, tar_path
 
 MAX_KEY_PROBLEMS = 10  # per shard and modality, for missing / extra keys
@@ -115,13 +115,18 @@ def _scan_tar(root: str, modality: str, name: str, manifest: dict, problems: lis
     return _Scan(keys, sizes, readable)
 
 
-def _check_counts(root: str, modality: str, name: str, count: int, scan: _Scan, problems: list[Problem]) -> None:
+def _read_stats(root: str, modality: str, name: str, problems: list[Problem]) -> dict | None:
     path = stats_path(root, modality, name)
     try:
-        stats = fs.read_json(path)
+        return fs.read_json(path)
     except Exception as exc:
         problems.append(Problem(path, None, f"stats json unreadable ({exc})"))
-        return
+        return None
+
+
+def _check_counts(root: str, modality: str, name: str, count: int, scan: _Scan, stats: dict,
+                  problems: list[Problem]) -> None:
+    path = stats_path(root, modality, name)
     if stats.get("count") != count:
         problems.append(Problem(path, None, f"count {stats.get('count')} but the manifest says {count}"))
     if scan.readable and len(scan.keys) != stats.get("count"):
@@ -131,19 +136,26 @@ def _check_counts(root: str, modality: str, name: str, count: int, scan: _Scan, 
         problems.append(Problem(path, None, "keys_digest does not match the keys in the tar"))
 
 
-def _check_alignment(root: str, name: str, scans: dict[str, _Scan], problems: list[Problem]) -> None:
+def _reference(scans: dict[str, _Scan]) -> str:
+    return "rgb" if "rgb" in scans else next(iter(scans))
+
+
+def _check_alignment(root: str, name: str, scans: dict[str, _Scan], dropped: dict[str, set[str]],
+                     problems: list[Problem]) -> None:
+    """Every modality holds the reference's keys in its order, less the samples it records as skipped."""
     if not scans:
         return
-    ref = "rgb" if "rgb" in scans else next(iter(scans))
+    ref = _reference(scans)
     ref_url, ref_scan = tar_path(root, ref, name), scans[ref]
-    ref_set = set(ref_scan.keys)
     for m, scan in scans.items():
         if m == ref:
             continue
         url = tar_path(root, m, name)
-        if scan.keys != ref_scan.keys:
+        expected = [k for k in ref_scan.keys if k not in dropped.get(m, set())]
+        ref_set = set(expected)
+        if scan.keys != expected:
             here = set(scan.keys)
-            missing = [k for k in ref_scan.keys if k not in here]
+            missing = [k for k in expected if k not in here]
             extra = [k for k in scan.keys if k not in ref_set]
             for k in missing[:MAX_KEY_PROBLEMS]:
                 problems.append(Problem(url, k, f"key missing (present in {ref_url})"))
@@ -153,9 +165,9 @@ def _check_alignment(root: str, name: str, scans: dict[str, _Scan], problems: li
             if hidden:
                 problems.append(Problem(url, None, f"{hidden} more missing/extra keys not listed"))
             if not missing and not extra:
-                i = next(i for i, (a, b) in enumerate(zip(scan.keys, ref_scan.keys)) if a != b)
+                i = next(i for i, (a, b) in enumerate(zip(scan.keys, expected)) if a != b)
                 problems.append(Problem(url, scan.keys[i],
-                                        f"key order differs: sample {i} is {ref_scan.keys[i]!r} in {ref_url}"))
+                                        f"key order differs: sample {i} is {expected[i]!r} in {ref_url}"))
         for k, size in scan.sizes.items():
             if k in ref_scan.sizes and ref_scan.sizes[k] != size:
                 problems.append(Problem(url, k, f"size {size} differs from {ref_scan.sizes[k]} in {ref_url}"))
@@ -164,18 +176,23 @@ def _check_alignment(root: str, name: str, scans: dict[str, _Scan], problems: li
 def _verify_shard(root: str, manifest: dict, shard: dict) -> list[Problem]:
     problems: list[Problem] = []
     name, count = shard["name"], int(shard["count"])
-    scans = {}
+    scans, stats = {}, {}
     for m in manifest["modalities"]:
-        tar, stats = tar_path(root, m, name), stats_path(root, m, name)
+        tar, stats_url = tar_path(root, m, name), stats_path(root, m, name)
         if not fs.exists(tar):
             problems.append(Problem(tar, None, "shard missing"))
             continue
-        if not fs.exists(stats):
-            problems.append(Problem(stats, None, "stats json missing: the shard is incomplete"))
-        scans[m] = scan = _scan_tar(root, m, name, manifest, problems)
-        if fs.exists(stats):
-            _check_counts(root, m, name, count, scan, problems)
-    _check_alignment(root, name, scans, problems)
+        if not fs.exists(stats_url):
+            problems.append(Problem(stats_url, None, "stats json missing: the shard is incomplete"))
+        scans[m] = _scan_tar(root, m, name, manifest, problems)
+        if fs.exists(stats_url) and (st := _read_stats(root, m, name, problems)) is not None:
+            stats[m] = st
+    # samples a derived modality (e.g. a teacher's) recorded as skipped: keys of the reference modality
+    ref_keys = set(scans[_reference(scans)].keys) if scans else set()
+    dropped = {m: skipped_refs(st) & ref_keys for m, st in stats.items()}
+    for m, st in stats.items():  # the manifest counts the reference modality's samples
+        _check_counts(root, m, name, count - len(dropped[m]), scans[m], st, problems)
+    _check_alignment(root, name, scans, dropped, problems)
     return problems
 
 

@@ -6,6 +6,7 @@ the other tests compare their output bytes against it (kill and resume, actor cr
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -185,10 +186,14 @@ def test_corrupt_sample_is_recorded_and_skipped(ray_local, tmp_path):
     assert [(s["ref"], s["shard"]) for s in summary["samples_skipped"]] == [(bad, "shard-000000")]
     assert "decode rgb" in summary["samples_skipped"][0]["reason"]
     for mod in OUT_MODS:
-        stats = __import__("json").loads((data / mod / "shard-000000.json").read_text())
+        stats = json.loads((data / mod / "shard-000000.json").read_text())
         assert stats["count"] == 23 and [s["ref"] for s in stats["skipped"]] == [bad]
     got = [x["__key__"] for x in iter_shard_members(str(data), "shard-000000", list(OUT_MODS))]
     assert got == [k for k in keys if k != bad]  # the two outputs stay aligned with each other
+    # the recorded gap is not a misalignment: verify flags only the corrupt input member itself
+    from shards.verify import verify
+
+    assert [(p.key, "rgb" in p.file) for p in verify(str(data))] == [(bad, True)]
 
 
 # --- kill the driver and resume ---------------------------------------------------------------------

@@ -140,3 +140,33 @@ def test_verify_reads_fsspec_urls():
         "holds 2 samples but its stats json says 1",
         "keys_digest does not match the keys in the tar",
     ]
+
+
+def test_samples_a_modality_records_as_skipped_are_a_gap_not_a_misalignment(tmp_path):
+    """A teacher that could not label key K writes K under `skipped` in its stats and leaves it out:
+    verify accepts that and the reader drops K from every modality; an unrecorded gap is still an error."""
+    from shards.reader import ShardDataset, iter_shard
+
+    root = str(tmp_path)
+    write_set(root, counts=[4], modalities=["rgb"])
+    keys = [key_of(0, i) for i in range(4)]
+    with ShardWriter(root, "shard-000000", ["depth"]) as w:
+        for i, k in enumerate(keys):
+            if i == 2:
+                w.skip(k, "teacher failed: corrupt jpeg")
+                continue
+            w.write(k, {"depth": F.encode_sample("depth", np.full((24, 32), 1.0 + i, np.float32))})
+    F.update_manifest(root, {"depth": F.modality_entry("depth", {"model": "t"}, meaning="metric_m")})
+    assert verify(root) == []
+    got = [s["__key__"] for s in iter_shard(root, "shard-000000", ["rgb", "depth"])]
+    assert got == [keys[0], keys[1], keys[3]]
+    got = sorted(s["__key__"] for s in ShardDataset(root, ["depth", "rgb"], split_by_node=False))
+    assert got == [keys[0], keys[1], keys[3]]
+    assert [s["__key__"] for s in iter_shard(root, "shard-000000", ["rgb"])] == keys  # rgb alone keeps all
+
+    stats = json.loads(open(stats_path(root, "depth", "shard-000000")).read())
+    stats["skipped"] = []  # the same gap, unrecorded
+    fs.write_json_atomic(stats_path(root, "depth", "shard-000000"), stats)
+    assert (tar_path(root, "depth", "shard-000000"), keys[2]) in found(verify(root))
+    with pytest.raises(Exception, match="misaligned"):
+        list(iter_shard(root, "shard-000000", ["rgb", "depth"]))
