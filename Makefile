@@ -22,10 +22,7 @@ test-fast: install
 	$(PY) -m pytest -q -ra -m "not slow"
 
 demo: install
-	$(BIN)/multimae-shard build --src synthetic --out $(DEMO)/data --num 512 --size 128 --shard-size 128
-	$(BIN)/multimae-shard verify $(DEMO)/data
-	$(BIN)/multimae-shard info $(DEMO)/data
-	$(BIN)/multimae-shard show $(DEMO)/data --out $(DEMO)/samples.png --n 6
+	$(PY) pipelines/demo.py --out $(DEMO)
 
 clean:
 	rm -rf $(DEMO)

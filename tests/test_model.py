@@ -10,13 +10,7 @@ import multimae
 from multimae.pos_embed import build_2d_sincos_pos_emb
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread avoids spin-waiting on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REF = Path(__file__).parent / "data" / "official_multimae_keys.md"
 

@@ -9,13 +9,7 @@ from multimae.masking import (dirichlet_proportions, mask_to_ids, random_masks, 
                               split_budget)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread avoids spin-waiting on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIZES = {"rgb": 196, "depth": 196, "semseg": 196}
 
