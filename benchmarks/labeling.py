@@ -75,8 +75,7 @@ def real_size_teachers(folder: Path) -> dict[str, str]:
     return {"depth": str(folder / "dpt-hybrid"), "semseg": str(folder / "m2f-swin-s")}
 
 
-def bare(cfg: LabelConfig, names: list[str], device: str, threads: int) -> float:
-    """Samples/s of the teachers alone on the same batches, decoded beforehand."""
+def _bare_worker(cfg: LabelConfig, names: list[str], device: str, threads: int, barrier, results) -> None:
     torch.set_num_threads(threads)
     teachers = [load_teacher(t.kind, t.model, device=device, dtype=t.dtype) for t in cfg.teachers.values()]
     batches = [[img for _, img, _ in b] for n in names
@@ -84,12 +83,30 @@ def bare(cfg: LabelConfig, names: list[str], device: str, threads: int) -> float
     for t in teachers:  # warm-up
         t(batches[0])
     sync(device)
-    start = time.perf_counter()
+    barrier.wait()  # every worker has loaded and decoded: time the forwards only
+    start = time.time()
     for b in batches:
         for t in teachers:
             t(b)
     sync(device)
-    return sum(len(b) for b in batches) / (time.perf_counter() - start)
+    results.put((sum(len(b) for b in batches), start, time.time()))
+
+
+def bare(cfg: LabelConfig, names: list[str], device: str, workers: int, threads: int) -> float:
+    """Samples/s of the teachers alone on the same batches, decoded beforehand, in the job's layout:
+    `workers` processes (one per actor) with `threads` torch threads each, shards split round-robin."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(workers), ctx.Queue()
+    procs = [ctx.Process(target=_bare_worker, args=(cfg, names[i::workers], device, threads, barrier, results))
+             for i in range(workers)]
+    for p in procs:
+        p.start()
+    done = [results.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return sum(n for n, _, _ in done) / (max(e for _, _, e in done) - min(s for _, s, _ in done))
 
 
 def naive(cfg: LabelConfig, names: list[str], device: str, limit: int) -> float:
@@ -126,7 +143,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--actors", type=int, default=2, help="CPU actors of the job (the bare baseline gets as many threads)")
+    p.add_argument("--actors", type=int, default=2, help="CPU actors of the job (the bare baseline runs as many processes)")
     p.add_argument("--real-size", action="store_true", help="random-weight DPT-Hybrid + Mask2Former Swin-S")
     p.add_argument("--no-ray", action="store_true", help="run the actor's per-shard code in this process")
     p.add_argument("--naive-num", type=int, default=32, help="images for the naive pipeline loop")
@@ -156,7 +173,11 @@ def main() -> None:
             cfg.ray.address, cfg.ray.num_cpus = "local", args.actors
             summary = run(cfg)
             job = summary["samples_per_s"]
-        base = bare(cfg, names, args.device, threads)
+        if args.no_ray or args.device.startswith("cuda"):  # one process, like the in-process job
+            base = bare(cfg, names, args.device, 1, threads)
+        else:  # the job's layout: `actors` processes with threads_per_actor threads each
+            base = bare(cfg, names, args.device, args.actors, cfg.threads_per_actor)
+        torch.set_num_threads(threads)  # the naive loop gets the whole machine
         slow = naive(cfg, names, args.device, args.naive_num)
     finally:
         shutil.rmtree(work, ignore_errors=True)
