@@ -180,8 +180,8 @@ def modalities_needed(inputs: dict[str, str], target: str | None) -> list[str]:
 
 
 def split_shards(manifest: dict, train_shards: list[str] | None, eval_shards: list[str] | None,
-                 eval_num_shards: int) -> tuple[list[str], list[str]]:
-    """(train, eval) shard names from the manifest and the config's choice."""
+                 eval_num_shards: int, *, need_train: bool = True) -> tuple[list[str], list[str]]:
+    """(train, eval) shard names from the manifest and the config's choice (an eval-only run needs no train shard)."""
     names = [s["name"] for s in manifest["shards"]]
     unknown = sorted((set(train_shards or []) | set(eval_shards or [])) - set(names))
     if unknown:
@@ -190,7 +190,7 @@ def split_shards(manifest: dict, train_shards: list[str] | None, eval_shards: li
         eval_shards = names[len(names) - eval_num_shards:] if eval_num_shards > 0 else []
     if train_shards is None:
         train_shards = [n for n in names if n not in set(eval_shards)]
-    if not train_shards:
+    if not train_shards and need_train:
         raise fmt.FormatError("no training shards left after holding out the eval shards")
     return list(train_shards), list(eval_shards)
 

@@ -112,14 +112,14 @@ class Plan:
     num_train_samples: int
 
 
-def make_plan(cfg: RunConfig, manifest: dict, world: int) -> Plan:
+def make_plan(cfg: RunConfig, manifest: dict, world: int, eval_only: bool = False) -> Plan:
     t = cfg.train
     per_step = t.batch_size // (world * t.accum_steps)
     if per_step * world * t.accum_steps != t.batch_size:
         raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by world size {world} x "
                           f"train.accum_steps {t.accum_steps}")
     train_shards, eval_shards = mdata.split_shards(manifest, cfg.data.train_shards, cfg.data.eval_shards,
-                                                   cfg.data.eval_num_shards)
+                                                   cfg.data.eval_num_shards, need_train=not eval_only)
     counts = {s["name"]: s["count"] for s in manifest["shards"]}
     n_train = sum(counts[n] for n in train_shards)
     steps_per_epoch = max(1, n_train // t.batch_size)
@@ -344,7 +344,7 @@ def _run(cfg: RunConfig, shards_root: str, out_dir: str, d: Dist, *, init: str |
         if m not in manifest["modalities"]:
             raise fmt.FormatError(f"{shards_root}: modality {m!r} (from data.inputs/data.target) is not in the "
                                   f"manifest; it has {sorted(manifest['modalities'])}")
-    plan = make_plan(cfg, manifest, d.world)
+    plan = make_plan(cfg, manifest, d.world, eval_only)
     if eval_only and cfg.task == "pretrain":
         raise ConfigError("--eval-only needs a fine-tuning config (task cls, semseg or depth)")
 

@@ -143,6 +143,12 @@ def test_finetune_semseg_and_depth_from_pretrained_write_metrics_and_predictions
     again = run(cfg_of("finetune-demo-semseg.yaml", common + ["model.kwargs.head_kwargs={embed_dim: 64}"]),
                 data, seg_dir, eval_only=True)
     assert again == pytest.approx(seg["eval"])
+    # ... and evaluating every shard of a set (a separate test set: no shard left to train on) works too
+    every = [f"shard-{i:06d}" for i in range(5)]
+    full = run(cfg_of("finetune-demo-semseg.yaml", common + ["model.kwargs.head_kwargs={embed_dim: 64}",
+                                                             f"data.eval_shards={every}"]),
+               data, seg_dir, eval_only=True)
+    assert full["pixels"] == sum(1 for n in every for _ in iter_shard(data, n, ["rgb"])) * 32 * 32
 
     depth_dir = str(tmp_path / "depth")  # DPT works at patch 16: 64 px, fresh weights
     depth_over = common + ["model.patch_size=16", "data.image_size=64", "model.kwargs.head_kwargs={feature_dim: 16, "
