@@ -224,4 +224,7 @@ class DPTHead(nn.Module):
         path = self.scratch.refinenet3(path, feats[2])  # (B, F, H/8, W/8)
         path = self.scratch.refinenet2(path, feats[1])  # (B, F, H/4, W/4)
         path = self.scratch.refinenet1(path, feats[0])  # (B, F, H/2, W/2)
-        return self.head(path)  # (B, num_classes, H, W)
+        out = self.head(path)  # (B, num_classes, H, W) at patch 16; (32 / patch) x that otherwise
+        if out.shape[-2:] != (H, W):  # the fixed 4x/2x/1x/0.5x reassembly assumes 16 px patches
+            out = F.interpolate(out, size=(H, W), mode="bilinear", align_corners=False)
+        return out

@@ -123,6 +123,7 @@ def test_output_shapes_on_rectangular_images_and_subsets_of_modalities():
 @pytest.mark.parametrize("kwargs,shape", [
     (dict(task="cls", num_classes=10), (2, 10)),
     (dict(task="depth"), (2, 1, 32, 32)),
+    (dict(task="depth", patch_size=8), (2, 1, 32, 32)),  # DPT's reassembly assumes 16 px patches: resized back
     (dict(task="semseg", num_classes=5, in_domains=("rgb", "depth"), head_kwargs={"embed_dim": 256}), (2, 5, 32, 32)),
     (dict(task="semseg", head="dpt", num_classes=5), (2, 5, 32, 32)),
 ])
