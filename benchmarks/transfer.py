@@ -52,7 +52,11 @@ ARMS: dict[str, list[str] | None] = {
     "mae": ["data.inputs={rgb: rgb}", "model.out_domains=[rgb]", "model.num_encoded_tokens=9"],
     # MultiMAE: rgb + pseudo depth + pseudo semseg, 32 of 3 x 36 tokens visible, as the demo config
     "multimae": [],
+    # Ablation (not in the default run): MultiMAE pre-trained on the exact depth and semseg instead of the
+    # teachers' pseudo labels, the upper bound that better teachers could reach
+    "multimae-gt": ["data.inputs={rgb: rgb, depth: depth_gt, semseg: semseg_gt}"],
 }
+DEFAULT_ARMS = ["scratch", "mae", "multimae"]
 # Transfer tasks: (fine-tuning config, overrides). All fine-tune from RGB except semseg-rgbd.
 TASKS: dict[str, tuple[str, list[str]]] = {
     "depth": ("pipelines/finetune-demo-depth.yaml", []),
@@ -123,7 +127,7 @@ def common_overrides(size: dict[str, Any], seed: int, steps: int, quick: bool) -
 def aggregate(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """{arm: {"task/metric": {mean, std, n, values}}} over seeds (std: sample std, 0 for one seed)."""
     table: dict[str, dict[str, dict[str, Any]]] = {}
-    for arm in ARMS:
+    for arm in dict.fromkeys(r["arm"] for r in results):
         for task, metric, _ in COLUMNS:
             values = [r["metrics"][metric] for r in results if r["arm"] == arm and r["task"] == task]
             if values:
@@ -153,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pretrain-steps", type=int, help=f"pre-training steps per arm (default {FULL['pretrain_steps']})")
     ap.add_argument("--finetune-steps", type=int, help=f"fine-tuning steps per task (default {FULL['finetune_steps']})")
     ap.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS), help="transfer tasks to run")
+    ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=DEFAULT_ARMS,
+                    help=f"pre-training arms (default: {' '.join(DEFAULT_ARMS)}; multimae-gt is an ablation)")
     args = ap.parse_args(argv)
     size = dict(QUICK if args.quick else FULL)
     for key, value in (("seeds", args.seeds), ("pretrain_steps", args.pretrain_steps),
@@ -167,12 +173,18 @@ def main(argv: list[str] | None = None) -> None:
     timings: dict[str, float] = {}
 
     # Runs are reused by directory name, so their settings must not change under them.
-    settings = {k: v for k, v in size.items() if k != "seeds"} | {"scene_seeds": SCENE_SEEDS, "arms": ARMS,
+    # Arms and tasks may be added to a folder later; the ones it already holds must keep their definitions.
+    arms = {arm: ARMS[arm] for arm in args.arms}
+    settings = {k: v for k, v in size.items() if k != "seeds"} | {"scene_seeds": SCENE_SEEDS, "arms": arms,
                                                                   "tasks": TASKS}
     settings_file = out / "settings.json"
-    if settings_file.exists() and json.loads(settings_file.read_text()) != json.loads(json.dumps(settings)):
-        raise SystemExit(f"transfer: {out} holds runs made with other settings ({settings_file}); "
-                         "use another --out or delete it")
+    if settings_file.exists():
+        old, new = json.loads(settings_file.read_text()), json.loads(json.dumps(settings))
+        old_arms, new_arms = old.pop("arms"), new.pop("arms")
+        if old != new or any(old_arms[a] != new_arms[a] for a in old_arms.keys() & new_arms.keys()):
+            raise SystemExit(f"transfer: {out} holds runs made with other settings ({settings_file}); "
+                             "use another --out or delete it")
+        settings["arms"] = old_arms | new_arms
     settings_file.write_text(json.dumps(settings, indent=1))
 
     # 1. build -------------------------------------------------------------------------------------
@@ -199,11 +211,11 @@ def main(argv: list[str] | None = None) -> None:
     results: list[dict[str, Any]] = []
     failed: list[str] = []  # runs that stopped (e.g. a non-finite loss): left out of the table, listed below it
     timings["pretrain"] = timings["finetune"] = 0.0
-    n_runs = len(size["seeds"]) * len(ARMS) * len(args.tasks)
+    n_runs = len(size["seeds"]) * len(arms) * len(args.tasks)
     done = 0
     for seed in size["seeds"]:
         # 3. pretrain ------------------------------------------------------------------------------
-        for arm, arm_overrides in ARMS.items():
+        for arm, arm_overrides in arms.items():
             if arm_overrides is None:
                 continue
             run_dir = runs / f"pretrain-{arm}-s{seed}"
@@ -220,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"final loss {losses}", flush=True)
 
         # 4. finetune and test ---------------------------------------------------------------------
-        for arm, arm_overrides in ARMS.items():
+        for arm, arm_overrides in arms.items():
             init = None if arm_overrides is None else runs / f"pretrain-{arm}-s{seed}" / "checkpoint.pt"
             for task in args.tasks:
                 config, task_overrides = TASKS[task]

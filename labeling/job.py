@@ -126,6 +126,11 @@ class ShardLabeler:
                               modality=mod)
             for mod, t in cfg.teachers.items()
         }
+        # One throw-away batch: first-call costs (kernel selection, weight packing, CUDA context) are paid
+        # here, while the actor starts, not on the first shard. The processor resizes to the working resolution,
+        # so every later batch runs the same model shapes but for its batch size.
+        for teacher in self.teachers.values():
+            teacher([torch.zeros(128, 128, 3, dtype=torch.uint8)] * 2)
 
     def describe(self) -> dict:
         """Process id, device and, per output modality, the manifest entry of its teacher."""

@@ -19,8 +19,9 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
@@ -66,20 +67,22 @@ class TeacherNotFoundError(FileNotFoundError):
 # post-processing (pure functions on batches)
 
 
-def resize_to_sizes(maps: torch.Tensor, sizes: list[tuple[int, int]], mode: str) -> list[torch.Tensor]:
-    """Resize maps (B, C, h, w) to per-sample sizes [(H_b, W_b)]; returns B tensors (C, H_b, W_b).
-
-    Samples sharing a target size are resized in one ``F.interpolate`` call.
-    """
-    out: list[torch.Tensor] = [maps.new_empty(0)] * len(sizes)
+def group_by_size(sizes: list[tuple[int, int]], fn: Callable[[list[int], tuple[int, int]], torch.Tensor]
+                  ) -> list[torch.Tensor]:
+    """Call fn(indices, size) -> (n, ...) once per distinct target size; returns one (...) tensor per sample."""
+    out: list[torch.Tensor] = [torch.empty(0)] * len(sizes)
     by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
     for b, size in enumerate(sizes):
         by_size[tuple(size)].append(b)
     for size, idx in by_size.items():
-        resized = F.interpolate(maps[idx], size=size, mode=mode, align_corners=False)  # (n, C, H, W)
-        for b, m in zip(idx, resized):
+        for b, m in zip(idx, fn(idx, size)):
             out[b] = m
     return out
+
+
+def resize_to_sizes(maps: torch.Tensor, sizes: list[tuple[int, int]], mode: str) -> list[torch.Tensor]:
+    """Resize maps (B, C, h, w) to per-sample sizes [(H_b, W_b)]; returns B tensors (C, H_b, W_b)."""
+    return group_by_size(sizes, lambda idx, size: F.interpolate(maps[idx], size=size, mode=mode, align_corners=False))
 
 
 def mask_classification_scores(
@@ -95,6 +98,63 @@ def mask_classification_scores(
     class_probs = class_logits.softmax(dim=-1)[..., :-1]  # (B, Q, K)
     mask_probs = mask_logits.sigmoid()  # (B, Q, h', w')
     return torch.einsum("bqc, bqhw -> bchw", class_probs, mask_probs)  # (B, K, h', w')
+
+
+def bilinear_matrix(in_size: int, out_size: int) -> torch.Tensor:
+    """One axis of ``F.interpolate(mode="bilinear", align_corners=False)`` as an (out, in) matrix: out = M @ x.
+
+    Indices and weights follow PyTorch's kernel (float32 source coordinates, clamped at the borders).
+    """
+    scale = np.float32(in_size) / np.float32(out_size)
+    src = ((torch.arange(out_size, dtype=torch.float32) + 0.5) * float(scale) - 0.5).clamp_(min=0)
+    i0 = src.floor().long().clamp_(max=in_size - 1)
+    i1 = (i0 + 1).clamp_(max=in_size - 1)
+    w1 = (src - i0).clamp_(0, 1)
+    m = torch.zeros(out_size, in_size)
+    rows = torch.arange(out_size)
+    m.index_put_((rows, i0), 1 - w1, accumulate=True)
+    m.index_put_((rows, i1), w1, accumulate=True)
+    return m
+
+
+def two_stage_matrices(in_size: int, mid_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Resize in -> mid -> out with the first stage evaluated only at the mid points the second one reads.
+
+    Returns (first stage restricted to those points, second stage over them; None when it is the identity).
+    """
+    second = bilinear_matrix(mid_size, out_size)
+    needed = second.ne(0).any(dim=0).nonzero()[:, 0]
+    first, second = bilinear_matrix(in_size, mid_size)[needed], second[:, needed]
+    if len(needed) == out_size and torch.equal(second, torch.eye(out_size)):
+        return first, None
+    return first, second
+
+
+def resize_with(x: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
+    """x (..., h, w) -> rows @ x @ cols.T (..., H, W); None skips an axis."""
+    if cols is not None:
+        x = x @ cols.T.to(x.device)
+    return x if rows is None else rows.to(x.device) @ x
+
+
+def mask_classification_scores_at(
+    class_logits: torch.Tensor, mask_logits: torch.Tensor, intermediate_size: tuple[int, int], size: tuple[int, int]
+) -> torch.Tensor:
+    """``mask_classification_scores`` with its intermediate upsampling, then resized to `size` (B, K, H, W).
+
+    Equal to the processor's order (upsample the Q mask logits to the intermediate size, sigmoid, class
+    einsum, bilinear resize to `size`), but the intermediate map is computed only at the points the final
+    resize reads (1/9 of the 384 x 384 grid for a 128 px image) and resizing is done with matrix products;
+    targets that read more than half of the grid take the processor's own path.
+    """
+    (h, w), (mh, mw) = mask_logits.shape[-2:], intermediate_size
+    (rows1, rows2), (cols1, cols2) = two_stage_matrices(h, mh, size[0]), two_stage_matrices(w, mw, size[1])
+    if len(rows1) * len(cols1) > mh * mw // 2:  # large target: most of the grid is read, interpolate is cheaper
+        scores = mask_classification_scores(class_logits, mask_logits, intermediate_size)
+        return F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
+    masks = resize_with(mask_logits, rows1, cols1)  # (B, Q, needed rows, needed cols)
+    scores = torch.einsum("bqc, bqhw -> bchw", class_logits.softmax(dim=-1)[..., :-1], masks.sigmoid())
+    return resize_with(scores, rows2, cols2)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -162,30 +222,37 @@ class Teacher:
             tensors.append(pixel_values)
         return [(indices, torch.cat(tensors)) for indices, tensors in batches.values()]
 
-    def scores(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Model output at the working resolution as float32: depth (n, 1, h, w) or class scores (n, K, h', w')."""
+    def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Model outputs at the working resolution as float32: {"depth": (n, 1, h, w)}, {"logits": (n, K, h, w)}
+        or, for mask classification, {"class_logits": (n, Q, K+1), "mask_logits": (n, Q, h, w)}."""
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             out = self.model(pixel_values=pixel_values.to(self.device))
         if self.kind == "depth":
-            return out.predicted_depth.float().unsqueeze(1)  # (n, 1, h, w)
+            return {"depth": out.predicted_depth.float().unsqueeze(1)}
         if self._universal:
-            return mask_classification_scores(
-                out.class_queries_logits.float(),
-                out.masks_queries_logits.float(),
-                MASK_CLASSIFICATION_INTERMEDIATE[self._model_type],
-            )
-        return out.logits.float()  # (n, K, h, w)
+            return {"class_logits": out.class_queries_logits.float(), "mask_logits": out.masks_queries_logits.float()}
+        return {"logits": out.logits.float()}
 
-    def postprocess(self, scores: torch.Tensor, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
-        """scores from ``scores()`` -> per image depth float32 (H, W) or class ids int64 (H, W) at ``sizes``."""
+    def postprocess(self, out: dict[str, torch.Tensor], sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """outputs of ``forward()`` -> per image depth float32 (H, W) or class ids int64 (H, W) at ``sizes``."""
         if self.kind == "semseg":
+            if "logits" in out:
+                scores = out["logits"]
+            else:
+                intermediate = MASK_CLASSIFICATION_INTERMEDIATE[self._model_type]
+                if intermediate is not None:  # Mask2Former: resized per target size, see mask_classification_scores_at
+                    return [s.max(dim=0).indices for s in group_by_size(
+                        sizes, lambda idx, size: mask_classification_scores_at(
+                            out["class_logits"][idx], out["mask_logits"][idx], intermediate, size))]
+                scores = mask_classification_scores(out["class_logits"], out["mask_logits"], None)
             return [s.argmax(dim=0) for s in resize_to_sizes(scores, sizes, "bilinear")]
+        depth = out["depth"]
         mode = DEPTH_RESIZE_MODE.get(type(self.processor).__name__)
         if mode is not None:
-            return [d[0] for d in resize_to_sizes(scores, sizes, mode)]
+            return [d[0] for d in resize_to_sizes(depth, sizes, mode)]
         # other depth processors (GLPN, ZoeDepth, ...) keep their own post-processing
         results = self.processor.post_process_depth_estimation(
-            DepthEstimatorOutput(predicted_depth=scores[:, 0]), target_sizes=sizes
+            DepthEstimatorOutput(predicted_depth=depth[:, 0]), target_sizes=sizes
         )
         return [r["predicted_depth"].float().reshape(size) for r, size in zip(results, sizes)]
 
@@ -196,7 +263,7 @@ class Teacher:
         outputs: list[torch.Tensor] = [torch.empty(0)] * len(images)
         for indices, pixel_values in self.preprocess(images):
             sizes = [tuple(images[i].shape[:2]) for i in indices]
-            for i, label in zip(indices, self.postprocess(self.scores(pixel_values), sizes)):
+            for i, label in zip(indices, self.postprocess(self.forward(pixel_values), sizes)):
                 outputs[i] = label.cpu()
         return outputs
 

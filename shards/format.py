@@ -79,7 +79,9 @@ def encode_depth(depth: np.ndarray) -> tuple[bytes, list[float]]:
     scale = (hi - lo) if hi > lo else 1.0
     q = np.rint((depth.astype(np.float64) - lo) / scale * DEPTH_LEVELS).astype(np.uint16)
     buf = io.BytesIO()
-    Image.fromarray(q).save(buf, format="PNG")
+    # zlib level 1: depth maps (teacher outputs especially) are noisy in the low bits, so level 6 costs twice
+    # the CPU time for 4 % (teacher depth) to 12 % (smooth ground truth) smaller files
+    Image.fromarray(q).save(buf, format="PNG", compress_level=1)
     return buf.getvalue(), [lo, hi]
 
 

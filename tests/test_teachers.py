@@ -24,7 +24,15 @@ from transformers import (
     SegformerImageProcessorPil,
 )
 
-from labeling.teachers import DEFAULT_TEACHERS, PAPER_TEACHERS, TeacherNotFoundError, load_teacher
+from labeling.teachers import (
+    DEFAULT_TEACHERS,
+    PAPER_TEACHERS,
+    TeacherNotFoundError,
+    bilinear_matrix,
+    load_teacher,
+    mask_classification_scores,
+    mask_classification_scores_at,
+)
 from labeling.train_teachers import EVAL_SEED, depth_metrics, miou, render_scenes
 from shards.synthetic import SEMSEG_CLASSES, render_scene
 
@@ -219,3 +227,22 @@ def test_bad_kind_and_inputs(loaded):
         loaded["dpt"]([torch.zeros(8, 8, 3, dtype=torch.uint8), torch.zeros(8, 8, 3)])
     with pytest.raises(ValueError, match="image 0"):
         loaded["dpt"]([torch.zeros(3, 8, 8, dtype=torch.uint8)])
+
+
+@pytest.mark.parametrize("size", [(128, 128), (96, 72), (37, 61), (1, 1), (224, 300), (500, 640)])
+def test_sampled_mask_classification_scores_equal_dense(size):
+    """Scores evaluated only where the final resize reads == upsample to 384 x 384, then resize (all sizes)."""
+    torch.manual_seed(0)
+    class_logits, mask_logits = torch.randn(2, 16, 10), 4 * torch.randn(2, 16, 32, 24)
+    dense = torch.nn.functional.interpolate(mask_classification_scores(class_logits, mask_logits, (384, 384)),
+                                            size=size, mode="bilinear", align_corners=False)
+    got = mask_classification_scores_at(class_logits, mask_logits, (384, 384), size)
+    torch.testing.assert_close(got, dense, rtol=0, atol=2e-5)
+
+
+def test_bilinear_matrix_equals_interpolate():
+    x = torch.randn(3, 17, 23)
+    for out in (5, 17, 40, 100):
+        got = bilinear_matrix(17, out) @ x @ bilinear_matrix(23, out).T
+        ref = torch.nn.functional.interpolate(x[None], size=(out, out), mode="bilinear", align_corners=False)[0]
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
