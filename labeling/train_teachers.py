@@ -14,7 +14,8 @@ saved folders with ``load_teacher`` (the path real checkpoints take) and writes 
 delta1 after per-image scale-and-shift alignment against the mean-depth baseline, semseg mIoU against the
 majority-class baseline.
 
-    python -m labeling.train_teachers --out labeling/teachers --steps 1200 --semseg-steps 700
+    python -m labeling.train_teachers --only depth --steps 1200 --scenes 1024      # the shipped synthetic-dpt
+    python -m labeling.train_teachers --only semseg --semseg-steps 3000 --scenes 2048   # the shipped synthetic-mask2former
 """
 
 from __future__ import annotations
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "teachers", help="folder for both teachers")
     p.add_argument("--steps", type=int, default=1200, help="optimizer steps per teacher")
     p.add_argument("--depth-steps", type=int, default=None, help="steps for the depth teacher (default --steps)")
-    p.add_argument("--semseg-steps", type=int, default=700, help="steps for the semseg teacher (0: --steps)")
+    p.add_argument("--semseg-steps", type=int, default=3000, help="steps for the semseg teacher (0: --steps)")
     p.add_argument("--only", choices=("depth", "semseg"), help="train one teacher; evaluate both from --out")
     p.add_argument("--scenes", type=int, default=1024, help="training scenes rendered")
     p.add_argument("--eval-scenes", type=int, default=64, help="held-out scenes for the quality report")
