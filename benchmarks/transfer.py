@@ -3,6 +3,8 @@ data transfer better than RGB-only MAE and than no pre-training?
 
     python benchmarks/transfer.py [--out runs/transfer] [--seeds 0 1 2]      # full run, about 1 hour on 2 CPUs
     python benchmarks/transfer.py --quick                                     # smoke check, a few minutes
+    python benchmarks/transfer.py --arms multimae-gt --seeds 0                # ablation: exact labels
+    python benchmarks/transfer.py --finetune-steps 300 --finetune-overrides optim.layer_decay=0.1 --out ...
 
 Stages, each reused when its outputs exist (a killed run picks up where it stopped):
   1. build     three synthetic shard sets with different scene seeds (`multimae-shard build`):
@@ -39,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 # Sizes of the full experiment and of the smoke check. Scene seeds differ per set, so no scene is shared.
 FULL = dict(pretrain_num=1536, finetune_num=320, test_num=256, shard_size=64, image_px=128,
-            pretrain_steps=600, finetune_steps=80, batch_size=32, seeds=[0, 1, 2])
+            pretrain_steps=400, finetune_steps=80, batch_size=32, seeds=[0, 1, 2])
 QUICK = dict(pretrain_num=64, finetune_num=48, test_num=32, shard_size=16, image_px=96,
              pretrain_steps=6, finetune_steps=4, batch_size=8, seeds=[0])
 SCENE_SEEDS = {"pretrain": 100, "finetune": 101, "test": 102}
@@ -157,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pretrain-steps", type=int, help=f"pre-training steps per arm (default {FULL['pretrain_steps']})")
     ap.add_argument("--finetune-steps", type=int, help=f"fine-tuning steps per task (default {FULL['finetune_steps']})")
     ap.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS), help="transfer tasks to run")
+    ap.add_argument("--finetune-overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="config overrides for every fine-tuning run, e.g. optim.blr=5e-3 (recorded in settings)")
     ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=DEFAULT_ARMS,
                     help=f"pre-training arms (default: {' '.join(DEFAULT_ARMS)}; multimae-gt is an ablation)")
     args = ap.parse_args(argv)
@@ -177,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     arms = {arm: ARMS[arm] for arm in args.arms}
     settings = {k: v for k, v in size.items() if k != "seeds"} | {"scene_seeds": SCENE_SEEDS, "arms": arms,
                                                                   "tasks": TASKS}
+    if args.finetune_overrides:
+        settings["finetune_overrides"] = args.finetune_overrides
     settings_file = out / "settings.json"
     if settings_file.exists():
         old, new = json.loads(settings_file.read_text()), json.loads(json.dumps(settings))
@@ -238,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
                 config, task_overrides = TASKS[task]
                 run_dir = runs / f"finetune-{arm}-s{seed}-{task}"
                 test_eval = run_dir / "test" / "eval.json"
-                overrides = task_overrides + common_overrides(size, seed, size["finetune_steps"], args.quick)
+                overrides = (task_overrides + common_overrides(size, seed, size["finetune_steps"], args.quick)
+                             + args.finetune_overrides)
                 t = time.time()
                 if init is not None and not (init.parent / "summary.json").exists():
                     failed.append(f"finetune {arm} seed {seed} {task}: no pre-trained checkpoint")

@@ -161,7 +161,7 @@ def test_actor_killed_mid_shard_is_retried(reference, rgb_set, tmp_path):
     cfg = config(data, shards=["shard-000000", "shard-000001"])
     thread = threading.Thread(target=lambda: result.update(run(cfg, on_event=events.append)))
     thread.start()
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # a loaded 2-core machine starts Ray slowly
     while not any(e["event"] == "actors_ready" for e in events) and time.time() < deadline:
         time.sleep(0.05)
     pid = next(e for e in events if e["event"] == "actors_ready")["actors"][0]["pid"]
