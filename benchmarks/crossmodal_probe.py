@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from labeling.train_teachers import depth_metrics, miou  # noqa: E402
 from multimae.checkpointing import load_checkpoint_file  # noqa: E402
 from multimae.config import from_dict  # noqa: E402
 from multimae.data import batched, eval_samples  # noqa: E402
-from multimae.train import _transform_args, build_model  # noqa: E402
+from multimae.train import _transform_args, build_model, semseg_classes  # noqa: E402
 from shards.format import read_manifest  # noqa: E402
 
 
@@ -34,17 +33,17 @@ from shards.format import read_manifest  # noqa: E402
 def probe(model: torch.nn.Module, batches: list[dict], num_classes: int) -> dict[str, float]:
     """depth δ1/AbsRel (aligned) and semseg mIoU of `model` predicting both from every RGB token."""
     depth_pred, depth_gt, seg_pred, seg_gt = [], [], [], []
+    tokens, _ = model.tokenize({t: batches[0][t] for t in ("rgb", "depth", "semseg")})
+    counts = {t: v.shape[1] for t, v in tokens.items()}  # tokens per task; the same for every batch
     for b in batches:
         x = {"rgb": b["rgb"], "depth": b["depth"], "semseg": b["semseg"]}
-        tokens, _ = model.tokenize(x)
-        masks = {t: torch.full((len(b["rgb"]), v.shape[1]), int(t != "rgb")) for t, v in tokens.items()}
+        masks = {t: torch.full((len(b["rgb"]), n), int(t != "rgb")) for t, n in counts.items()}
         preds, _ = model(x, task_masks=masks)
         depth_pred += list(preds["depth"][:, 0])
         depth_gt += list(b["depth"][:, 0])
-        size = b["semseg_full"].shape[-2:]
-        logits = F.interpolate(preds["semseg"], size=size, mode="bilinear", align_corners=False)
+        logits = F.interpolate(preds["semseg"], size=b["target"].shape[-2:], mode="bilinear", align_corners=False)
         seg_pred += list(logits.argmax(1))
-        seg_gt += list(b["semseg_full"])
+        seg_gt += list(b["target"])
     d = depth_metrics(depth_pred, depth_gt)
     return {"delta1": 100 * d["delta1"], "AbsRel": d["abs_rel"], "mIoU": 100 * miou(seg_pred, seg_gt, num_classes)}
 
@@ -58,18 +57,21 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     manifest = read_manifest(args.shards)
     names = args.shard or [s["name"] for s in manifest["shards"]]
-    num_classes = len(manifest["modalities"]["semseg_gt"]["classes"])
+    num_classes = semseg_classes(manifest, "semseg_gt")
     rows: dict[str, dict[str, float]] = {}
+    data: dict[str, list[dict]] = {}  # decoded batches by transform settings, shared by runs of the same size
     for run in args.runs:
         cfg = from_dict(json.loads((Path(run) / "config.json").read_text()))
         cfg.data.inputs = {"rgb": "rgb", "depth": "depth_gt", "semseg": "semseg_gt"}
-        batches = list(batched(eval_samples(args.shards, names, _transform_args(cfg)), args.batch_size))
-        full = dict(_transform_args(cfg), inputs={"rgb": "rgb"}, target="semseg_gt")  # semseg at full size
-        for b, f in zip(batches, batched(eval_samples(args.shards, names, full), args.batch_size)):
-            b["semseg_full"] = f["target"]
+        # semseg inputs come out at the adapter's 1/4 resolution, the semseg target at full size
+        transform = dict(_transform_args(cfg), target="semseg_gt")
+        key = json.dumps(transform, sort_keys=True)
+        if key not in data:
+            data[key] = list(batched(eval_samples(args.shards, names, transform), args.batch_size))
+        batches = data[key]
         if not rows:  # baselines, on the first run's data
             gts = [d for b in batches for d in b["depth"][:, 0]]
-            segs = [s for b in batches for s in b["semseg_full"]]
+            segs = [s for b in batches for s in b["target"]]
             majority = torch.bincount(torch.cat([s.flatten() for s in segs]), minlength=num_classes).argmax()
             mean = depth_metrics([torch.full_like(g, g.mean().item()) for g in gts], gts, align=False)
             rows["mean depth / majority class"] = {
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.manual_seed(0)
         model = build_model(cfg, manifest).eval()
         rows[f"{Path(run).name} (random init)"] = probe(model, batches, num_classes)
-        state = load_checkpoint_file(os.path.join(run, "checkpoint.pt"))
+        state = load_checkpoint_file(str(Path(run) / "checkpoint.pt"))
         model.load_state_dict(state["model"])
         rows[f"{Path(run).name} (step {state.get('step', '?')})"] = probe(model, batches, num_classes)
     print(f"cross-modal probe on {args.shards} ({len(names)} shards): RGB in, depth and semseg out, no fine-tuning")

@@ -34,23 +34,21 @@ import torch  # noqa: E402
 from labeling.config import LabelConfig, TeacherConfig  # noqa: E402
 from labeling.job import ShardLabeler, decoded_batches, run  # noqa: E402
 from labeling.teachers import DEFAULT_TEACHERS, load_teacher  # noqa: E402
-from shards.format import encode_sample, shard_name, update_manifest  # noqa: E402
+from shards.format import encode_sample, modality_entry, shard_name, update_manifest  # noqa: E402
 from shards.synthetic import render_scene, scene_key  # noqa: E402
 from shards.writer import ShardWriter, tar_path  # noqa: E402
 
 
 def make_input(root: Path, num: int, shard_size: int, size: int) -> list[str]:
-    names = []
+    shards = []
     for s in range(0, num, shard_size):
-        name = shard_name(len(names))
+        name = shard_name(len(shards))
         with ShardWriter(str(root), name, ["rgb"]) as w:
             for i in range(s, min(num, s + shard_size)):
                 w.write(scene_key(3, i), {"rgb": encode_sample("rgb", render_scene(3, i, size=size)["rgb"])})
-        names.append(name)
-    update_manifest(str(root), {"rgb": {"kind": "rgb", "ext": "jpg", "dtype": "uint8", "meaning": "srgb",
-                                        "producer": {}}},
-                    shards=[{"name": n, "count": min(shard_size, num - i * shard_size)} for i, n in enumerate(names)])
-    return names
+        shards.append({"name": name, "count": min(shard_size, num - s)})
+    update_manifest(str(root), {"rgb": modality_entry("rgb", {}, meaning="srgb")}, shards=shards)
+    return [e["name"] for e in shards]
 
 
 def real_size_teachers(folder: Path) -> dict[str, str]:
@@ -154,7 +152,7 @@ def main() -> None:
         names = make_input(work / "data", args.num, args.shard_size, args.size)
         models = real_size_teachers(work / "teachers") if args.real_size else {k: str(v) for k, v in DEFAULT_TEACHERS.items()}
         cfg = LabelConfig(input=str(work / "data"), batch_size=args.batch_size, progress=False,
-                          device=args.device if args.device != "cpu" else "cpu",
+                          device=args.device,
                           actors=1 if args.no_ray else args.actors,
                           teachers={m: TeacherConfig(m, model=models[m], dtype=args.dtype) for m in ("depth", "semseg")})
         threads = 1 if args.device.startswith("cuda") else args.actors

@@ -19,7 +19,6 @@ from typing import Any, Literal
 
 import yaml
 
-TASKS = ("pretrain", "cls", "semseg", "depth")
 
 
 class ConfigError(ValueError):

@@ -138,7 +138,8 @@ class SampleTransform:
         size = self.image_size
         items: list[tuple[str, str, torch.Tensor]] = []  # (output name, kind, tensor (C,H,W))
         for domain, modality in self.inputs.items():
-            items.append((domain, fmt.modality_kind(modality), to_tensor(fmt.modality_kind(modality), sample[modality])))
+            kind = fmt.modality_kind(modality)
+            items.append((domain, kind, to_tensor(kind, sample[modality])))
         if self.target is not None and self.target != "cls":
             kind = fmt.modality_kind(self.target)
             items.append(("target", kind, to_tensor(kind, sample[self.target])))
@@ -189,7 +190,8 @@ def split_shards(manifest: dict, train_shards: list[str] | None, eval_shards: li
     if eval_shards is None:
         eval_shards = names[len(names) - eval_num_shards:] if eval_num_shards > 0 else []
     if train_shards is None:
-        train_shards = [n for n in names if n not in set(eval_shards)]
+        held_out = set(eval_shards)
+        train_shards = [n for n in names if n not in held_out]
     if not train_shards and need_train:
         raise fmt.FormatError("no training shards left after holding out the eval shards")
     return list(train_shards), list(eval_shards)

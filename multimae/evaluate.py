@@ -10,7 +10,6 @@ Metrics are sums kept in tensors, so ranks can add them with one all_reduce:
 
 from __future__ import annotations
 
-import json
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -138,9 +137,10 @@ def evaluate(predict: Callable[[dict[str, Any]], torch.Tensor], batches: Iterabl
         target = batch["target"]
         if task == "depth" and target.dim() == 4:
             target = target[:, 0]  # (B, 1, H, W) -> (B, H, W)
-        metric.update(output if task == "cls" else to_prediction(task, output), target)
+        pred = to_prediction(task, output)
+        metric.update(output if task == "cls" else pred, target)
         if store is not None:
-            store.append(list(batch["__key__"]), to_prediction(task, output), target)
+            store.append(list(batch["__key__"]), pred, target)
     if reduce is not None:
         metric.sums = reduce(metric.sums)
     return metric.compute()
@@ -157,7 +157,3 @@ def format_table(results: dict[str, float]) -> str:
     for k, v in results.items():
         lines.append(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
     return "\n".join(lines)
-
-
-def read_eval(url: str) -> dict[str, Any]:
-    return json.loads(fs.read_bytes(url))

@@ -409,13 +409,12 @@ def _run(cfg: RunConfig, shards_root: str, out_dir: str, d: Dist, *, init: str |
         keys_file = open(os.path.join(out_dir, f"keys-rank{d.rank}.txt"), "a")
 
     def save(step: int) -> None:
-        if d.main:
-            ckpt.save_checkpoint(ckpt_url, model=raw_model, optimizer=optimizer, step=step, config=cfg.to_dict(),
+        if not d.main:
+            return
+        urls = [ckpt_url] + ([fs.join(out_dir, f"checkpoint-{step:08d}.pt")] if cfg.train.keep_checkpoints else [])
+        for url in urls:
+            ckpt.save_checkpoint(url, model=raw_model, optimizer=optimizer, step=step, config=cfg.to_dict(),
                                  scheduler=schedule, data=data_state)
-            if cfg.train.keep_checkpoints:
-                ckpt.save_checkpoint(fs.join(out_dir, f"checkpoint-{step:08d}.pt"), model=raw_model,
-                                     optimizer=optimizer, step=step, config=cfg.to_dict(), scheduler=schedule,
-                                     data=data_state)
 
     end = plan.total_steps if stop_at is None else min(stop_at, plan.total_steps)
     step = start
@@ -577,12 +576,8 @@ def _save_reconstructions(cfg: RunConfig, model: torch.nn.Module, manifest: dict
     from multimae.visualize import save_reconstruction_png
 
     shards = plan.eval_shards or plan.train_shards[:1]
-    samples = []
-    for s in mdata.eval_samples(root, shards, _transform_args(cfg)):
-        samples.append(s)
-        if len(samples) == cfg.log.num_images:
-            break
-    batch = to_device(torch.utils.data.default_collate(samples), device)
+    batch = next(mdata.batched(mdata.eval_samples(root, shards, _transform_args(cfg)), cfg.log.num_images))
+    batch = to_device(batch, device)
     standardize_depth_inputs(batch, cfg)
     was_training = model.training
     model.eval()

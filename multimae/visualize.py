@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from multimae.data import denormalize_rgb  # noqa: E402
+from multimae.data import SEMSEG_STRIDE, denormalize_rgb  # noqa: E402
 
 _PALETTE = np.random.default_rng(0).integers(0, 256, size=(4096, 3)).astype(np.uint8)
 
@@ -54,7 +54,8 @@ def save_reconstruction_png(path: str, batch: dict[str, Any], preds: dict[str, t
     for d in out_domains:
         cols += [(f"{d} pred", "pred", d), (f"{d} target", "target", d)]
     fig, axes = plt.subplots(n, len(cols), figsize=(2.0 * len(cols), 2.0 * n), squeeze=False)
-    size = batch[in_domains[0]].shape[-1] if batch[in_domains[0]].dim() == 4 else batch[in_domains[0]].shape[-1] * 4
+    first = batch[in_domains[0]]  # (B, C, S, S), or (B, S/4, S/4) semseg class ids
+    size = first.shape[-1] * (1 if first.dim() == 4 else SEMSEG_STRIDE)
     grid = (size // patch_size, size // patch_size)
     for i in range(n):
         for j, (title, what, d) in enumerate(cols):

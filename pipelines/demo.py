@@ -61,7 +61,7 @@ class Stage:
     def __call__(self, done: bool, body) -> float:
         print(f"\n=== [{self.number}/5] {self.title}", flush=True)
         if done:
-            print(f"    reusing the finished stage (delete its outputs to redo it)", flush=True)
+            print("    reusing the finished stage (delete its outputs to redo it)", flush=True)
             return 0.0
         start = time.time()
         body(self.log)
