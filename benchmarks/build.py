@@ -49,7 +49,7 @@ def make_image(rng: np.random.Generator, grain: np.ndarray) -> Image.Image:
         (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
     img = img.filter(ImageFilter.BoxBlur(1))
     y0, x0 = int(rng.integers(0, grain.shape[0] - h + 1)), int(rng.integers(0, grain.shape[1] - w + 1))
-    a = np.asarray(img, dtype=np.int16) + grain[y0:y0 + h, x0:x0 + w]  # (H, W, 3)
+    a = np.asarray(img, dtype=np.int16) + grain[y0 : y0 + h, x0 : x0 + w]  # (H, W, 3)
     return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
 
 
@@ -107,8 +107,10 @@ def main() -> None:
     nbytes = make_tree(root, args.num) if not root.exists() else sum(p.stat().st_size for p in root.rglob("*.JPEG"))
     files = sorted(root.rglob("*.JPEG"))
     sizes = [Image.open(f).size for f in files]
-    print(f"tree: {len(files)} JPEGs, {nbytes / 1e6:.1f} MB, mean {np.mean([s[0] for s in sizes]):.0f}x"
-          f"{np.mean([s[1] for s in sizes]):.0f} px (generated in {time.perf_counter() - t0:.1f} s)")
+    print(
+        f"tree: {len(files)} JPEGs, {nbytes / 1e6:.1f} MB, mean {np.mean([s[0] for s in sizes]):.0f}x"
+        f"{np.mean([s[1] for s in sizes]):.0f} px (generated in {time.perf_counter() - t0:.1f} s)"
+    )
 
     naive(files[:10], tmp / "warm_naive")  # warm-up: page cache, imports, allocator
     ours(root, tmp / "warm_ours", num=10)
@@ -122,20 +124,29 @@ def main() -> None:
 
     import webdataset as wds
 
-    stored = [decode_rgb(s["rgb.jpg"]) for s in wds.WebDataset(str(tmp / "ours" / "rgb" / "shard-000000.tar"),
-                                                                shardshuffle=False)]
-    diffs = [np.abs(a.astype(int) - np.asarray(Image.open(tmp / "naive" / f"{i:06d}.jpg")).astype(int)).mean()
-             for i, a in enumerate(stored) if a.shape == np.asarray(Image.open(tmp / "naive" / f"{i:06d}.jpg")).shape]
+    stored = [
+        decode_rgb(s["rgb.jpg"])
+        for s in wds.WebDataset(str(tmp / "ours" / "rgb" / "shard-000000.tar"), shardshuffle=False)
+    ]
+    diffs = [
+        np.abs(a.astype(int) - np.asarray(Image.open(tmp / "naive" / f"{i:06d}.jpg")).astype(int)).mean()
+        for i, a in enumerate(stored)
+        if a.shape == np.asarray(Image.open(tmp / "naive" / f"{i:06d}.jpg")).shape
+    ]
     print(f"naive open->convert->resize->save: {len(files) / t_naive:6.1f} img/s per core ({t_naive:.1f} s)")
     print(f"multimae-shard build (1 worker):   {len(files) / t_ours:6.1f} img/s per core ({t_ours:.1f} s)")
-    print(f"speed-up: {t_naive / t_ours:.2f}x (target >= 1.5x); mean |ours - naive| pixel difference "
-          f"{np.mean(diffs):.2f} / 255 over {len(diffs)} same-size images")
+    print(
+        f"speed-up: {t_naive / t_ours:.2f}x (target >= 1.5x); mean |ours - naive| pixel difference "
+        f"{np.mean(diffs):.2f} / 255 over {len(diffs)} same-size images"
+    )
 
     half = max(1, len(files) // 2)
     rss_half = peak_rss(root, tmp / "rss_half", half)
     rss_full = peak_rss(root, tmp / "rss_full", len(files))
-    print(f"peak RSS of a build process: {rss_half:.0f} MiB at {half} images, {rss_full:.0f} MiB at {len(files)} "
-          f"images (ratio {rss_full / rss_half:.2f})")
+    print(
+        f"peak RSS of a build process: {rss_half:.0f} MiB at {half} images, {rss_full:.0f} MiB at {len(files)} "
+        f"images (ratio {rss_full / rss_half:.2f})"
+    )
     if not args.keep:
         shutil.rmtree(tmp)
 

@@ -75,8 +75,10 @@ def main(argv: list[str] | None = None) -> None:
             majority = torch.bincount(torch.cat([s.flatten() for s in segs]), minlength=num_classes).argmax()
             mean = depth_metrics([torch.full_like(g, g.mean().item()) for g in gts], gts, align=False)
             rows["mean depth / majority class"] = {
-                "delta1": 100 * mean["delta1"], "AbsRel": mean["abs_rel"],
-                "mIoU": 100 * miou([torch.full_like(s, majority) for s in segs], segs, num_classes)}
+                "delta1": 100 * mean["delta1"],
+                "AbsRel": mean["abs_rel"],
+                "mIoU": 100 * miou([torch.full_like(s, majority) for s in segs], segs, num_classes),
+            }
         torch.manual_seed(0)
         model = build_model(cfg, manifest).eval()
         rows[f"{Path(run).name} (random init)"] = probe(model, batches, num_classes)

@@ -53,31 +53,65 @@ def make_input(root: Path, num: int, shard_size: int, size: int) -> list[str]:
 
 def real_size_teachers(folder: Path) -> dict[str, str]:
     """Random-weight DPT-Hybrid (MiDaS) and Mask2Former Swin-S (133 classes) saved in HF format."""
-    from transformers import (DPTConfig, DPTForDepthEstimation, DPTImageProcessor, Mask2FormerConfig,
-                              Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor, SwinConfig)
+    from transformers import (
+        DPTConfig,
+        DPTForDepthEstimation,
+        DPTImageProcessor,
+        Mask2FormerConfig,
+        Mask2FormerForUniversalSegmentation,
+        Mask2FormerImageProcessor,
+        SwinConfig,
+    )
 
     torch.manual_seed(0)
-    dpt = DPTForDepthEstimation(DPTConfig(is_hybrid=True, image_size=384, neck_hidden_sizes=[256, 512, 768, 768],
-                                           reassemble_factors=[1, 1, 1, 0.5], backbone_out_indices=[2, 5, 8, 11]))
+    dpt = DPTForDepthEstimation(
+        DPTConfig(
+            is_hybrid=True,
+            image_size=384,
+            neck_hidden_sizes=[256, 512, 768, 768],
+            reassemble_factors=[1, 1, 1, 0.5],
+            backbone_out_indices=[2, 5, 8, 11],
+        )
+    )
     dpt.save_pretrained(folder / "dpt-hybrid")
-    DPTImageProcessor(size={"height": 384, "width": 384}, keep_aspect_ratio=False, ensure_multiple_of=1,
-                      do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder / "dpt-hybrid")
-    swin = SwinConfig(embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24], window_size=7,
-                      out_features=["stage1", "stage2", "stage3", "stage4"])
-    m2f = Mask2FormerForUniversalSegmentation(Mask2FormerConfig(
-        backbone_config=swin, num_labels=133, id2label={i: f"class{i}" for i in range(133)},
-        label2id={f"class{i}": i for i in range(133)}))
+    DPTImageProcessor(
+        size={"height": 384, "width": 384},
+        keep_aspect_ratio=False,
+        ensure_multiple_of=1,
+        do_normalize=True,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    ).save_pretrained(folder / "dpt-hybrid")
+    swin = SwinConfig(
+        embed_dim=96,
+        depths=[2, 2, 18, 2],
+        num_heads=[3, 6, 12, 24],
+        window_size=7,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    m2f = Mask2FormerForUniversalSegmentation(
+        Mask2FormerConfig(
+            backbone_config=swin,
+            num_labels=133,
+            id2label={i: f"class{i}" for i in range(133)},
+            label2id={f"class{i}": i for i in range(133)},
+        )
+    )
     m2f.save_pretrained(folder / "m2f-swin-s")
-    Mask2FormerImageProcessor(size={"shortest_edge": 384, "longest_edge": 1333}, size_divisor=32, ignore_index=255,
-                              do_reduce_labels=False).save_pretrained(folder / "m2f-swin-s")
+    Mask2FormerImageProcessor(
+        size={"shortest_edge": 384, "longest_edge": 1333}, size_divisor=32, ignore_index=255, do_reduce_labels=False
+    ).save_pretrained(folder / "m2f-swin-s")
     return {"depth": str(folder / "dpt-hybrid"), "semseg": str(folder / "m2f-swin-s")}
 
 
 def _bare_worker(cfg: LabelConfig, names: list[str], device: str, threads: int, barrier, results) -> None:
     torch.set_num_threads(threads)
     teachers = [load_teacher(t.kind, t.model, device=device, dtype=t.dtype) for t in cfg.teachers.values()]
-    batches = [[img for _, img, _ in b] for n in names
-               for b in decoded_batches(tar_path(cfg.input, cfg.rgb, n), cfg.rgb, cfg.batch_size)]
+    batches = [
+        [img for _, img, _ in b]
+        for n in names
+        for b in decoded_batches(tar_path(cfg.input, cfg.rgb, n), cfg.rgb, cfg.batch_size)
+    ]
     for t in teachers:  # warm-up
         t(batches[0])
     sync(device)
@@ -97,8 +131,10 @@ def bare(cfg: LabelConfig, names: list[str], device: str, workers: int, threads:
 
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(workers), ctx.Queue()
-    procs = [ctx.Process(target=_bare_worker, args=(cfg, names[i::workers], device, threads, barrier, results))
-             for i in range(workers)]
+    procs = [
+        ctx.Process(target=_bare_worker, args=(cfg, names[i::workers], device, threads, barrier, results))
+        for i in range(workers)
+    ]
     for p in procs:
         p.start()
     done = [results.get() for _ in procs]
@@ -112,12 +148,17 @@ def naive(cfg: LabelConfig, names: list[str], device: str, limit: int) -> float:
     from PIL import Image
     from transformers import pipeline
 
-    kw = {"device": device, "dtype": {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-        cfg.teachers["depth"].dtype, torch.float32)}
+    kw = {
+        "device": device,
+        "dtype": {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.teachers["depth"].dtype, torch.float32),
+    }
     depth = pipeline("depth-estimation", model=cfg.teachers["depth"].model, **kw)
     seg = pipeline("image-segmentation", model=cfg.teachers["semseg"].model, **kw)
-    images = [Image.fromarray(img.numpy()) for b in decoded_batches(tar_path(cfg.input, cfg.rgb, names[0]), cfg.rgb, 1)
-              for _, img, _ in b][:limit]
+    images = [
+        Image.fromarray(img.numpy())
+        for b in decoded_batches(tar_path(cfg.input, cfg.rgb, names[0]), cfg.rgb, 1)
+        for _, img, _ in b
+    ][:limit]
     depth(images[0]), seg(images[0], subtask="semantic")  # warm-up
     sync(device)
     start = time.perf_counter()
@@ -141,7 +182,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--actors", type=int, default=2, help="CPU actors of the job (the bare baseline runs as many processes)")
+    p.add_argument(
+        "--actors", type=int, default=2, help="CPU actors of the job (the bare baseline runs as many processes)"
+    )
     p.add_argument("--real-size", action="store_true", help="random-weight DPT-Hybrid + Mask2Former Swin-S")
     p.add_argument("--no-ray", action="store_true", help="run the actor's per-shard code in this process")
     p.add_argument("--naive-num", type=int, default=32, help="images for the naive pipeline loop")
@@ -150,11 +193,19 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-label-"))
     try:
         names = make_input(work / "data", args.num, args.shard_size, args.size)
-        models = real_size_teachers(work / "teachers") if args.real_size else {k: str(v) for k, v in DEFAULT_TEACHERS.items()}
-        cfg = LabelConfig(input=str(work / "data"), batch_size=args.batch_size, progress=False,
-                          device=args.device,
-                          actors=1 if args.no_ray else args.actors,
-                          teachers={m: TeacherConfig(m, model=models[m], dtype=args.dtype) for m in ("depth", "semseg")})
+        models = (
+            real_size_teachers(work / "teachers")
+            if args.real_size
+            else {k: str(v) for k, v in DEFAULT_TEACHERS.items()}
+        )
+        cfg = LabelConfig(
+            input=str(work / "data"),
+            batch_size=args.batch_size,
+            progress=False,
+            device=args.device,
+            actors=1 if args.no_ray else args.actors,
+            teachers={m: TeacherConfig(m, model=models[m], dtype=args.dtype) for m in ("depth", "semseg")},
+        )
         threads = 1 if args.device.startswith("cuda") else args.actors
         if args.no_ray:
             cfg.threads_per_actor = threads
@@ -180,8 +231,10 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU x{torch.get_num_threads()}"
-    print(f"device {dev} | teachers {'real-size (random weights)' if args.real_size else 'shipped small'} | "
-          f"{args.num} images {args.size}px | batch {args.batch_size} | {'in-process' if args.no_ray else 'Ray'}")
+    print(
+        f"device {dev} | teachers {'real-size (random weights)' if args.real_size else 'shipped small'} | "
+        f"{args.num} images {args.size}px | batch {args.batch_size} | {'in-process' if args.no_ray else 'Ray'}"
+    )
     print(f"job (end to end)        {job:8.1f} samples/s")
     print(f"bare teacher forwards   {base:8.1f} samples/s   efficiency job/bare = {job / base:.2f}  (target >= 0.85)")
     print(f"naive pipeline loop     {slow:8.1f} samples/s   speedup job/naive   = {job / slow:.1f}x (target >= 3x)")

@@ -28,8 +28,8 @@ import sys
 import time
 
 import numpy as np
-from fsspec.core import url_to_fs
 import torch
+from fsspec.core import url_to_fs
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import InterpolationMode
@@ -51,6 +51,7 @@ PER_SHARD = 100
 
 def make_sample(rng: np.random.Generator, size: int) -> dict[str, np.ndarray]:
     """A grainy smooth colour image, a smooth depth map and blocky segmentation, all (size, size)."""
+
     def smooth(low: np.ndarray) -> np.ndarray:  # (c, c) or (c, c, 3) -> (size, size) or (size, size, 3), bicubic
         return np.asarray(Image.fromarray(low).resize((size, size), Image.BICUBIC))
 
@@ -83,8 +84,10 @@ def generate(out: str, n: int, size: int) -> None:
                 ranges[key] = json.loads(members["depth"]["depth.json"])["depth_range"]
         shards.append({"name": name, "count": min(n, s + PER_SHARD) - s})
     classes = [f"c{i}" for i in range(NUM_CLASSES)]
-    entries = {m: F.modality_entry(m, {"name": "bench"}, meaning="bench", classes=classes if m == "semseg" else None)
-               for m in MODS}
+    entries = {
+        m: F.modality_entry(m, {"name": "bench"}, meaning="bench", classes=classes if m == "semseg" else None)
+        for m in MODS
+    }
     F.update_manifest(shard_root, entries, shards, cls_classes=None)
     with open(os.path.join(folder_root, "depth_ranges.json"), "w") as f:
         json.dump(ranges, f)
@@ -167,8 +170,10 @@ class InMemoryDataset(torch.utils.data.Dataset):
     """The decode-only limit: the folder files' bytes held in memory, decoded the same way."""
 
     def __init__(self, folder: FolderDataset):
-        self.items = [([_read(os.path.join(folder.root, m, f"{k}.{F.EXTENSIONS[m]}")) for m in MODS], folder.ranges[k])
-                      for k in folder.keys]
+        self.items = [
+            ([_read(os.path.join(folder.root, m, f"{k}.{F.EXTENSIONS[m]}")) for m in MODS], folder.ranges[k])
+            for k in folder.keys
+        ]
         self.transform = folder.transform
 
     def __len__(self) -> int:
@@ -195,8 +200,9 @@ def timed_pass(dataset, workers: int, batch: int, shuffle: bool) -> tuple[float,
     Wall time is what a user sees; CPU time per sample is the cost, and barely moves when other
     jobs share the machine.
     """
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, shuffle=shuffle or None,
-                                         persistent_workers=False)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch, num_workers=workers, shuffle=shuffle or None, persistent_workers=False
+    )
     start, cpu, n = time.perf_counter(), cpu_seconds(), 0
     for b in loader:
         n += b["rgb"].shape[0]
@@ -220,7 +226,7 @@ def serve(folder: str, port: int, latency_ms: float) -> None:
             if not (byte_range.startswith("bytes=") and os.path.isfile(path)):
                 return super().send_head()
             size = os.path.getsize(path)
-            first, last = byte_range[len("bytes="):].split("-")
+            first, last = byte_range[len("bytes=") :].split("-")
             start, end = int(first), min(int(last) if last else size - 1, size - 1)
             with open(path, "rb") as f:
                 f.seek(start)
@@ -255,8 +261,10 @@ def http_scenario(out: str, n_shards: int, latency_ms: float, a: argparse.Namesp
                 time.sleep(0.1)
         shards = _shard_dataset(f"{url}/shards", a.crop, shards=[F.shard_name(i) for i in range(n_shards)])
         folder = FolderDataset(f"{url}/folder", JointCrop(a.crop), limit=shards.num_samples)
-        return {"folder http": timed_pass(folder, a.workers, a.batch, True),
-                "shards http": timed_pass(shards, a.workers, a.batch, False)}
+        return {
+            "folder http": timed_pass(folder, a.workers, a.batch, True),
+            "shards http": timed_pass(shards, a.workers, a.batch, False),
+        }
     finally:
         server.terminate()
         server.wait()
@@ -282,8 +290,12 @@ def rss_child(root: str, n_shards: int, crop: int) -> None:
 
 
 def peak_rss(root: str, n_shards: int, crop: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--rss-child", root, str(n_shards), "--crop", str(crop)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, __file__, "--rss-child", root, str(n_shards), "--crop", str(crop)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -299,8 +311,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2, help="timed passes per setting; the best is kept")
     p.add_argument("--out", default="/tmp/multimae_loader_bench")
-    p.add_argument("--http-latency-ms", type=float, default=20.0,
-                   help="per-request latency of the HTTP (object-store-like) scenario; 0 skips it")
+    p.add_argument(
+        "--http-latency-ms",
+        type=float,
+        default=20.0,
+        help="per-request latency of the HTTP (object-store-like) scenario; 0 skips it",
+    )
     p.add_argument("--http-shards", type=int, default=3, help="shards read in the HTTP scenario")
     p.add_argument("--rss-child", nargs=2, metavar=("ROOT", "N_SHARDS"), help=argparse.SUPPRESS)
     p.add_argument("--serve", nargs=3, metavar=("DIR", "PORT", "LATENCY_MS"), help=argparse.SUPPRESS)
@@ -317,21 +333,28 @@ def main() -> None:
         with open(params, "w") as f:
             json.dump({"n": a.n, "size": a.size}, f)
     shard_root, folder_root = os.path.join(a.out, "shards"), os.path.join(a.out, "folder")
-    mib = {k: sum(map(os.path.getsize, all_files(r))) / 2**20
-           for k, r in (("shards", shard_root), ("folder", folder_root))}
-    print(f"data: {a.n} samples at {a.size} px ({mib['shards']:.0f} MiB in {len(all_files(shard_root))} shard files, "
-          f"{mib['folder']:.0f} MiB in {len(all_files(folder_root))} folder files), ready in "
-          f"{time.perf_counter() - t0:.0f} s")
-    print(f"loader: crop {a.crop}, batch {a.batch}, {a.workers} workers, best of {a.repeats} passes; "
-          f"torch {torch.__version__}, {os.cpu_count()} CPUs")
+    mib = {
+        k: sum(map(os.path.getsize, all_files(r))) / 2**20 for k, r in (("shards", shard_root), ("folder", folder_root))
+    }
+    print(
+        f"data: {a.n} samples at {a.size} px ({mib['shards']:.0f} MiB in {len(all_files(shard_root))} shard files, "
+        f"{mib['folder']:.0f} MiB in {len(all_files(folder_root))} folder files), ready in "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
+    print(
+        f"loader: crop {a.crop}, batch {a.batch}, {a.workers} workers, best of {a.repeats} passes; "
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs"
+    )
 
     folder = FolderDataset(folder_root, JointCrop(a.crop))
     shards = _shard_dataset(shard_root, a.crop)
     runs: dict[str, list[tuple[float, float]]] = {}
     for _ in range(a.repeats):  # interleaved, so background load hits every setting alike
         for cache in ("cold", "warm"):
-            for name, ds, root, shuffle in (("folder", folder, folder_root, True),
-                                            ("shards", shards, shard_root, False)):
+            for name, ds, root, shuffle in (
+                ("folder", folder, folder_root, True),
+                ("shards", shards, shard_root, False),
+            ):
                 if cache == "cold":
                     evict(root)
                 runs.setdefault(f"{name} {cache}", []).append(timed_pass(ds, a.workers, a.batch, shuffle))
@@ -351,21 +374,29 @@ def main() -> None:
     for cache in ("cold", "warm", "http"):
         if f"shards {cache}" in rate:
             label = f"{cache} cache" if cache != "http" else f"HTTP {a.http_latency_ms:.0f} ms"
-            print(f"  shards vs folder, {label}:{' ' * (13 - len(label))}"
-                  f"{rate[f'shards {cache}'] / rate[f'folder {cache}']:>8.2f}x"
-                  f"   {cpu[f'folder {cache}'] / cpu[f'shards {cache}']:>7.2f}x")
-    print(f"  shards warm vs decode-only limit: {rate['shards warm'] / rate['decode-only']:>6.2f}x"
-          f"   {cpu['decode-only'] / cpu['shards warm']:>7.2f}x")
+            print(
+                f"  shards vs folder, {label}:{' ' * (13 - len(label))}"
+                f"{rate[f'shards {cache}'] / rate[f'folder {cache}']:>8.2f}x"
+                f"   {cpu[f'folder {cache}'] / cpu[f'shards {cache}']:>7.2f}x"
+            )
+    print(
+        f"  shards warm vs decode-only limit: {rate['shards warm'] / rate['decode-only']:>6.2f}x"
+        f"   {cpu['decode-only'] / cpu['shards warm']:>7.2f}x"
+    )
 
     n_shards = len(F.read_manifest(shard_root)["shards"])
     # both sizes fill the 200-sample shuffle buffer, so only the dataset size differs
     small, large = (peak_rss(shard_root, k, a.crop) for k in (max(3, n_shards // 4), n_shards))
     print("\nRSS of one reader process (0 workers, shuffle buffer 200), start -> peak while iterating:")
     for r in (small, large):
-        print(f"  {r['samples']:>6} samples: {r['start_mib']:.0f} -> {r['peak_mib']:.0f} MiB "
-              f"(+{r['peak_mib'] - r['start_mib']:.0f} MiB)")
-    print(f"  peak ratio {large['peak_mib'] / small['peak_mib']:.2f} for {large['samples'] / small['samples']:.0f}x "
-          "the data")
+        print(
+            f"  {r['samples']:>6} samples: {r['start_mib']:.0f} -> {r['peak_mib']:.0f} MiB "
+            f"(+{r['peak_mib'] - r['start_mib']:.0f} MiB)"
+        )
+    print(
+        f"  peak ratio {large['peak_mib'] / small['peak_mib']:.2f} for {large['samples'] / small['samples']:.0f}x "
+        "the data"
+    )
     print(f"total {time.perf_counter() - t0:.0f} s")
 
 

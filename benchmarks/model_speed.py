@@ -42,14 +42,16 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, reps: int) -> 
         a @ b
         sync(device)
         best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
 def make_batch(b: int, size: int, device: torch.device) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    x = {"rgb": torch.randn(b, 3, size, size, generator=g),
-         "depth": multimae.robust_standardize_depth(torch.rand(b, 1, size, size, generator=g)),
-         "semseg": torch.randint(0, 133, (b, size // 4, size // 4), generator=g)}
+    x = {
+        "rgb": torch.randn(b, 3, size, size, generator=g),
+        "depth": multimae.robust_standardize_depth(torch.rand(b, 1, size, size, generator=g)),
+        "semseg": torch.randint(0, 133, (b, size // 4, size // 4), generator=g),
+    }
     return {k: v.to(device) for k, v in x.items()}
 
 
@@ -61,6 +63,7 @@ def step_fn(model, opt, x, dtype, device, tokens):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
     return step
 
 
@@ -95,8 +98,10 @@ def main() -> None:
     steps = args.steps or (20 if cuda else 4)
     peak = matmul_peak(device, dtype, 8192 if cuda else 1024, 10 if cuda else 5)
     name = torch.cuda.get_device_name(device) if cuda else f"CPU x{torch.get_num_threads()} threads"
-    print(f"device {name}  dtype {args.dtype}  batch {batch}  image {args.image_size}  "
-          f"visible tokens {args.tokens}  torch {torch.__version__}")
+    print(
+        f"device {name}  dtype {args.dtype}  batch {batch}  image {args.image_size}  "
+        f"visible tokens {args.tokens}  torch {torch.__version__}"
+    )
     print(f"matmul peak ({args.dtype}): {peak / 1e12:.3f} TFLOP/s")
 
     for size in args.size.split(","):
@@ -122,8 +127,10 @@ def main() -> None:
         mem = f"  peak mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if cuda else ""
         print(f"multimae-{size}: {flops / 1e9:.1f} GFLOP/step{mem}")
         for label, t in (("SDPA", sdpa), ("explicit softmax", expl)):
-            print(f"  {label:17s} {t * 1e3:9.1f} ms/step  {batch / t:8.1f} img/s  "
-                  f"{flops / t / 1e12:7.3f} TFLOP/s  = {flops / t / peak:6.1%} of matmul peak")
+            print(
+                f"  {label:17s} {t * 1e3:9.1f} ms/step  {batch / t:8.1f} img/s  "
+                f"{flops / t / 1e12:7.3f} TFLOP/s  = {flops / t / peak:6.1%} of matmul peak"
+            )
         print(f"  speed-up SDPA vs explicit softmax: {expl / sdpa:.2f}x")
         del model, opt, run
         if cuda:

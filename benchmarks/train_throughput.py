@@ -35,8 +35,9 @@ def make_data(num: int, size: int) -> str:
     from shards.sources import synthetic_source
 
     out = os.path.join(tempfile.mkdtemp(prefix="train-bench-"), "data")
-    build(synthetic_source(num, size=size), out, shard_size=max(8, num // 8), workers=os.cpu_count() or 1,
-          progress=False)
+    build(
+        synthetic_source(num, size=size), out, shard_size=max(8, num // 8), workers=os.cpu_count() or 1, progress=False
+    )
     return out
 
 
@@ -56,8 +57,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", help="shard set with rgb, depth_gt, semseg_gt (default: build a synthetic one)")
     p.add_argument("--num", type=int, default=256, help="samples of the synthetic set built when --shards is absent")
-    p.add_argument("--size", choices=["tiny", "base"], default="tiny",
-                   help="tiny: pipelines/pretrain-demo.yaml; base: ViT-B/16 at 224 px (the paper's model)")
+    p.add_argument(
+        "--size",
+        choices=["tiny", "base"],
+        default="tiny",
+        help="tiny: pipelines/pretrain-demo.yaml; base: ViT-B/16 at 224 px (the paper's model)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--batch", type=int, default=32)
@@ -66,12 +71,21 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     args = p.parse_args()
 
-    overrides = ["data.inputs={rgb: rgb, depth: depth_gt, semseg: semseg_gt}", f"train.batch_size={args.batch}",
-                 f"data.num_workers={args.workers}", "train.steps=1000000",
-                 f"train.dtype={'bfloat16' if args.dtype == 'bf16' else 'float32'}"]
+    overrides = [
+        "data.inputs={rgb: rgb, depth: depth_gt, semseg: semseg_gt}",
+        f"train.batch_size={args.batch}",
+        f"data.num_workers={args.workers}",
+        "train.steps=1000000",
+        f"train.dtype={'bfloat16' if args.dtype == 'bf16' else 'float32'}",
+    ]
     if args.size == "base":
-        overrides += ["model.name=multimae-base", "model.kwargs={}", "data.image_size=224",
-                      "model.num_encoded_tokens=98", "model.fp32_output_adapters=[semseg]"]
+        overrides += [
+            "model.name=multimae-base",
+            "model.kwargs={}",
+            "data.image_size=224",
+            "model.num_encoded_tokens=98",
+            "model.fp32_output_adapters=[semseg]",
+        ]
     cfg = load_config(os.path.join(ROOT, "pipelines", "pretrain-demo.yaml"), overrides)
     root = args.shards or make_data(args.num, 224 if args.size == "base" else 128)
     manifest = fmt.read_manifest(root)
@@ -96,9 +110,17 @@ def main() -> None:
             torch.cuda.synchronize()
 
     names = [s["name"] for s in manifest["shards"]]
-    loader = mdata.train_loader(root, names, _transform_args(cfg), micro_batch=args.batch,
-                                num_workers=args.workers, shuffle_buffer=cfg.data.shuffle_buffer, seed=0, chunk=0,
-                                rank=0)
+    loader = mdata.train_loader(
+        root,
+        names,
+        _transform_args(cfg),
+        micro_batch=args.batch,
+        num_workers=args.workers,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        seed=0,
+        chunk=0,
+        rank=0,
+    )
     stream = iter(loader)
     fixed = next(stream)
     fixed_dev = to_device(fixed, device)
@@ -111,9 +133,11 @@ def main() -> None:
     full_s = timed_steps(step, stream, args.steps, args.warmup, sync)
     n = args.steps * args.batch
     model_rate, full_rate = n / model_s, n / full_s
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
-          f"model {cfg.model.name} {cfg.data.image_size}px, batch {args.batch}, {args.dtype}, "
-          f"{args.workers} loader workers, {args.steps} timed steps, torch threads {torch.get_num_threads()}")
+    print(
+        f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
+        f"model {cfg.model.name} {cfg.data.image_size}px, batch {args.batch}, {args.dtype}, "
+        f"{args.workers} loader workers, {args.steps} timed steps, torch threads {torch.get_num_threads()}"
+    )
     print(f"model step on an in-memory batch : {model_rate:8.1f} samples/s")
     print(f"full step (shard loader + model) : {full_rate:8.1f} samples/s")
     print(f"ratio full / model               : {full_rate / model_rate:8.3f}  (target >= 0.9)")

@@ -40,10 +40,28 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO))
 
 # Sizes of the full experiment and of the smoke check. Scene seeds differ per set, so no scene is shared.
-FULL = dict(pretrain_num=1536, finetune_num=320, test_num=256, shard_size=64, image_px=128,
-            pretrain_steps=400, finetune_steps=80, batch_size=32, seeds=[0, 1, 2])
-QUICK = dict(pretrain_num=64, finetune_num=48, test_num=32, shard_size=16, image_px=96,
-             pretrain_steps=6, finetune_steps=4, batch_size=8, seeds=[0])
+FULL = dict(
+    pretrain_num=1536,
+    finetune_num=320,
+    test_num=256,
+    shard_size=64,
+    image_px=128,
+    pretrain_steps=400,
+    finetune_steps=80,
+    batch_size=32,
+    seeds=[0, 1, 2],
+)
+QUICK = dict(
+    pretrain_num=64,
+    finetune_num=48,
+    test_num=32,
+    shard_size=16,
+    image_px=96,
+    pretrain_steps=6,
+    finetune_steps=4,
+    batch_size=8,
+    seeds=[0],
+)
 SCENE_SEEDS = {"pretrain": 100, "finetune": 101, "test": 102}
 
 PRETRAIN_CONFIG = "pipelines/pretrain-demo.yaml"
@@ -67,9 +85,13 @@ TASKS: dict[str, tuple[str, list[str]]] = {
     "semseg-rgbd": ("pipelines/finetune-demo-semseg.yaml", ["data.inputs={rgb: rgb, depth: depth_gt}"]),
 }
 # Table columns: (task, metric, header).
-COLUMNS = [("depth", "delta1", "depth δ1 ↑"), ("depth", "AbsRel", "depth AbsRel ↓"),
-           ("semseg", "mIoU", "semseg mIoU ↑"), ("cls", "top1", "cls top-1 ↑"),
-           ("semseg-rgbd", "mIoU", "RGB-D semseg mIoU ↑")]
+COLUMNS = [
+    ("depth", "delta1", "depth δ1 ↑"),
+    ("depth", "AbsRel", "depth AbsRel ↓"),
+    ("semseg", "mIoU", "semseg mIoU ↑"),
+    ("cls", "top1", "cls top-1 ↑"),
+    ("semseg-rgbd", "mIoU", "RGB-D semseg mIoU ↑"),
+]
 
 
 def tool(name: str) -> str:
@@ -91,8 +113,9 @@ def manifest(root: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def train(config: str, overrides: list[str], shards: Path, out: Path, *, init: Path | None = None,
-          eval_only: bool = False) -> dict[str, Any] | None:
+def train(
+    config: str, overrides: list[str], shards: Path, out: Path, *, init: Path | None = None, eval_only: bool = False
+) -> dict[str, Any] | None:
     """One `multimae-train` run through its Python API, its output going to OUT/train.log (or eval.log).
 
     Returns the run's summary, or None when the trainer stopped it (TrainingError: e.g. a non-finite loss).
@@ -104,9 +127,11 @@ def train(config: str, overrides: list[str], shards: Path, out: Path, *, init: P
     out.mkdir(parents=True, exist_ok=True)
     log = out / ("eval.log" if eval_only else "train.log")
     with open(log, "a") as f, contextlib.redirect_stdout(f):
-        print(f"# multimae-train --shards {shards} --config {config} --out {out}"
-              f"{f' --init {init}' if init else ''}{' --eval-only' if eval_only else ''} {' '.join(overrides)}",
-              flush=True)
+        print(
+            f"# multimae-train --shards {shards} --config {config} --out {out}"
+            f"{f' --init {init}' if init else ''}{' --eval-only' if eval_only else ''} {' '.join(overrides)}",
+            flush=True,
+        )
         try:
             return run(cfg, str(shards), str(out), init=str(init) if init else None, eval_only=eval_only)
         except TrainingError as e:
@@ -119,8 +144,14 @@ def train(config: str, overrides: list[str], shards: Path, out: Path, *, init: P
 def common_overrides(size: dict[str, Any], seed: int, steps: int, quick: bool) -> list[str]:
     """The budget every arm shares; a checkpoint every quarter of the run, so a killed run loses little."""
     quarter = max(1, steps // 4)
-    o = [f"train.seed={seed}", f"train.steps={steps}", f"train.warmup_steps={max(1, steps // 10)}",
-         f"train.batch_size={size['batch_size']}", f"train.checkpoint_every={quarter}", f"log.every={quarter}"]
+    o = [
+        f"train.seed={seed}",
+        f"train.steps={steps}",
+        f"train.warmup_steps={max(1, steps // 10)}",
+        f"train.batch_size={size['batch_size']}",
+        f"train.checkpoint_every={quarter}",
+        f"log.every={quarter}",
+    ]
     if quick:
         o += ["data.num_workers=0", "data.shuffle_buffer=16"]
     return o
@@ -134,8 +165,11 @@ def aggregate(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, An
             values = [r["metrics"][metric] for r in results if r["arm"] == arm and r["task"] == task]
             if values:
                 table.setdefault(arm, {})[f"{task}/{metric}"] = {
-                    "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                    "n": len(values), "values": values}
+                    "mean": statistics.fmean(values),
+                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "n": len(values),
+                    "values": values,
+                }
     return table
 
 
@@ -159,14 +193,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pretrain-steps", type=int, help=f"pre-training steps per arm (default {FULL['pretrain_steps']})")
     ap.add_argument("--finetune-steps", type=int, help=f"fine-tuning steps per task (default {FULL['finetune_steps']})")
     ap.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS), help="transfer tasks to run")
-    ap.add_argument("--finetune-overrides", nargs="+", default=[], metavar="KEY=VALUE",
-                    help="config overrides for every fine-tuning run, e.g. optim.blr=5e-3 (recorded in settings)")
-    ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=DEFAULT_ARMS,
-                    help=f"pre-training arms (default: {' '.join(DEFAULT_ARMS)}; multimae-gt is an ablation)")
+    ap.add_argument(
+        "--finetune-overrides",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides for every fine-tuning run, e.g. optim.blr=5e-3 (recorded in settings)",
+    )
+    ap.add_argument(
+        "--arms",
+        nargs="+",
+        choices=list(ARMS),
+        default=DEFAULT_ARMS,
+        help=f"pre-training arms (default: {' '.join(DEFAULT_ARMS)}; multimae-gt is an ablation)",
+    )
     args = ap.parse_args(argv)
     size = dict(QUICK if args.quick else FULL)
-    for key, value in (("seeds", args.seeds), ("pretrain_steps", args.pretrain_steps),
-                       ("finetune_steps", args.finetune_steps)):
+    for key, value in (
+        ("seeds", args.seeds),
+        ("pretrain_steps", args.pretrain_steps),
+        ("finetune_steps", args.finetune_steps),
+    ):
         if value is not None:
             size[key] = value
     out = Path(args.out).resolve()
@@ -179,8 +226,11 @@ def main(argv: list[str] | None = None) -> None:
     # Runs are reused by directory name, so their settings must not change under them.
     # Arms and tasks may be added to a folder later; the ones it already holds must keep their definitions.
     arms = {arm: ARMS[arm] for arm in args.arms}
-    settings = {k: v for k, v in size.items() if k != "seeds"} | {"scene_seeds": SCENE_SEEDS, "arms": arms,
-                                                                  "tasks": TASKS}
+    settings = {k: v for k, v in size.items() if k != "seeds"} | {
+        "scene_seeds": SCENE_SEEDS,
+        "arms": arms,
+        "tasks": TASKS,
+    }
     if args.finetune_overrides:
         settings["finetune_overrides"] = args.finetune_overrides
     settings_file = out / "settings.json"
@@ -188,8 +238,9 @@ def main(argv: list[str] | None = None) -> None:
         old, new = json.loads(settings_file.read_text()), json.loads(json.dumps(settings))
         old_arms, new_arms = old.pop("arms"), new.pop("arms")
         if old != new or any(old_arms[a] != new_arms[a] for a in old_arms.keys() & new_arms.keys()):
-            raise SystemExit(f"transfer: {out} holds runs made with other settings ({settings_file}); "
-                             "use another --out or delete it")
+            raise SystemExit(
+                f"transfer: {out} holds runs made with other settings ({settings_file}); use another --out or delete it"
+            )
         settings["arms"] = old_arms | new_arms
     settings_file.write_text(json.dumps(settings, indent=1))
 
@@ -198,17 +249,37 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("pretrain", "finetune", "test"):
         root = data / name
         if manifest(root) is None:
-            run_cli([tool("multimae-shard"), "build", "--src", "synthetic", "--out", str(root),
-                     "--num", str(size[f"{name}_num"]), "--size", str(size["image_px"]),
-                     "--shard-size", str(size["shard_size"]), "--seed", str(SCENE_SEEDS[name]), "--workers", "2",
-                     "--no-progress"], logs / "build.log")
+            run_cli(
+                [
+                    tool("multimae-shard"),
+                    "build",
+                    "--src",
+                    "synthetic",
+                    "--out",
+                    str(root),
+                    "--num",
+                    str(size[f"{name}_num"]),
+                    "--size",
+                    str(size["image_px"]),
+                    "--shard-size",
+                    str(size["shard_size"]),
+                    "--seed",
+                    str(SCENE_SEEDS[name]),
+                    "--workers",
+                    "2",
+                    "--no-progress",
+                ],
+                logs / "build.log",
+            )
     timings["build"] = time.time() - t
 
     # 2. label -------------------------------------------------------------------------------------
     t = time.time()
     if not {"depth", "semseg"} <= set(manifest(data / "pretrain")["modalities"]):
-        run_cli([tool("multimae-label"), "pipelines/pseudolabel.yaml", f"input={data / 'pretrain'}",
-                 "progress=false"], logs / "label.log")
+        run_cli(
+            [tool("multimae-label"), "pipelines/pseudolabel.yaml", f"input={data / 'pretrain'}", "progress=false"],
+            logs / "label.log",
+        )
     timings["label"] = time.time() - t
 
     test_shards = [s["name"] for s in manifest(data / "test")["shards"]]
@@ -234,8 +305,11 @@ def main(argv: list[str] | None = None) -> None:
                     failed.append(f"pretrain {arm} seed {seed}: see {run_dir / 'train.log'}")
                     continue
                 losses = " ".join(f"{k[5:]} {v:.3f}" for k, v in s.items() if k.startswith("loss/"))
-                print(f"pretrain {arm:8s} seed {seed}: {s['steps']} steps in {time.time() - t:.0f} s, "
-                      f"final loss {losses}", flush=True)
+                print(
+                    f"pretrain {arm:8s} seed {seed}: {s['steps']} steps in {time.time() - t:.0f} s, "
+                    f"final loss {losses}",
+                    flush=True,
+                )
 
         # 4. finetune and test ---------------------------------------------------------------------
         for arm, arm_overrides in arms.items():
@@ -244,16 +318,28 @@ def main(argv: list[str] | None = None) -> None:
                 config, task_overrides = TASKS[task]
                 run_dir = runs / f"finetune-{arm}-s{seed}-{task}"
                 test_eval = run_dir / "test" / "eval.json"
-                overrides = (task_overrides + common_overrides(size, seed, size["finetune_steps"], args.quick)
-                             + args.finetune_overrides)
+                overrides = (
+                    task_overrides
+                    + common_overrides(size, seed, size["finetune_steps"], args.quick)
+                    + args.finetune_overrides
+                )
                 t = time.time()
                 if init is not None and not (init.parent / "summary.json").exists():
                     failed.append(f"finetune {arm} seed {seed} {task}: no pre-trained checkpoint")
                     continue
                 if not test_eval.exists():
-                    ok = train(config, overrides + ft_eval, data / "finetune", run_dir, init=init) is not None and \
-                        train(config, overrides + test_overrides, data / "test", run_dir / "test",
-                              init=run_dir / "checkpoint.pt", eval_only=True) is not None
+                    ok = (
+                        train(config, overrides + ft_eval, data / "finetune", run_dir, init=init) is not None
+                        and train(
+                            config,
+                            overrides + test_overrides,
+                            data / "test",
+                            run_dir / "test",
+                            init=run_dir / "checkpoint.pt",
+                            eval_only=True,
+                        )
+                        is not None
+                    )
                     timings["finetune"] += time.time() - t
                     if not ok:
                         failed.append(f"finetune {arm} seed {seed} {task}: see the logs in {run_dir}")
@@ -262,25 +348,41 @@ def main(argv: list[str] | None = None) -> None:
                 results.append({"arm": arm, "seed": seed, "task": task, "metrics": metrics, "run": str(run_dir)})
                 done += 1
                 shown = " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float))
-                print(f"[{done}/{n_runs}] {arm:8s} seed {seed} {task:11s} test: {shown} ({time.time() - t:.0f} s)",
-                      flush=True)
+                print(
+                    f"[{done}/{n_runs}] {arm:8s} seed {seed} {task:11s} test: {shown} ({time.time() - t:.0f} s)",
+                    flush=True,
+                )
 
     # 5. report ------------------------------------------------------------------------------------
     table = aggregate(results)
     wall = time.time() - t_start
     timings = {k: round(v, 1) for k, v in timings.items()}
-    header = (f"Transfer to held-out synthetic scenes ({size['test_num']} test scenes), mean ± std over seeds "
-              f"{size['seeds']}; pre-training {size['pretrain_steps']} steps, fine-tuning {size['finetune_steps']} "
-              f"steps per task, batch {size['batch_size']}.")
+    header = (
+        f"Transfer to held-out synthetic scenes ({size['test_num']} test scenes), mean ± std over seeds "
+        f"{size['seeds']}; pre-training {size['pretrain_steps']} steps, fine-tuning {size['finetune_steps']} "
+        f"steps per task, batch {size['batch_size']}."
+    )
     failures = "".join(f"\nfailed: {f}" for f in failed)
     text = f"{header}\n\n{markdown_table(table)}\n{failures}\nstage seconds (this invocation): {timings}\n"
     (out / "transfer.md").write_text(text)
-    (out / "transfer.json").write_text(json.dumps(
-        {"settings": settings, "seeds": size["seeds"], "table": table, "runs": results, "failed": failed,
-         "stage_seconds": timings, "wall_seconds": round(wall, 1)}, indent=1))
+    (out / "transfer.json").write_text(
+        json.dumps(
+            {
+                "settings": settings,
+                "seeds": size["seeds"],
+                "table": table,
+                "runs": results,
+                "failed": failed,
+                "stage_seconds": timings,
+                "wall_seconds": round(wall, 1),
+            },
+            indent=1,
+        )
+    )
     print(f"\n{text}total {wall:.0f} s; written: {out / 'transfer.md'}, {out / 'transfer.json'}", flush=True)
     if failed:
         raise SystemExit(1)
+
 
 if __name__ == "__main__":
     main()

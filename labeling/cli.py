@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="multimae-label",
         description="Pseudo-label an RGB shard set with depth / semseg teachers on Ray.",
         epilog="example: multimae-label pipelines/pseudolabel.yaml input=demo_out/data batch_size=8 "
-               "teachers.depth.model=Intel/dpt-hybrid-midas")
+        "teachers.depth.model=Intel/dpt-hybrid-midas",
+    )
     parser.add_argument("config", help="YAML file: a Ray cluster config with a metadata: section, or plain settings")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of the settings")
     parser.add_argument("--summary-json", metavar="PATH", help="also write the summary as JSON here")

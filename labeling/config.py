@@ -33,35 +33,36 @@ class ConfigError(ValueError):
 
 @dataclass
 class TeacherConfig:
-    kind: str                                   # "depth" | "semseg"
-    model: str = "default"                      # local path, Hugging Face id in the local cache, or "default"
-    resolution: int | list[int] | None = None   # working resolution; None = the model processor's own
-    dtype: str | None = None                    # None = bfloat16 on GPU, float32 on CPU
+    kind: str  # "depth" | "semseg"
+    model: str = "default"  # local path, Hugging Face id in the local cache, or "default"
+    resolution: int | list[int] | None = None  # working resolution; None = the model processor's own
+    dtype: str | None = None  # None = bfloat16 on GPU, float32 on CPU
 
 
 @dataclass
 class RayConfig:
-    address: str | None = None      # None: RAY_ADDRESS or a running `ray start` cluster, else a new local
-                                    # instance; "local": always a new one; "auto" / "host:port": must exist
-    num_cpus: int | None = None     # CPUs of a newly started local instance (None = all)
+    address: str | None = None  # None: RAY_ADDRESS or a running `ray start` cluster, else a new local
+    # instance; "local": always a new one; "auto" / "host:port": must exist
+    num_cpus: int | None = None  # CPUs of a newly started local instance (None = all)
 
 
 @dataclass
 class LabelConfig:
-    input: str = "demo_out/data"            # shard set root holding manifest.json and <rgb>/shard-*.tar
-    output: str | None = None               # root for the new modalities; None = same as input
-    rgb: str = "rgb"                        # input modality
-    teachers: dict[str, TeacherConfig] = field(default_factory=lambda: {
-        "depth": TeacherConfig("depth"), "semseg": TeacherConfig("semseg")})  # output modality -> teacher
-    shards: list[str] | None = None         # subset of shard names; None = all in the manifest
-    batch_size: int = 16                    # images per teacher forward pass
-    device: str = "auto"                    # auto = cuda when the cluster has GPUs
-    actors: int = 2                         # CPU: teacher actors (GPU: one per GPU, this is ignored)
-    cpus_per_actor: float = 1.0             # Ray CPU resource per actor
-    threads_per_actor: int = 1              # torch intra-op threads per CPU actor (fixed for determinism)
-    prefetch: int = 2                       # decoded batches queued ahead of inference (bounded memory)
-    max_retries: int = 2                    # re-runs of a shard whose actor crashed
-    progress: bool = True                   # print a line per finished shard
+    input: str = "demo_out/data"  # shard set root holding manifest.json and <rgb>/shard-*.tar
+    output: str | None = None  # root for the new modalities; None = same as input
+    rgb: str = "rgb"  # input modality
+    teachers: dict[str, TeacherConfig] = field(
+        default_factory=lambda: {"depth": TeacherConfig("depth"), "semseg": TeacherConfig("semseg")}
+    )  # output modality -> teacher
+    shards: list[str] | None = None  # subset of shard names; None = all in the manifest
+    batch_size: int = 16  # images per teacher forward pass
+    device: str = "auto"  # auto = cuda when the cluster has GPUs
+    actors: int = 2  # CPU: teacher actors (GPU: one per GPU, this is ignored)
+    cpus_per_actor: float = 1.0  # Ray CPU resource per actor
+    threads_per_actor: int = 1  # torch intra-op threads per CPU actor (fixed for determinism)
+    prefetch: int = 2  # decoded batches queued ahead of inference (bounded memory)
+    max_retries: int = 2  # re-runs of a shard whose actor crashed
+    progress: bool = True  # print a line per finished shard
     ray: RayConfig = field(default_factory=RayConfig)
 
     @property
@@ -115,7 +116,9 @@ def _build(cls: type, data: Any, where: str) -> Any:
 def _convert(cls: type, key: str, value: Any, where: str) -> Any:
     if cls is LabelConfig and key == "teachers":
         if not isinstance(value, dict) or not value:
-            raise ConfigError(f"{where}: expected a mapping of output modality -> teacher, e.g. {{depth: {{kind: depth}}}}")
+            raise ConfigError(
+                f"{where}: expected a mapping of output modality -> teacher, e.g. {{depth: {{kind: depth}}}}"
+            )
         teachers = {}
         for mod, spec in value.items():
             if spec is None:  # `teachers.semseg=null` drops a teacher
@@ -180,15 +183,19 @@ def resolve_model(teacher: TeacherConfig) -> str:
 def _check_weights(model: str, where: str) -> None:
     if os.path.exists(model):
         if not os.path.isfile(os.path.join(model, "config.json")):
-            raise ConfigError(f"{where}: {model} has no config.json: not a save_pretrained folder of a transformers model")
+            raise ConfigError(
+                f"{where}: {model} has no config.json: not a save_pretrained folder of a transformers model"
+            )
         return
     if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model) and not model.startswith("."):
         from huggingface_hub import try_to_load_from_cache
 
         if isinstance(try_to_load_from_cache(model, "config.json"), str):
             return
-        raise ConfigError(f"{where}: weights of {model!r} are not in the local Hugging Face cache; download them "
-                          f"beforehand (`hf download {model}`) or give a local path")
+        raise ConfigError(
+            f"{where}: weights of {model!r} are not in the local Hugging Face cache; download them "
+            f"beforehand (`hf download {model}`) or give a local path"
+        )
     raise ConfigError(f"{where}: weights folder {model} not found")
 
 
@@ -239,9 +246,12 @@ def check_input_shards(cfg: LabelConfig, where: str = "") -> None:
     try:
         entries = input_shards(cfg)
     except FormatError as e:
-        raise ConfigError(f"{_key(where, 'input')}: {e} (make one with `multimae-shard build --src synthetic --out "
-                          f"{cfg.input}`)") from None
+        raise ConfigError(
+            f"{_key(where, 'input')}: {e} (make one with `multimae-shard build --src synthetic --out {cfg.input}`)"
+        ) from None
     for e in entries:
         if not shard_is_complete(cfg.input, cfg.rgb, e["name"]):
-            raise ConfigError(f"{_key(where, 'input')}: shard {fs.join(cfg.input, cfg.rgb, e['name'] + '.tar')} is missing or "
-                              f"incomplete (no stats json)")
+            raise ConfigError(
+                f"{_key(where, 'input')}: shard {fs.join(cfg.input, cfg.rgb, e['name'] + '.tar')} is missing or "
+                f"incomplete (no stats json)"
+            )

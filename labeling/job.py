@@ -24,8 +24,9 @@ import tarfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -122,8 +123,9 @@ class ShardLabeler:
         torch.manual_seed(0)
         self.cfg, self.device = cfg, device
         self.teachers = {
-            mod: load_teacher(t.kind, resolve_model(t), device=device, dtype=t.dtype, resolution=t.resolution,
-                              modality=mod)
+            mod: load_teacher(
+                t.kind, resolve_model(t), device=device, dtype=t.dtype, resolution=t.resolution, modality=mod
+            )
             for mod, t in cfg.teachers.items()
         }
         # One throw-away batch: first-call costs (kernel selection, weight packing, CUDA context) are paid
@@ -134,9 +136,12 @@ class ShardLabeler:
 
     def describe(self) -> dict:
         """Process id, device and, per output modality, the manifest entry of its teacher."""
-        entries = {mod: modality_entry(mod, t.producer, meaning=t.meaning if t.kind == "depth" else "class_ids",
-                                       classes=t.classes)
-                   for mod, t in self.teachers.items()}
+        entries = {
+            mod: modality_entry(
+                mod, t.producer, meaning=t.meaning if t.kind == "depth" else "class_ids", classes=t.classes
+            )
+            for mod, t in self.teachers.items()
+        }
         return {"pid": os.getpid(), "device": self.device, "modalities": entries}
 
     def _label(self, mods: list[str], images: list[torch.Tensor]) -> tuple[dict[str, list], dict[int, str]]:
@@ -161,11 +166,12 @@ class ShardLabeler:
         n = len(teacher.classes) if teacher.classes is not None else None
         return encode_sample(mod, value.cpu().numpy(), num_classes=n)
 
-    def _write(self, writers: dict[str, ShardWriter], batch: list[Sample], outputs: dict[str, list],
-               failed: dict[int, str]) -> None:
+    def _write(
+        self, writers: dict[str, ShardWriter], batch: list[Sample], outputs: dict[str, list], failed: dict[int, str]
+    ) -> None:
         """Encode and write one labeled batch in key order; failures are skipped in every modality."""
         j = 0  # index into the teachers' outputs (decoded samples only)
-        for key, img, error in batch:
+        for key, _, error in batch:
             if error is None:
                 error = failed.get(j)
                 if error is None:
@@ -214,8 +220,14 @@ class ShardLabeler:
             raise
         finally:
             encoder.shutdown()
-        return {"shard": name, "modalities": list(modalities), "count": stats[0]["count"],
-                "skipped": stats[0]["skipped"], "duration_s": round(time.time() - start, 3), "pid": os.getpid()}
+        return {
+            "shard": name,
+            "modalities": list(modalities),
+            "count": stats[0]["count"],
+            "skipped": stats[0]["skipped"],
+            "duration_s": round(time.time() - start, 3),
+            "pid": os.getpid(),
+        }
 
 
 # --- the driver -----------------------------------------------------------------------------------
@@ -258,8 +270,8 @@ def _start_actors(cfg: LabelConfig) -> tuple[list, list[dict]]:
         raise ConfigError("device: cuda requested but the Ray cluster has no GPU")
     n = gpus if device == "cuda" else cfg.actors
     actor_cls = ray.remote(ShardLabeler).options(
-        num_cpus=cfg.cpus_per_actor, num_gpus=1 if device == "cuda" else 0,
-        max_restarts=-1, max_task_retries=0)  # restarts are unbounded; shard retries are bounded below
+        num_cpus=cfg.cpus_per_actor, num_gpus=1 if device == "cuda" else 0, max_restarts=-1, max_task_retries=0
+    )  # restarts are unbounded; shard retries are bounded below
     actors = [actor_cls.remote(cfg, device) for _ in range(n)]
     try:
         infos = ray.get([a.describe.remote() for a in actors])
@@ -285,9 +297,11 @@ def _check_producers(cfg: LabelConfig, entries: list[dict], todo: dict, info: di
                 continue
             old = fs.read_json(stats_path(cfg.output_root, mod, e["name"])).get("producer")
             if not _same_producer(old, entry["producer"]):
-                raise ConfigError(f"teachers.{mod}: {stats_path(cfg.output_root, mod, e['name'])} was produced by "
-                                  f"{old}, not by the configured teacher {entry['producer']}: label into another "
-                                  f"output modality name or delete {fs.join(cfg.output_root, mod)}")
+                raise ConfigError(
+                    f"teachers.{mod}: {stats_path(cfg.output_root, mod, e['name'])} was produced by "
+                    f"{old}, not by the configured teacher {entry['producer']}: label into another "
+                    f"output modality name or delete {fs.join(cfg.output_root, mod)}"
+                )
 
 
 def print_event(event: Event) -> None:
@@ -295,22 +309,35 @@ def print_event(event: Event) -> None:
     kind = event["event"]
     if kind == "shard_done":
         eta = event["eta_s"]
-        print(f"[multimae-label] shards {event['done']}/{event['total']} | samples {event['samples']}/"
-              f"{event['samples_total']} | {event['rate']:.1f} samples/s | ETA "
-              f"{'?' if eta is None else time.strftime('%H:%M:%S', time.gmtime(eta))} | {event['shard']}: "
-              f"{event['count']} labeled, {len(event['skipped'])} skipped", file=sys.stderr, flush=True)
+        print(
+            f"[multimae-label] shards {event['done']}/{event['total']} | samples {event['samples']}/"
+            f"{event['samples_total']} | {event['rate']:.1f} samples/s | ETA "
+            f"{'?' if eta is None else time.strftime('%H:%M:%S', time.gmtime(eta))} | {event['shard']}: "
+            f"{event['count']} labeled, {len(event['skipped'])} skipped",
+            file=sys.stderr,
+            flush=True,
+        )
     elif kind == "shard_retry":
-        print(f"[multimae-label] {event['shard']}: actor died ({event['error']}); retry "
-              f"{event['attempt']}/{event['max_retries']}", file=sys.stderr, flush=True)
+        print(
+            f"[multimae-label] {event['shard']}: actor died ({event['error']}); retry "
+            f"{event['attempt']}/{event['max_retries']}",
+            file=sys.stderr,
+            flush=True,
+        )
     elif kind == "shard_failed":
         print(f"[multimae-label] {event['shard']}: FAILED: {event['error']}", file=sys.stderr, flush=True)
     elif kind == "actors_ready":
-        print(f"[multimae-label] {len(event['actors'])} teacher actor(s) on {event['actors'][0]['device']}; "
-              f"{event['todo']} shard(s) to label, {event['already']} already complete", file=sys.stderr, flush=True)
+        print(
+            f"[multimae-label] {len(event['actors'])} teacher actor(s) on {event['actors'][0]['device']}; "
+            f"{event['todo']} shard(s) to label, {event['already']} already complete",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
-def _dispatch(cfg: LabelConfig, actors: list, todo: dict[str, list[str]], counts: dict[str, int],
-              emit: Callable[[Event], None]) -> tuple[list[dict], dict[str, str], int]:
+def _dispatch(
+    cfg: LabelConfig, actors: list, todo: dict[str, list[str]], counts: dict[str, int], emit: Callable[[Event], None]
+) -> tuple[list[dict], dict[str, str], int]:
     """Feed shards to idle actors, one in flight per actor; retry (bounded) shards whose actor died.
 
     A dead actor is restarted by Ray; it gets work again only once a `describe` ping answers.
@@ -353,8 +380,15 @@ def _dispatch(cfg: LabelConfig, actors: list, todo: dict[str, list[str]], counts
                 if attempts[name] <= cfg.max_retries:
                     retries += 1
                     queue_.appendleft(name)
-                    emit({"event": "shard_retry", "shard": name, "attempt": attempts[name],
-                          "max_retries": cfg.max_retries, "error": error})
+                    emit(
+                        {
+                            "event": "shard_retry",
+                            "shard": name,
+                            "attempt": attempts[name],
+                            "max_retries": cfg.max_retries,
+                            "error": error,
+                        }
+                    )
                 else:
                     failed[name] = f"actor died {attempts[name]} times: {error}"
                     emit({"event": "shard_failed", "shard": name, "error": failed[name]})
@@ -374,8 +408,18 @@ def _dispatch(cfg: LabelConfig, actors: list, todo: dict[str, list[str]], counts
             elapsed = time.time() - start
             rate = samples / elapsed if elapsed > 0 else 0.0
             left = samples_total - samples
-            emit({"event": "shard_done", **res, "done": len(results), "total": len(todo), "samples": samples,
-                  "samples_total": samples_total, "rate": rate, "eta_s": left / rate if rate > 0 else None})
+            emit(
+                {
+                    "event": "shard_done",
+                    **res,
+                    "done": len(results),
+                    "total": len(todo),
+                    "samples": samples,
+                    "samples_total": samples_total,
+                    "rate": rate,
+                    "eta_s": left / rate if rate > 0 else None,
+                }
+            )
     return results, failed, retries
 
 
@@ -388,10 +432,20 @@ def run(cfg: LabelConfig, on_event: Callable[[Event], None] | None = None) -> di
     counts = {e["name"]: e["count"] for e in entries}
     manifest_mods = read_manifest(out)["modalities"] if fs.exists(fs.join(out, "manifest.json")) else {}
     summary: dict[str, Any] = {
-        "input": cfg.input, "output": out, "modalities": list(cfg.teachers), "shards_total": len(entries),
-        "shards_already_complete": len(entries) - len(todo), "shards_labeled": 0, "shards_failed": {},
-        "samples_labeled": 0, "samples_skipped": [], "retries": 0, "actors": 0, "device": None,
-        "manifest_updated": False}
+        "input": cfg.input,
+        "output": out,
+        "modalities": list(cfg.teachers),
+        "shards_total": len(entries),
+        "shards_already_complete": len(entries) - len(todo),
+        "shards_labeled": 0,
+        "shards_failed": {},
+        "samples_labeled": 0,
+        "samples_skipped": [],
+        "retries": 0,
+        "actors": 0,
+        "device": None,
+        "manifest_updated": False,
+    }
     if not todo and all(m in manifest_mods for m in cfg.teachers):
         summary["duration_s"] = round(time.time() - start, 3)
         summary["samples_per_s"] = 0.0
@@ -406,8 +460,14 @@ def run(cfg: LabelConfig, on_event: Callable[[Event], None] | None = None) -> di
     try:
         actors, infos = _start_actors(cfg)
         _check_producers(cfg, entries, todo, infos[0])
-        emit({"event": "actors_ready", "actors": [{"pid": i["pid"], "device": i["device"]} for i in infos],
-              "todo": len(todo), "already": len(entries) - len(todo)})
+        emit(
+            {
+                "event": "actors_ready",
+                "actors": [{"pid": i["pid"], "device": i["device"]} for i in infos],
+                "todo": len(todo),
+                "already": len(entries) - len(todo),
+            }
+        )
         label_start = time.time()
         results, failed, retries = _dispatch(cfg, actors, todo, counts, emit)
         label_s = time.time() - label_start
@@ -422,13 +482,23 @@ def run(cfg: LabelConfig, on_event: Callable[[Event], None] | None = None) -> di
         shards = None if out == cfg.input else read_manifest(cfg.input)["shards"]
         update_manifest(out, infos[0]["modalities"], shards=shards)
     labeled = sum(r["count"] for r in results)
-    summary.update({
-        "shards_labeled": len(results), "shards_failed": failed, "samples_labeled": labeled,
-        "samples_skipped": [dict(s, shard=r["shard"]) for r in results for s in r["skipped"]],
-        "retries": retries, "actors": len(infos), "device": infos[0]["device"],
-        "manifest_updated": complete and not failed, "labeling_s": round(label_s, 3),
-        "samples_per_s": round((labeled + sum(len(r["skipped"]) for r in results)) / label_s, 2) if label_s else 0.0,
-        "duration_s": round(time.time() - start, 3)})
+    summary.update(
+        {
+            "shards_labeled": len(results),
+            "shards_failed": failed,
+            "samples_labeled": labeled,
+            "samples_skipped": [dict(s, shard=r["shard"]) for r in results for s in r["skipped"]],
+            "retries": retries,
+            "actors": len(infos),
+            "device": infos[0]["device"],
+            "manifest_updated": complete and not failed,
+            "labeling_s": round(label_s, 3),
+            "samples_per_s": round((labeled + sum(len(r["skipped"]) for r in results)) / label_s, 2)
+            if label_s
+            else 0.0,
+            "duration_s": round(time.time() - start, 3),
+        }
+    )
     return summary
 
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,8 +68,9 @@ class TeacherNotFoundError(FileNotFoundError):
 # post-processing (pure functions on batches)
 
 
-def group_by_size(sizes: list[tuple[int, int]], fn: Callable[[list[int], tuple[int, int]], torch.Tensor]
-                  ) -> list[torch.Tensor]:
+def group_by_size(
+    sizes: list[tuple[int, int]], fn: Callable[[list[int], tuple[int, int]], torch.Tensor]
+) -> list[torch.Tensor]:
     """Call fn(indices, size) -> (n, ...) once per distinct target size; returns one (...) tensor per sample."""
     out: list[torch.Tensor] = [torch.empty(0)] * len(sizes)
     by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
@@ -239,8 +241,12 @@ class Teacher:
             if "logits" in out:
                 per_image = resize_to_sizes(out["logits"], sizes, "bilinear")
             elif (intermediate := MASK_CLASSIFICATION_INTERMEDIATE[self._model_type]) is not None:
-                per_image = group_by_size(sizes, lambda idx, size: mask_classification_scores_at(
-                    out["class_logits"][idx], out["mask_logits"][idx], intermediate, size))  # Mask2Former
+                per_image = group_by_size(
+                    sizes,
+                    lambda idx, size: mask_classification_scores_at(
+                        out["class_logits"][idx], out["mask_logits"][idx], intermediate, size
+                    ),
+                )  # Mask2Former
             else:  # MaskFormer: scores at the mask resolution, then resized
                 scores = mask_classification_scores(out["class_logits"], out["mask_logits"], None)
                 per_image = resize_to_sizes(scores, sizes, "bilinear")

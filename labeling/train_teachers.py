@@ -15,7 +15,7 @@ delta1 after per-image scale-and-shift alignment against the mean-depth baseline
 majority-class baseline.
 
     python -m labeling.train_teachers --only depth --steps 1200 --scenes 1024      # the shipped synthetic-dpt
-    python -m labeling.train_teachers --only semseg --semseg-steps 3000 --scenes 2048   # the shipped synthetic-mask2former
+    python -m labeling.train_teachers --only semseg --semseg-steps 3000 --scenes 2048  # shipped synthetic-mask2former
 """
 
 from __future__ import annotations
@@ -281,10 +281,14 @@ def print_quality(q: dict) -> None:
     print(f"held-out scenes: {q['eval_scenes']} (seed {q['eval_seed']})")
     print(f"{'model':<34}{'AbsRel':>8}{'delta1':>8}")
     print(f"{'depth teacher (scale+shift aligned)':<34}{d['teacher']['abs_rel']:8.3f}{d['teacher']['delta1']:8.3f}")
-    print(f"{'depth teacher (metric, unaligned)':<34}"
-          f"{d['teacher_unaligned']['abs_rel']:8.3f}{d['teacher_unaligned']['delta1']:8.3f}")
-    print(f"{'mean-depth baseline':<34}{d['mean_depth_baseline']['abs_rel']:8.3f}"
-          f"{d['mean_depth_baseline']['delta1']:8.3f}")
+    print(
+        f"{'depth teacher (metric, unaligned)':<34}"
+        f"{d['teacher_unaligned']['abs_rel']:8.3f}{d['teacher_unaligned']['delta1']:8.3f}"
+    )
+    print(
+        f"{'mean-depth baseline':<34}{d['mean_depth_baseline']['abs_rel']:8.3f}"
+        f"{d['mean_depth_baseline']['delta1']:8.3f}"
+    )
     print(f"{'model':<34}{'mIoU':>8}")
     print(f"{'semseg teacher':<34}{s['teacher_miou']:8.3f}")
     print(f"{'majority-class baseline (' + s['majority_class'] + ')':<34}{s['majority_baseline_miou']:8.3f}")
@@ -333,8 +337,13 @@ def main(argv: list[str] | None = None) -> None:
         steps, t = args.depth_steps or args.steps, time.time()
         print(f"training depth teacher ({steps} steps)")
         model, processor = train_depth(
-            train, steps, batch=args.batch, lr=args.depth_lr, resolution=args.depth_resolution,
-            hidden=args.depth_hidden, device=device,
+            train,
+            steps,
+            batch=args.batch,
+            lr=args.depth_lr,
+            resolution=args.depth_resolution,
+            hidden=args.depth_hidden,
+            device=device,
         )
         recipe = {"steps": steps, "lr": args.depth_lr, "resolution": args.depth_resolution}
         recipe["hidden"] = args.depth_hidden
@@ -344,8 +353,13 @@ def main(argv: list[str] | None = None) -> None:
         steps, t = args.semseg_steps or args.steps, time.time()
         print(f"training semseg teacher ({steps} steps)")
         model, processor = train_semseg(
-            train, steps, batch=args.batch, lr=args.semseg_lr, resolution=args.semseg_resolution,
-            embed=args.semseg_embed, device=device,
+            train,
+            steps,
+            batch=args.batch,
+            lr=args.semseg_lr,
+            resolution=args.semseg_resolution,
+            embed=args.semseg_embed,
+            device=device,
         )
         recipe = {"steps": steps, "lr": args.semseg_lr, "resolution": args.semseg_resolution}
         recipe["embed"] = args.semseg_embed
@@ -358,8 +372,10 @@ def main(argv: list[str] | None = None) -> None:
     }
     (args.out / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
     print_quality(quality)
-    print(f"saved {args.out / DEPTH_DIR}, {args.out / SEMSEG_DIR}, {args.out / 'quality.json'} "
-          f"in {time.time() - t0:.0f} s")
+    print(
+        f"saved {args.out / DEPTH_DIR}, {args.out / SEMSEG_DIR}, {args.out / 'quality.json'} "
+        f"in {time.time() - t0:.0f} s"
+    )
 
 
 if __name__ == "__main__":

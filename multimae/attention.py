@@ -20,11 +20,13 @@ from timm.models.vision_transformer import Block
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
 
-def transformer_block(dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
-                      qkv_bias: bool = True) -> Block:
+def transformer_block(
+    dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0, qkv_bias: bool = True
+) -> Block:
     """A pre-norm ViT block (timm) with the official settings: GELU MLP, LayerNorm eps 1e-6."""
-    return Block(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                 drop_path=drop_path, norm_layer=LayerNorm)
+    return Block(
+        dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=drop_path, norm_layer=LayerNorm
+    )
 
 
 def key_padding_mask(keep: torch.Tensor | None) -> torch.Tensor | None:
@@ -41,14 +43,13 @@ class CrossAttention(nn.Module):
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.fused_attn = True
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """attn_mask: optional (B, 1, 1, M) bool, True where a context token may be attended."""
         B, N, C = x.shape
         M = context.shape[1]

@@ -43,6 +43,7 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> d
             raise FileNotFoundError(f"checkpoint not found: {path}")
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
+
             sd = load_file(str(path))
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -58,7 +59,7 @@ def clean_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in sd.items():
         for prefix in ("module.", "_orig_mod."):
-            k = k[len(prefix):] if k.startswith(prefix) else k
+            k = k[len(prefix) :] if k.startswith(prefix) else k
         out[k.replace("._orig_mod.", ".")] = v
     return out
 
@@ -83,7 +84,7 @@ def to_timm(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out["pos_embed"] = F.pad(pos, (0, 0, 1, 0))  # zero position for the class token
     out["patch_embed.proj.weight"] = sd["input_adapters.rgb.proj.weight"]
     out["patch_embed.proj.bias"] = sd["input_adapters.rgb.proj.bias"]
-    out.update({"blocks." + k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")})
+    out.update({"blocks." + k[len("encoder.") :]: v for k, v in sd.items() if k.startswith("encoder.")})
     return out
 
 
@@ -111,7 +112,7 @@ def from_timm(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out["input_adapters.rgb.pos_emb"] = grid.transpose(1, 2).reshape(1, -1, n, n)
     out["input_adapters.rgb.proj.weight"] = sd["patch_embed.proj.weight"]
     out["input_adapters.rgb.proj.bias"] = sd["patch_embed.proj.bias"]
-    out.update({"encoder." + k[len("blocks."):]: v for k, v in sd.items() if k.startswith("blocks.")})
+    out.update({"encoder." + k[len("blocks.") :]: v for k, v in sd.items() if k.startswith("blocks.")})
     return out
 
 
@@ -130,8 +131,12 @@ def _resample_pos_embs(sd: dict[str, torch.Tensor], model: nn.Module) -> None:
             sd[k] = F.interpolate(v.float(), size=target.shape[-2:], mode="bicubic", align_corners=False).to(v.dtype)
 
 
-def load_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor],
-                    strict: bool = True, encoder_only: bool = False) -> LoadResult:
+def load_checkpoint(
+    model: nn.Module,
+    source: str | os.PathLike | Mapping[str, torch.Tensor],
+    strict: bool = True,
+    encoder_only: bool = False,
+) -> LoadResult:
     """Load official / timm / own weights into a MultiMAE or MultiViT.
 
     encoder_only: load only global tokens, input adapters and encoder (e.g. a pre-trained
@@ -155,6 +160,8 @@ def load_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping[str, t
     unexpected = list(result.unexpected_keys)
     hard = [k for k in missing + unexpected if not k.startswith("input_adapters.")]
     if strict and hard:
-        raise RuntimeError(f"checkpoint does not fit the encoder: missing "
-                           f"{[k for k in missing if k in hard][:8]}, unexpected {[k for k in unexpected if k in hard][:8]}")
+        raise RuntimeError(
+            f"checkpoint does not fit the encoder: missing "
+            f"{[k for k in missing if k in hard][:8]}, unexpected {[k for k in unexpected if k in hard][:8]}"
+        )
     return LoadResult(missing, unexpected)

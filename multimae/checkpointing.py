@@ -31,13 +31,26 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-def save_checkpoint(url: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                    config: dict[str, Any], scheduler: dict[str, Any], data: dict[str, Any]) -> None:
+def save_checkpoint(
+    url: str,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    config: dict[str, Any],
+    scheduler: dict[str, Any],
+    data: dict[str, Any],
+) -> None:
     """Write the checkpoint to `url` atomically (temporary name + rename; one put on object stores)."""
     state = {
-        "format": FORMAT, "version": 1, "step": int(step),
-        "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": dict(scheduler), "config": config, "data": dict(data),
+        "format": FORMAT,
+        "version": 1,
+        "step": int(step),
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": dict(scheduler),
+        "config": config,
+        "data": dict(data),
     }
     with fs.atomic_writer(url) as f:
         torch.save(state, f)

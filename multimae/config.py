@@ -20,7 +20,6 @@ from typing import Any, Literal
 import yaml
 
 
-
 class ConfigError(ValueError):
     """A bad config file, key or value; the message names the key and what is allowed."""
 
@@ -179,8 +178,8 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
     unknown = sorted(set(data) - set(names))
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(
-            f"unknown config key {where}{unknown[0]!s}; allowed keys{' in ' + prefix if prefix else ''}: {', '.join(names)}")
+        scope = f" in {prefix}" if prefix else ""
+        raise ConfigError(f"unknown config key {where}{unknown[0]!s}; allowed keys{scope}: {', '.join(names)}")
     kwargs = {k: _check_value(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -201,7 +200,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} is not a mapping")
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a mapping")
         node[parts[-1]] = value
     return out
 

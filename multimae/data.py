@@ -18,8 +18,9 @@ resumes from a checkpoint taken on a chunk boundary, the default).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,8 +34,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 SEMSEG_STRIDE = 4  # semseg input adapter works at 1/4 of the image resolution
 
 
-def crop_params(height: int, width: int, scale: Sequence[float], ratio: Sequence[float],
-                rng: np.random.Generator) -> tuple[float, float, float, float]:
+def crop_params(
+    height: int, width: int, scale: Sequence[float], ratio: Sequence[float], rng: np.random.Generator
+) -> tuple[float, float, float, float]:
     """RandomResizedCrop box as fractions (top, left, h, w) of the image; torchvision's rule, seeded by `rng`."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -59,12 +61,16 @@ def crop_params(height: int, width: int, scale: Sequence[float], ratio: Sequence
 
 
 def _interp(kind: str) -> TF.InterpolationMode:
-    return {"rgb": TF.InterpolationMode.BICUBIC, "depth": TF.InterpolationMode.BILINEAR,
-            "semseg": TF.InterpolationMode.NEAREST_EXACT}[kind]
+    return {
+        "rgb": TF.InterpolationMode.BICUBIC,
+        "depth": TF.InterpolationMode.BILINEAR,
+        "semseg": TF.InterpolationMode.NEAREST_EXACT,
+    }[kind]
 
 
-def resized_crop(x: torch.Tensor, kind: str, box: tuple[float, float, float, float], size: int,
-                 flip: bool) -> torch.Tensor:
+def resized_crop(
+    x: torch.Tensor, kind: str, box: tuple[float, float, float, float], size: int, flip: bool
+) -> torch.Tensor:
     """Crop `box` (fractions) out of x (C, H, W) and resize to (size, size) with the kind's interpolation."""
     h_img, w_img = x.shape[-2:]
     top, left = int(round(box[0] * h_img)), int(round(box[1] * w_img))
@@ -180,15 +186,21 @@ def modalities_needed(inputs: dict[str, str], target: str | None) -> list[str]:
     return mods
 
 
-def split_shards(manifest: dict, train_shards: list[str] | None, eval_shards: list[str] | None,
-                 eval_num_shards: int, *, need_train: bool = True) -> tuple[list[str], list[str]]:
+def split_shards(
+    manifest: dict,
+    train_shards: list[str] | None,
+    eval_shards: list[str] | None,
+    eval_num_shards: int,
+    *,
+    need_train: bool = True,
+) -> tuple[list[str], list[str]]:
     """(train, eval) shard names from the manifest and the config's choice (an eval-only run needs no train shard)."""
     names = [s["name"] for s in manifest["shards"]]
     unknown = sorted((set(train_shards or []) | set(eval_shards or [])) - set(names))
     if unknown:
         raise fmt.FormatError(f"shards {unknown} are not in the manifest (it lists {names[0]} .. {names[-1]})")
     if eval_shards is None:
-        eval_shards = names[len(names) - eval_num_shards:] if eval_num_shards > 0 else []
+        eval_shards = names[len(names) - eval_num_shards :] if eval_num_shards > 0 else []
     if train_shards is None:
         held_out = set(eval_shards)
         train_shards = [n for n in names if n not in held_out]
@@ -204,20 +216,45 @@ def rank_shards(shards: list[str], rank: int, world: int) -> list[str]:
     return shards[rank::world]
 
 
-def train_loader(root: str, shards: list[str], transform_args: dict[str, Any], *, micro_batch: int,
-                 num_workers: int, shuffle_buffer: int, seed: int, chunk: int, rank: int) -> DataLoader:
+def train_loader(
+    root: str,
+    shards: list[str],
+    transform_args: dict[str, Any],
+    *,
+    micro_batch: int,
+    num_workers: int,
+    shuffle_buffer: int,
+    seed: int,
+    chunk: int,
+    rank: int,
+) -> DataLoader:
     """The infinite, resampled training stream of one rank for chunk `chunk` (see module docstring)."""
     from shards.reader import ShardDataset
 
     transform = SampleTransform(train=True, seed=(seed, chunk, rank), **transform_args)
     dataset = ShardDataset(
-        root, modalities_needed(transform.inputs, transform.target), shuffle_shards=True,
-        shuffle_buffer=shuffle_buffer, seed=int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]),
-        resampled=True, split_by_node=False, split_by_worker=True, on_error="raise", shards=shards,
-        transform=transform)
+        root,
+        modalities_needed(transform.inputs, transform.target),
+        shuffle_shards=True,
+        shuffle_buffer=shuffle_buffer,
+        seed=int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]),
+        resampled=True,
+        split_by_node=False,
+        split_by_worker=True,
+        on_error="raise",
+        shards=shards,
+        transform=transform,
+    )
     dataset.set_epoch(chunk)
-    return DataLoader(dataset, batch_size=micro_batch, num_workers=num_workers, collate_fn=default_collate,
-                      drop_last=True, persistent_workers=False, prefetch_factor=4 if num_workers else None)
+    return DataLoader(
+        dataset,
+        batch_size=micro_batch,
+        num_workers=num_workers,
+        collate_fn=default_collate,
+        drop_last=True,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers else None,
+    )
 
 
 def eval_samples(root: str, shards: list[str], transform_args: dict[str, Any]) -> Iterator[dict[str, Any]]:

@@ -10,7 +10,8 @@ Metrics are sums kept in tensors, so ranks can add them with one all_reduce:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,8 +28,9 @@ class ClsMetric:
         """logits (B, K), target (B,) int."""
         topk = logits.topk(self.k, dim=1).indices.cpu()  # (B, k)
         t = target.cpu()[:, None]
-        self.sums += torch.tensor([(topk[:, :1] == t).sum().item(), (topk == t).any(1).sum().item(), len(t)],
-                                  dtype=torch.float64)
+        self.sums += torch.tensor(
+            [(topk[:, :1] == t).sum().item(), (topk == t).any(1).sum().item(), len(t)], dtype=torch.float64
+        )
 
     def compute(self) -> dict[str, float]:
         n = max(self.sums[2].item(), 1.0)
@@ -48,8 +50,9 @@ class SegMetric:
         p, t = pred.cpu().flatten(), target.cpu().flatten()
         keep = (t != self.ignore_index) & (t >= 0) & (t < self.num_classes)
         idx = t[keep] * self.num_classes + p[keep].clamp(0, self.num_classes - 1)
-        self.sums += torch.bincount(idx, minlength=self.num_classes ** 2).view(
-            self.num_classes, self.num_classes).double()
+        self.sums += (
+            torch.bincount(idx, minlength=self.num_classes**2).view(self.num_classes, self.num_classes).double()
+        )
 
     def compute(self) -> dict[str, float]:
         cm = self.sums
@@ -58,9 +61,11 @@ class SegMetric:
         present = union > 0
         iou = tp[present] / union[present]
         total = cm.sum().item()
-        return {"mIoU": 100.0 * iou.mean().item() if present.any() else 0.0,
-                "pixel_acc": 100.0 * tp.sum().item() / total if total else 0.0,
-                "pixels": int(total)}
+        return {
+            "mIoU": 100.0 * iou.mean().item() if present.any() else 0.0,
+            "pixel_acc": 100.0 * tp.sum().item() / total if total else 0.0,
+            "pixels": int(total),
+        }
 
 
 class DepthMetric:
@@ -76,13 +81,24 @@ class DepthMetric:
                 continue
             pv, tv = pi[valid].clamp_min(1e-6), ti[valid]
             ratio = torch.maximum(pv / tv, tv / pv)
-            self.sums += torch.tensor([(ratio < 1.25).double().mean().item(), ((pv - tv).abs() / tv).mean().item(),
-                                       (pv - tv).pow(2).mean().sqrt().item(), 1.0], dtype=torch.float64)
+            self.sums += torch.tensor(
+                [
+                    (ratio < 1.25).double().mean().item(),
+                    ((pv - tv).abs() / tv).mean().item(),
+                    (pv - tv).pow(2).mean().sqrt().item(),
+                    1.0,
+                ],
+                dtype=torch.float64,
+            )
 
     def compute(self) -> dict[str, float]:
         n = max(self.sums[3].item(), 1.0)
-        return {"delta1": 100.0 * self.sums[0].item() / n, "AbsRel": self.sums[1].item() / n,
-                "RMSE": self.sums[2].item() / n, "images": int(self.sums[3].item())}
+        return {
+            "delta1": 100.0 * self.sums[0].item() / n,
+            "AbsRel": self.sums[1].item() / n,
+            "RMSE": self.sums[2].item() / n,
+            "images": int(self.sums[3].item()),
+        }
 
 
 def make_metric(task: str, num_classes: int | None, ignore_index: int = 255) -> ClsMetric | SegMetric | DepthMetric:
@@ -119,7 +135,8 @@ class PredictionStore:
                 a = a.astype(np.int32)
             if name not in self.arrays:
                 self.arrays[name] = self.group.create_array(
-                    name, shape=(0, *a.shape[1:]), chunks=(1, *a.shape[1:]), dtype=a.dtype)
+                    name, shape=(0, *a.shape[1:]), chunks=(1, *a.shape[1:]), dtype=a.dtype
+                )
             self.arrays[name].append(a)
         if "keys" not in self.arrays:
             self.arrays["keys"] = self.group.create_array("keys", shape=(0,), chunks=(4096,), dtype=str)
@@ -127,9 +144,16 @@ class PredictionStore:
 
 
 @torch.no_grad()
-def evaluate(predict: Callable[[dict[str, Any]], torch.Tensor], batches: Iterable[dict[str, Any]], task: str,
-             num_classes: int | None, *, ignore_index: int = 255, store: PredictionStore | None = None,
-             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+def evaluate(
+    predict: Callable[[dict[str, Any]], torch.Tensor],
+    batches: Iterable[dict[str, Any]],
+    task: str,
+    num_classes: int | None,
+    *,
+    ignore_index: int = 255,
+    store: PredictionStore | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, float]:
     """Run `predict` over `batches` and return the task's metrics (summed across ranks with `reduce`)."""
     metric = make_metric(task, num_classes, ignore_index)
     for batch in batches:

@@ -41,8 +41,9 @@ class LinearHead(nn.Module):
 
     needs_all_layers = False
 
-    def __init__(self, num_classes: int, dim_tokens_enc: int, use_mean_pooling: bool = True,
-                 init_scale: float = 1.0) -> None:
+    def __init__(
+        self, num_classes: int, dim_tokens_enc: int, use_mean_pooling: bool = True, init_scale: float = 1.0
+    ) -> None:
         super().__init__()
         self.use_mean_pooling = use_mean_pooling
         self.norm = LayerNorm(dim_tokens_enc)
@@ -66,8 +67,7 @@ class ConvNeXtBlock(nn.Module):
         self.pwconv1 = nn.Linear(dim, 4 * dim)
         self.act = nn.GELU()
         self.pwconv2 = nn.Linear(4 * dim, dim)
-        self.gamma = (nn.Parameter(layer_scale_init_value * torch.ones(dim))
-                      if layer_scale_init_value > 0 else None)
+        self.gamma = nn.Parameter(layer_scale_init_value * torch.ones(dim)) if layer_scale_init_value > 0 else None
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,14 +83,21 @@ class ConvNeXtHead(nn.Module):
 
     needs_all_layers = False
 
-    def __init__(self, num_classes: int, dim_tokens_enc: int, embed_dim: int = 6144,
-                 preds_per_patch: int = 16, main_tasks: tuple[str, ...] = ("rgb",),
-                 patch_size: int = 16, depth: int = 4, interpolate_mode: str = "bilinear") -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        dim_tokens_enc: int,
+        embed_dim: int = 6144,
+        preds_per_patch: int = 16,
+        main_tasks: tuple[str, ...] = ("rgb",),
+        patch_size: int = 16,
+        depth: int = 4,
+        interpolate_mode: str = "bilinear",
+    ) -> None:
         super().__init__()
-        side = int(round(preds_per_patch ** 0.5))
+        side = int(round(preds_per_patch**0.5))
         if side * side != preds_per_patch or embed_dim % preds_per_patch:
-            raise ValueError(f"preds_per_patch ({preds_per_patch}) must be a square dividing "
-                             f"embed_dim ({embed_dim})")
+            raise ValueError(f"preds_per_patch ({preds_per_patch}) must be a square dividing embed_dim ({embed_dim})")
         self.main_tasks = tuple(main_tasks)
         self.patch_size = patch_size
         self.side = side
@@ -170,10 +177,18 @@ class DPTHead(nn.Module):
 
     needs_all_layers = True
 
-    def __init__(self, num_classes: int, dim_tokens_enc: int, hooks: list[int],
-                 main_tasks: tuple[str, ...] = ("rgb",), patch_size: int = 16,
-                 layer_dims: tuple[int, ...] = (96, 192, 384, 768), feature_dim: int = 256,
-                 use_bn: bool = False, head_type: str = "regression") -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        dim_tokens_enc: int,
+        hooks: list[int],
+        main_tasks: tuple[str, ...] = ("rgb",),
+        patch_size: int = 16,
+        layer_dims: tuple[int, ...] = (96, 192, 384, 768),
+        feature_dim: int = 256,
+        use_bn: bool = False,
+        head_type: str = "regression",
+    ) -> None:
         super().__init__()
         if len(hooks) != 4 or len(layer_dims) != 4:
             raise ValueError(f"DPT needs 4 hooks and 4 layer_dims, got {hooks} and {layer_dims}")
@@ -189,27 +204,38 @@ class DPTHead(nn.Module):
 
         if head_type == "regression":
             self.head = nn.Sequential(
-                nn.Conv2d(feature_dim, feature_dim // 2, 3, padding=1), _Interpolate(2),
-                nn.Conv2d(feature_dim // 2, 32, 3, padding=1), nn.ReLU(True),
-                nn.Conv2d(32, num_classes, 1))
+                nn.Conv2d(feature_dim, feature_dim // 2, 3, padding=1),
+                _Interpolate(2),
+                nn.Conv2d(feature_dim // 2, 32, 3, padding=1),
+                nn.ReLU(True),
+                nn.Conv2d(32, num_classes, 1),
+            )
         elif head_type == "semseg":
             self.head = nn.Sequential(
                 nn.Conv2d(feature_dim, feature_dim, 3, padding=1, bias=False),
-                nn.BatchNorm2d(feature_dim) if use_bn else nn.Identity(), nn.ReLU(True),
-                nn.Dropout(0.1, False), nn.Conv2d(feature_dim, num_classes, 1), _Interpolate(2))
+                nn.BatchNorm2d(feature_dim) if use_bn else nn.Identity(),
+                nn.ReLU(True),
+                nn.Dropout(0.1, False),
+                nn.Conv2d(feature_dim, num_classes, 1),
+                _Interpolate(2),
+            )
         else:
             raise ValueError(f"DPT head_type must be 'regression' or 'semseg', got '{head_type}'")
 
         d_in = dim_tokens_enc * len(self.main_tasks)
         self.act_1_postprocess = nn.Sequential(  # 4x upsampling
-            nn.Conv2d(d_in, layer_dims[0], 1), nn.ConvTranspose2d(layer_dims[0], layer_dims[0], 4, stride=4))
+            nn.Conv2d(d_in, layer_dims[0], 1), nn.ConvTranspose2d(layer_dims[0], layer_dims[0], 4, stride=4)
+        )
         self.act_2_postprocess = nn.Sequential(  # 2x upsampling
-            nn.Conv2d(d_in, layer_dims[1], 1), nn.ConvTranspose2d(layer_dims[1], layer_dims[1], 2, stride=2))
+            nn.Conv2d(d_in, layer_dims[1], 1), nn.ConvTranspose2d(layer_dims[1], layer_dims[1], 2, stride=2)
+        )
         self.act_3_postprocess = nn.Sequential(nn.Conv2d(d_in, layer_dims[2], 1))
         self.act_4_postprocess = nn.Sequential(  # 2x downsampling
-            nn.Conv2d(d_in, layer_dims[3], 1), nn.Conv2d(layer_dims[3], layer_dims[3], 3, stride=2, padding=1))
+            nn.Conv2d(d_in, layer_dims[3], 1), nn.Conv2d(layer_dims[3], layer_dims[3], 3, stride=2, padding=1)
+        )
         self.act_postprocess = nn.ModuleList(
-            [self.act_1_postprocess, self.act_2_postprocess, self.act_3_postprocess, self.act_4_postprocess])
+            [self.act_1_postprocess, self.act_2_postprocess, self.act_3_postprocess, self.act_4_postprocess]
+        )
 
     def forward(self, layers: list[torch.Tensor], layout: TokenLayout) -> torch.Tensor:
         H, W = layout.image_size

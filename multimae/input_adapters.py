@@ -28,8 +28,14 @@ class _GridAdapter(nn.Module):
 
     pos_mode = "bicubic"
 
-    def __init__(self, dim_tokens: int, stride_level: int, patch_size_full: int | tuple[int, int],
-                 image_size: int | tuple[int, int], learnable_pos_emb: bool) -> None:
+    def __init__(
+        self,
+        dim_tokens: int,
+        stride_level: int,
+        patch_size_full: int | tuple[int, int],
+        image_size: int | tuple[int, int],
+        learnable_pos_emb: bool,
+    ) -> None:
         super().__init__()
         self.dim_tokens = dim_tokens
         self.stride_level = stride_level
@@ -47,8 +53,7 @@ class _GridAdapter(nn.Module):
 
     def token_grid(self, h: int, w: int, name: str) -> tuple[int, int]:
         if h % self.P_H or w % self.P_W:
-            raise ValueError(f"input '{name}' of size {h}x{w} is not divisible by its patch size "
-                             f"{self.P_H}x{self.P_W}")
+            raise ValueError(f"input '{name}' of size {h}x{w} is not divisible by its patch size {self.P_H}x{self.P_W}")
         return h // self.P_H, w // self.P_W
 
     def add_pos_emb(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,13 +69,18 @@ class _GridAdapter(nn.Module):
 class PatchedInputAdapter(_GridAdapter):
     """(B, C, H, W) float image -> (B, H/P * W/P, D) tokens."""
 
-    def __init__(self, num_channels: int, dim_tokens: int, stride_level: int = 1,
-                 patch_size_full: int | tuple[int, int] = 16, image_size: int | tuple[int, int] = 224,
-                 learnable_pos_emb: bool = False) -> None:
+    def __init__(
+        self,
+        num_channels: int,
+        dim_tokens: int,
+        stride_level: int = 1,
+        patch_size_full: int | tuple[int, int] = 16,
+        image_size: int | tuple[int, int] = 224,
+        learnable_pos_emb: bool = False,
+    ) -> None:
         super().__init__(dim_tokens, stride_level, patch_size_full, image_size, learnable_pos_emb)
         self.num_channels = num_channels
-        self.proj = nn.Conv2d(num_channels, dim_tokens, kernel_size=(self.P_H, self.P_W),
-                              stride=(self.P_H, self.P_W))
+        self.proj = nn.Conv2d(num_channels, dim_tokens, kernel_size=(self.P_H, self.P_W), stride=(self.P_H, self.P_W))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.num_channels:
@@ -88,10 +98,18 @@ class SemSegInputAdapter(_GridAdapter):
 
     pos_mode = "bilinear"
 
-    def __init__(self, num_classes: int, dim_tokens: int, stride_level: int = 4,
-                 patch_size_full: int | tuple[int, int] = 16, image_size: int | tuple[int, int] = 224,
-                 dim_class_emb: int = 64, interpolate_class_emb: bool = False,
-                 emb_padding_idx: int | None = None, learnable_pos_emb: bool = False) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        dim_tokens: int,
+        stride_level: int = 4,
+        patch_size_full: int | tuple[int, int] = 16,
+        image_size: int | tuple[int, int] = 224,
+        dim_class_emb: int = 64,
+        interpolate_class_emb: bool = False,
+        emb_padding_idx: int | None = None,
+        learnable_pos_emb: bool = False,
+    ) -> None:
         super().__init__(dim_tokens, stride_level, patch_size_full, image_size, learnable_pos_emb)
         self.num_classes = num_classes + (1 if emb_padding_idx is not None else 0)
         self.class_emb = nn.Embedding(self.num_classes, dim_class_emb, padding_idx=emb_padding_idx)
@@ -102,15 +120,19 @@ class SemSegInputAdapter(_GridAdapter):
         if interpolate_class_emb:  # average the class embeddings of a patch, then a 1x1 conv
             self.proj = nn.Sequential(
                 nn.Upsample(scale_factor=(1 / self.P_H, 1 / self.P_W), mode="bilinear"),
-                nn.Conv2d(dim_class_emb, dim_tokens, kernel_size=1))
+                nn.Conv2d(dim_class_emb, dim_tokens, kernel_size=1),
+            )
         else:
-            self.proj = nn.Conv2d(dim_class_emb, dim_tokens, kernel_size=(self.P_H, self.P_W),
-                                  stride=(self.P_H, self.P_W))
+            self.proj = nn.Conv2d(
+                dim_class_emb, dim_tokens, kernel_size=(self.P_H, self.P_W), stride=(self.P_H, self.P_W)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 3 or x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise ValueError(f"semseg input must be a (B, H/{self.stride_level}, W/{self.stride_level}) "
-                             f"integer class map, got {tuple(x.shape)} {x.dtype}")
+            raise ValueError(
+                f"semseg input must be a (B, H/{self.stride_level}, W/{self.stride_level}) "
+                f"integer class map, got {tuple(x.shape)} {x.dtype}"
+            )
         self.token_grid(x.shape[1], x.shape[2], "semseg")
         emb = self.class_emb(x.long()).permute(0, 3, 1, 2)  # (B, E, h, w)
         return self.add_pos_emb(self.proj(emb))  # (B, N, D)

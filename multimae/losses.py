@@ -22,8 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def robust_standardize_depth(depth: torch.Tensor, mask: torch.Tensor | None = None,
-                             trim: float = 0.1, eps: float = 1e-6) -> torch.Tensor:
+def robust_standardize_depth(
+    depth: torch.Tensor, mask: torch.Tensor | None = None, trim: float = 0.1, eps: float = 1e-6
+) -> torch.Tensor:
     """Standardize each image with the mean and variance of its 10-90 % value range.
 
     depth: (B, 1, H, W) or (B, H, W) float; mask: same shape, bool, True = valid pixel (optional).
@@ -35,7 +36,7 @@ def robust_standardize_depth(depth: torch.Tensor, mask: torch.Tensor | None = No
     flat = depth.reshape(B, -1).float()  # (B, n)
     n = flat.shape[1]
     if mask is None:
-        vals = flat.sort(dim=1).values[:, int(trim * n): int((1 - trim) * n)]  # (B, n_kept)
+        vals = flat.sort(dim=1).values[:, int(trim * n) : int((1 - trim) * n)]  # (B, n_kept)
         mean, var = vals.mean(1), vals.var(1)
     else:
         valid = mask.reshape(B, -1).bool()
@@ -74,8 +75,9 @@ def _masked_mean(patch_loss: torch.Tensor, mask: torch.Tensor | None) -> torch.T
     if mask is None:
         return patch_loss.mean()
     if mask.shape != patch_loss.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} does not match the {tuple(patch_loss.shape)} "
-                         f"patch grid of the prediction")
+        raise ValueError(
+            f"mask shape {tuple(mask.shape)} does not match the {tuple(patch_loss.shape)} patch grid of the prediction"
+        )
     m = mask.to(patch_loss.dtype)
     n = m.sum(1)  # (B,)
     per_sample = (patch_loss * m).sum(1) / n.clamp(min=1)
@@ -85,12 +87,15 @@ def _masked_mean(patch_loss: torch.Tensor, mask: torch.Tensor | None) -> torch.T
 
 def _check_grid(pred: torch.Tensor, target: torch.Tensor, p: int, name: str) -> None:
     if pred.shape[-2:] != target.shape[-2:] or pred.shape[-1] % p or pred.shape[-2] % p:
-        raise ValueError(f"'{name}': prediction {tuple(pred.shape)} and target {tuple(target.shape)} "
-                         f"must have the same size, divisible by the patch size {p}")
+        raise ValueError(
+            f"'{name}': prediction {tuple(pred.shape)} and target {tuple(target.shape)} "
+            f"must have the same size, divisible by the patch size {p}"
+        )
 
 
-def masked_mse_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, p: int,
-                    norm_pix: bool = False) -> torch.Tensor:
+def masked_mse_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, p: int, norm_pix: bool = False
+) -> torch.Tensor:
     """MSE over masked patches; pred/target (B, C, H, W), mask (B, H/p * W/p) with 1 = masked."""
     _check_grid(pred, target, p, "mse")
     t = normalize_patches(target.float(), p) if norm_pix else patchify(target.float(), p)
@@ -103,12 +108,19 @@ def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor 
     return _masked_mean((patchify(pred.float(), p) - patchify(target.float(), p)).abs().mean(-1), mask)
 
 
-def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, p: int,
-                         label_smoothing: float = 0.0, ignore_index: int = -100) -> torch.Tensor:
+def masked_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor | None,
+    p: int,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+) -> torch.Tensor:
     """Cross-entropy over masked patches; logits (B, K, h, w), target (B, h, w) int64 class ids."""
     _check_grid(logits, target, p, "cross-entropy")
-    ce = F.cross_entropy(logits.float(), target.long(), reduction="none",
-                         label_smoothing=label_smoothing, ignore_index=ignore_index)  # (B, h, w)
+    ce = F.cross_entropy(
+        logits.float(), target.long(), reduction="none", label_smoothing=label_smoothing, ignore_index=ignore_index
+    )  # (B, h, w)
     return _masked_mean(patchify(ce[:, None], p).mean(-1), mask)
 
 
@@ -124,21 +136,29 @@ class UncertaintyWeighting(nn.Module):
         out = dict(losses)
         for i, task in enumerate(self.tasks):
             if task in losses:
-                l = losses[task]
-                out[task] = (torch.exp(-self.log_vars[i]) * l + self.log_vars[i]) * (l != 0)
+                loss = losses[task]
+                out[task] = (torch.exp(-self.log_vars[i]) * loss + self.log_vars[i]) * (loss != 0)
         return out
 
 
 #: Loss kind and stride (target resolution = image / stride) per known output task.
 TASK_LOSSES: dict[str, tuple[str, int]] = {
-    "rgb": ("mse", 1), "norm_rgb": ("norm_mse", 1), "depth": ("l1", 1), "semseg": ("ce", 4),
+    "rgb": ("mse", 1),
+    "norm_rgb": ("norm_mse", 1),
+    "depth": ("l1", 1),
+    "semseg": ("ce", 4),
 }
 
 
-def pretraining_loss(preds: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
-                     masks: dict[str, torch.Tensor], patch_size: int = 16,
-                     loss_on_unmasked: bool = False, weighting: nn.Module | None = None,
-                     task_losses: dict[str, tuple[str, int]] | None = None) -> dict[str, torch.Tensor]:
+def pretraining_loss(
+    preds: dict[str, torch.Tensor],
+    targets: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor],
+    patch_size: int = 16,
+    loss_on_unmasked: bool = False,
+    weighting: nn.Module | None = None,
+    task_losses: dict[str, tuple[str, int]] | None = None,
+) -> dict[str, torch.Tensor]:
     """Per-task masked losses and their sum under "total".
 
     preds: model outputs; targets: the batch (rgb (B,3,H,W), depth (B,1,H,W) already robustly

@@ -24,9 +24,14 @@ import numpy as np
 import torch
 
 
-def dirichlet_proportions(batch: int, num_tasks: int, alphas: float | Sequence[float] = 1.0,
-                          sample_tasks_uniformly: bool = False,
-                          generator: torch.Generator | None = None, eps: float = 1e-5) -> torch.Tensor:
+def dirichlet_proportions(
+    batch: int,
+    num_tasks: int,
+    alphas: float | Sequence[float] = 1.0,
+    sample_tasks_uniformly: bool = False,
+    generator: torch.Generator | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
     """Sample (B, T) float64 task proportions, each row ~ Dirichlet(alphas) (CPU tensor).
 
     With `sample_tasks_uniformly`, each sample first picks a non-empty subset of tasks uniformly
@@ -38,8 +43,11 @@ def dirichlet_proportions(batch: int, num_tasks: int, alphas: float | Sequence[f
         a = np.full(num_tasks, float(a))
     if a.shape != (num_tasks,) or (a <= 0).any():
         raise ValueError(f"alphas must be positive, one per input task ({num_tasks}), got {alphas}")
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device
-                             if generator is not None else "cpu").item())
+    seed = int(
+        torch.randint(
+            0, 2**62, (1,), generator=generator, device=generator.device if generator is not None else "cpu"
+        ).item()
+    )
     rng = np.random.default_rng(seed)
     conc = np.broadcast_to(a, (batch, num_tasks)).copy()
     if sample_tasks_uniformly:
@@ -64,8 +72,10 @@ def split_budget(proportions: torch.Tensor, budget: int, capacity: Sequence[int]
     """
     cap = torch.as_tensor(list(capacity), dtype=torch.float64, device=proportions.device)
     if budget > int(cap.sum()) or budget < 0:
-        raise ValueError(f"num_encoded_tokens={budget} must be in [0, {int(cap.sum())}] "
-                         f"(the input tasks have {list(capacity)} tokens)")
+        raise ValueError(
+            f"num_encoded_tokens={budget} must be in [0, {int(cap.sum())}] "
+            f"(the input tasks have {list(capacity)} tokens)"
+        )
     raw = proportions.double() * budget  # (B, T)
     counts = torch.minimum(raw.floor(), cap)
     # 1) one extra token for each of the `deficit` largest remainders (tasks with room only)
@@ -78,7 +88,8 @@ def split_budget(proportions: torch.Tensor, budget: int, capacity: Sequence[int]
     deficit = budget - counts.sum(1, keepdim=True)
     room = cap - counts
     order = torch.where(room > 0, raw - counts, torch.full_like(raw, -float("inf"))).argsort(
-        dim=1, descending=True, stable=True)
+        dim=1, descending=True, stable=True
+    )
     room_sorted = room.gather(1, order)
     before = room_sorted.cumsum(1) - room_sorted
     add_sorted = (deficit - before).clamp(min=0).minimum(room_sorted)
@@ -86,9 +97,12 @@ def split_budget(proportions: torch.Tensor, budget: int, capacity: Sequence[int]
     return counts.long()
 
 
-def select_visible(counts: torch.Tensor, num_tokens: Sequence[int],
-                   generator: torch.Generator | None = None,
-                   device: torch.device | str | None = None) -> torch.Tensor:
+def select_visible(
+    counts: torch.Tensor,
+    num_tokens: Sequence[int],
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """(B, T) counts -> (B, sum(num_tokens)) int64 mask, 0 = visible, 1 = masked.
 
     In task t's segment exactly counts[:, t] tokens, chosen uniformly at random, are visible.
@@ -98,16 +112,18 @@ def select_visible(counts: torch.Tensor, num_tokens: Sequence[int],
     sizes = torch.as_tensor(list(num_tokens), device=device)
     task_id = torch.repeat_interleave(torch.arange(T, device=device), sizes)  # (N,)
     start = torch.cumsum(sizes, 0) - sizes  # (T,)
-    noise = torch.rand(B, int(sizes.sum()), generator=generator,
-                       device=generator.device if generator is not None else device).to(device)
+    noise = torch.rand(
+        B, int(sizes.sum()), generator=generator, device=generator.device if generator is not None else device
+    ).to(device)
     # random order inside each task's segment: ranks of noise + task index over the whole row
     rank = (noise + task_id).argsort(dim=1).argsort(dim=1) - start[task_id]  # (B, N)
     visible = rank < counts.to(device)[:, task_id]
     return (~visible).long()
 
 
-def mask_to_ids(mask: torch.Tensor, num_visible: int | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def mask_to_ids(
+    mask: torch.Tensor, num_visible: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(B, N) mask (0 = visible) -> ids_keep (B, K), ids_restore (B, N), keep_valid (B, K) | None.
 
     `ids_shuffle = argsort(mask, stable)` lists visible tokens first, in sequence order;
@@ -126,10 +142,15 @@ def mask_to_ids(mask: torch.Tensor, num_visible: int | None = None
     return ids_shuffle[:, :num_visible], ids_restore, keep_valid
 
 
-def random_masks(num_tokens: dict[str, int], batch: int, num_encoded_tokens: int,
-                 alphas: float | Sequence[float] = 1.0, sample_tasks_uniformly: bool = False,
-                 generator: torch.Generator | None = None, device: torch.device | str = "cpu"
-                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+def random_masks(
+    num_tokens: dict[str, int],
+    batch: int,
+    num_encoded_tokens: int,
+    alphas: float | Sequence[float] = 1.0,
+    sample_tasks_uniformly: bool = False,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Sample the per-task masks for one batch: ({task: (B, n_t) int64, 1 = masked}, ids_keep, ids_restore)."""
     sizes = list(num_tokens.values())
     p = dirichlet_proportions(batch, len(sizes), alphas, sample_tasks_uniformly, generator)

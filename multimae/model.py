@@ -38,8 +38,11 @@ def init_weights(model: nn.Module) -> None:
     """
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear):
-            fan_out = m.weight.shape[0] // 3 if name.endswith("qkv") else (
-                m.weight.shape[0] // 2 if name.endswith(".kv") else m.weight.shape[0])
+            fan_out = (
+                m.weight.shape[0] // 3
+                if name.endswith("qkv")
+                else (m.weight.shape[0] // 2 if name.endswith(".kv") else m.weight.shape[0])
+            )
             bound = math.sqrt(6.0 / (fan_out + m.weight.shape[1]))
             nn.init.uniform_(m.weight, -bound, bound)
             if m.bias is not None:
@@ -54,31 +57,48 @@ def init_weights(model: nn.Module) -> None:
 class _Backbone(nn.Module):
     """Input adapters, global tokens and the ViT encoder shared by MultiMAE and MultiViT."""
 
-    def _build_inputs(self, in_domains: Sequence[str], dim_tokens: int, image_size: int, patch_size: int,
-                      num_global_tokens: int, num_semseg_classes: int, semseg_stride: int,
-                      dim_class_emb: int, emb_padding_idx: int | None,
-                      domain_channels: dict[str, int] | None) -> None:
+    def _build_inputs(
+        self,
+        in_domains: Sequence[str],
+        dim_tokens: int,
+        image_size: int,
+        patch_size: int,
+        num_global_tokens: int,
+        num_semseg_classes: int,
+        semseg_stride: int,
+        dim_class_emb: int,
+        emb_padding_idx: int | None,
+        domain_channels: dict[str, int] | None,
+    ) -> None:
         channels = {**DEFAULT_CHANNELS, **(domain_channels or {})}
         adapters = {}
         for domain in in_domains:
             if domain == "semseg":
                 adapters[domain] = SemSegInputAdapter(
-                    num_semseg_classes, dim_tokens, stride_level=semseg_stride, patch_size_full=patch_size,
-                    image_size=image_size, dim_class_emb=dim_class_emb, emb_padding_idx=emb_padding_idx)
+                    num_semseg_classes,
+                    dim_tokens,
+                    stride_level=semseg_stride,
+                    patch_size_full=patch_size,
+                    image_size=image_size,
+                    dim_class_emb=dim_class_emb,
+                    emb_padding_idx=emb_padding_idx,
+                )
             elif domain in channels:
-                adapters[domain] = PatchedInputAdapter(channels[domain], dim_tokens, patch_size_full=patch_size,
-                                                       image_size=image_size)
+                adapters[domain] = PatchedInputAdapter(
+                    channels[domain], dim_tokens, patch_size_full=patch_size, image_size=image_size
+                )
             else:
-                raise ValueError(f"unknown input domain '{domain}': give its channel count in "
-                                 f"domain_channels (known: {sorted(channels) + ['semseg']})")
+                raise ValueError(
+                    f"unknown input domain '{domain}': give its channel count in "
+                    f"domain_channels (known: {sorted(channels) + ['semseg']})"
+                )
         if not adapters:
             raise ValueError("in_domains must name at least one input modality")
         self.num_global_tokens = num_global_tokens
         self.input_adapters = nn.ModuleDict(adapters)
         self.global_tokens = nn.Parameter(torch.zeros(1, num_global_tokens, dim_tokens))
 
-    def _build_encoder(self, dim_tokens: int, depth: int, num_heads: int, mlp_ratio: float,
-                       drop_path: float) -> None:
+    def _build_encoder(self, dim_tokens: int, depth: int, num_heads: int, mlp_ratio: float, drop_path: float) -> None:
         dpr = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth decay rule
         self.encoder = nn.ModuleList([transformer_block(dim_tokens, num_heads, mlp_ratio, d) for d in dpr])
 
@@ -100,8 +120,9 @@ class _Backbone(nn.Module):
         x = {"rgb": x} if isinstance(x, torch.Tensor) else x
         present = [d for d in self.input_adapters if d in x]
         if not present:
-            raise ValueError(f"no input modality of the model ({list(self.input_adapters)}) in the "
-                             f"batch keys {list(x)}")
+            raise ValueError(
+                f"no input modality of the model ({list(self.input_adapters)}) in the batch keys {list(x)}"
+            )
         sizes = {}
         for d in present:
             t, a = x[d], self.input_adapters[d]
@@ -110,15 +131,19 @@ class _Backbone(nn.Module):
                 h, w = h * a.stride_level, w * a.stride_level
             sizes[d] = (int(h), int(w))
         if len(set(sizes.values())) > 1:
-            raise ValueError(f"input modalities imply different image sizes: {sizes} (semseg maps "
-                             f"are given at 1/stride_level of the image size)")
+            raise ValueError(
+                f"input modalities imply different image sizes: {sizes} (semseg maps "
+                f"are given at 1/stride_level of the image size)"
+            )
         tokens = {d: self.input_adapters[d](x[d]) for d in present}
-        layout = TokenLayout.from_counts({d: t.shape[1] for d, t in tokens.items()},
-                                         sizes[present[0]], self.num_global_tokens)
+        layout = TokenLayout.from_counts(
+            {d: t.shape[1] for d, t in tokens.items()}, sizes[present[0]], self.num_global_tokens
+        )
         return tokens, layout
 
-    def encode(self, seq: torch.Tensor, attn_mask: torch.Tensor | None = None,
-               return_all_layers: bool = False) -> torch.Tensor | list[torch.Tensor]:
+    def encode(
+        self, seq: torch.Tensor, attn_mask: torch.Tensor | None = None, return_all_layers: bool = False
+    ) -> torch.Tensor | list[torch.Tensor]:
         """(B, L, D) -> (B, L, D) after all blocks, or the list of every block's output."""
         layers = []
         for block in self.encoder:
@@ -149,19 +174,42 @@ class MultiMAE(_Backbone, PyTorchModelHubMixin, **HUB_TAGS):
         domain_channels: channels of extra dense modalities, e.g. {"ir": 1}.
     """
 
-    def __init__(self, in_domains: Sequence[str] = ("rgb", "depth", "semseg"),
-                 out_domains: Sequence[str] = ("rgb", "norm_rgb", "depth", "semseg"),
-                 image_size: int = 224, patch_size: int = 16, dim_tokens: int = 768, depth: int = 12,
-                 num_heads: int = 12, mlp_ratio: float = 4.0, num_global_tokens: int = 1,
-                 num_semseg_classes: int = 133, semseg_stride: int = 4, dim_class_emb: int = 64,
-                 emb_padding_idx: int | None = None, decoder_dim: int = 256, decoder_depth: int = 2,
-                 decoder_heads: int = 8, drop_path: float = 0.0,
-                 domain_channels: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        in_domains: Sequence[str] = ("rgb", "depth", "semseg"),
+        out_domains: Sequence[str] = ("rgb", "norm_rgb", "depth", "semseg"),
+        image_size: int = 224,
+        patch_size: int = 16,
+        dim_tokens: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        num_global_tokens: int = 1,
+        num_semseg_classes: int = 133,
+        semseg_stride: int = 4,
+        dim_class_emb: int = 64,
+        emb_padding_idx: int | None = None,
+        decoder_dim: int = 256,
+        decoder_depth: int = 2,
+        decoder_heads: int = 8,
+        drop_path: float = 0.0,
+        domain_channels: dict[str, int] | None = None,
+    ) -> None:
         super().__init__()
         in_domains, out_domains = tuple(in_domains), tuple(out_domains)
         self.patch_size = patch_size
-        self._build_inputs(in_domains, dim_tokens, image_size, patch_size, num_global_tokens,
-                           num_semseg_classes, semseg_stride, dim_class_emb, emb_padding_idx, domain_channels)
+        self._build_inputs(
+            in_domains,
+            dim_tokens,
+            image_size,
+            patch_size,
+            num_global_tokens,
+            num_semseg_classes,
+            semseg_stride,
+            dim_class_emb,
+            emb_padding_idx,
+            domain_channels,
+        )
         channels = {**DEFAULT_CHANNELS, **(domain_channels or {}), "semseg": num_semseg_classes}
         ordered = [d for d in out_domains if d != "norm_rgb"] + (["norm_rgb"] if "norm_rgb" in out_domains else [])
         outputs = {}
@@ -170,19 +218,33 @@ class MultiMAE(_Backbone, PyTorchModelHubMixin, **HUB_TAGS):
             if source not in channels:
                 raise ValueError(f"unknown output domain '{domain}': give its channel count in domain_channels")
             outputs[domain] = SpatialOutputAdapter(
-                channels[source], dim_tokens, task=source, context_tasks=list(in_domains),
-                stride_level=semseg_stride if source == "semseg" else 1, patch_size_full=patch_size,
-                dim_tokens=decoder_dim, depth=decoder_depth, num_heads=decoder_heads, image_size=image_size)
+                channels[source],
+                dim_tokens,
+                task=source,
+                context_tasks=list(in_domains),
+                stride_level=semseg_stride if source == "semseg" else 1,
+                patch_size_full=patch_size,
+                dim_tokens=decoder_dim,
+                depth=decoder_depth,
+                num_heads=decoder_heads,
+                image_size=image_size,
+            )
         self.output_adapters = nn.ModuleDict(outputs)
         self._build_encoder(dim_tokens, depth, num_heads, mlp_ratio, drop_path)
         init_weights(self)
         nn.init.trunc_normal_(self.global_tokens, std=0.02)
 
-    def forward(self, x: dict[str, torch.Tensor] | torch.Tensor, mask_inputs: bool = True,
-                task_masks: dict[str, torch.Tensor] | None = None, num_encoded_tokens: int = 98,
-                alphas: float | Sequence[float] = 1.0, sample_tasks_uniformly: bool = False,
-                generator: torch.Generator | None = None, fp32_output_adapters: Sequence[str] = ()
-                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def forward(
+        self,
+        x: dict[str, torch.Tensor] | torch.Tensor,
+        mask_inputs: bool = True,
+        task_masks: dict[str, torch.Tensor] | None = None,
+        num_encoded_tokens: int = 98,
+        alphas: float | Sequence[float] = 1.0,
+        sample_tasks_uniformly: bool = False,
+        generator: torch.Generator | None = None,
+        fp32_output_adapters: Sequence[str] = (),
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Mask, encode and decode a batch.
 
         x: {"rgb": (B,3,H,W) normalized, "depth": (B,1,H,W) standardized,
@@ -213,8 +275,9 @@ class MultiMAE(_Backbone, PyTorchModelHubMixin, **HUB_TAGS):
             ids_restore = torch.arange(N, device=device).expand(B, N)
             ids_keep = ids_restore
         else:
-            masks, ids_keep, ids_restore = random_masks(counts, B, num_encoded_tokens, alphas,
-                                                        sample_tasks_uniformly, generator, device)
+            masks, ids_keep, ids_restore = random_masks(
+                counts, B, num_encoded_tokens, alphas, sample_tasks_uniformly, generator, device
+            )
 
         visible = torch.gather(all_tokens, 1, ids_keep[..., None].expand(-1, -1, all_tokens.shape[2]))
         seq = self._with_global(visible)  # (B, K + G, D)
@@ -233,8 +296,9 @@ class MultiMAE(_Backbone, PyTorchModelHubMixin, **HUB_TAGS):
         return preds, masks
 
     @staticmethod
-    def _check_masks(task_masks: dict[str, torch.Tensor], counts: dict[str, int], batch: int,
-                     device: torch.device) -> dict[str, torch.Tensor]:
+    def _check_masks(
+        task_masks: dict[str, torch.Tensor], counts: dict[str, int], batch: int, device: torch.device
+    ) -> dict[str, torch.Tensor]:
         masks = {}
         for task, n in counts.items():
             if task not in task_masks:
@@ -265,13 +329,28 @@ class MultiViT(_Backbone, PyTorchModelHubMixin, **HUB_TAGS):
             {"use_mean_pooling": False} (linear).
     """
 
-    def __init__(self, in_domains: Sequence[str] = ("rgb",), task: str = "cls", head: str | None = None,
-                 num_classes: int | None = None, image_size: int = 224, patch_size: int = 16,
-                 dim_tokens: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
-                 num_global_tokens: int = 1, num_semseg_classes: int = 133, semseg_stride: int = 4,
-                 dim_class_emb: int = 64, emb_padding_idx: int | None = None, drop_path: float = 0.0,
-                 main_tasks: Sequence[str] | None = None, head_kwargs: dict | None = None,
-                 domain_channels: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        in_domains: Sequence[str] = ("rgb",),
+        task: str = "cls",
+        head: str | None = None,
+        num_classes: int | None = None,
+        image_size: int = 224,
+        patch_size: int = 16,
+        dim_tokens: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        num_global_tokens: int = 1,
+        num_semseg_classes: int = 133,
+        semseg_stride: int = 4,
+        dim_class_emb: int = 64,
+        emb_padding_idx: int | None = None,
+        drop_path: float = 0.0,
+        main_tasks: Sequence[str] | None = None,
+        head_kwargs: dict | None = None,
+        domain_channels: dict[str, int] | None = None,
+    ) -> None:
         super().__init__()
         if task not in TASK_DEFAULTS:
             raise ValueError(f"unknown fine-tuning task '{task}' (known: {sorted(TASK_DEFAULTS)})")
@@ -280,8 +359,18 @@ class MultiViT(_Backbone, PyTorchModelHubMixin, **HUB_TAGS):
         in_domains = tuple(in_domains)
         main_tasks = tuple(main_tasks) if main_tasks else in_domains
         self.task = task
-        self._build_inputs(in_domains, dim_tokens, image_size, patch_size, num_global_tokens,
-                           num_semseg_classes, semseg_stride, dim_class_emb, emb_padding_idx, domain_channels)
+        self._build_inputs(
+            in_domains,
+            dim_tokens,
+            image_size,
+            patch_size,
+            num_global_tokens,
+            num_semseg_classes,
+            semseg_stride,
+            dim_class_emb,
+            emb_padding_idx,
+            domain_channels,
+        )
         kw = dict(head_kwargs or {})
         if head == "linear":
             module = LinearHead(num_classes, dim_tokens, **kw)
@@ -303,8 +392,9 @@ class MultiViT(_Backbone, PyTorchModelHubMixin, **HUB_TAGS):
     def head(self) -> nn.Module:
         return self.output_adapters[self.task]
 
-    def forward_features(self, x: dict[str, torch.Tensor] | torch.Tensor, return_all_layers: bool = False
-                         ) -> tuple[torch.Tensor | list[torch.Tensor], TokenLayout]:
+    def forward_features(
+        self, x: dict[str, torch.Tensor] | torch.Tensor, return_all_layers: bool = False
+    ) -> tuple[torch.Tensor | list[torch.Tensor], TokenLayout]:
         """Encoder output (B, N + G, D) (or every layer's) and the token layout, no masking."""
         tokens, layout = self.tokenize(x)
         seq = self._with_global(torch.cat(list(tokens.values()), dim=1))

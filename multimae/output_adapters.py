@@ -34,11 +34,22 @@ def unpatchify(x: torch.Tensor, nh: int, nw: int, c: int, ph: int, pw: int) -> t
 class SpatialOutputAdapter(nn.Module):
     """Cross-attention decoder for one dense output task -> (B, C, H/stride, W/stride)."""
 
-    def __init__(self, num_channels: int, dim_tokens_enc: int, task: str, context_tasks: list[str],
-                 stride_level: int = 1, patch_size_full: int | tuple[int, int] = 16,
-                 dim_tokens: int = 256, depth: int = 2, num_heads: int = 8, mlp_ratio: float = 4.0,
-                 image_size: int | tuple[int, int] = 224, use_task_queries: bool = True,
-                 drop_path: float = 0.0) -> None:
+    def __init__(
+        self,
+        num_channels: int,
+        dim_tokens_enc: int,
+        task: str,
+        context_tasks: list[str],
+        stride_level: int = 1,
+        patch_size_full: int | tuple[int, int] = 16,
+        dim_tokens: int = 256,
+        depth: int = 2,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        image_size: int | tuple[int, int] = 224,
+        use_task_queries: bool = True,
+        drop_path: float = 0.0,
+    ) -> None:
         super().__init__()
         self.num_channels = num_channels
         self.task = task
@@ -51,7 +62,8 @@ class SpatialOutputAdapter(nn.Module):
 
         # sorted, as the official ParameterDict lists them
         self.task_embeddings = nn.ParameterDict(
-            {t: nn.Parameter(torch.zeros(1, 1, dim_tokens)) for t in sorted(context_tasks)})
+            {t: nn.Parameter(torch.zeros(1, 1, dim_tokens)) for t in sorted(context_tasks)}
+        )
         for emb in self.task_embeddings.values():
             nn.init.trunc_normal_(emb, std=0.02)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim_tokens))
@@ -65,7 +77,9 @@ class SpatialOutputAdapter(nn.Module):
         dpr = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth decay rule
         self.decoder_transformer = (
             nn.Sequential(*[transformer_block(dim_tokens, num_heads, mlp_ratio, d) for d in dpr])
-            if depth > 0 else nn.Identity())
+            if depth > 0
+            else nn.Identity()
+        )
         self.out_proj = nn.Linear(dim_tokens, num_channels * self.P_H * self.P_W)
         self.proj_context = nn.Linear(dim_tokens_enc, dim_tokens)
 
@@ -78,13 +92,20 @@ class SpatialOutputAdapter(nn.Module):
         parts = []
         for task, (start, end) in layout.tasks.items():
             if end - start != pos.shape[1]:
-                raise ValueError(f"task '{task}' has {end - start} tokens, decoder '{self.task}' "
-                                 f"expects a {grid[0]}x{grid[1]} grid")
+                raise ValueError(
+                    f"task '{task}' has {end - start} tokens, decoder '{self.task}' expects a {grid[0]}x{grid[1]} grid"
+                )
             parts.append(pos + self.task_embeddings[task] if task in self.task_embeddings else pos)
         return torch.cat(parts, dim=1)
 
-    def forward(self, encoder_tokens: torch.Tensor, layout: TokenLayout, ids_keep: torch.Tensor,
-                ids_restore: torch.Tensor, keep_valid: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        encoder_tokens: torch.Tensor,
+        layout: TokenLayout,
+        ids_keep: torch.Tensor,
+        ids_restore: torch.Tensor,
+        keep_valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """encoder_tokens (B, K + G, D_enc) for the K kept tokens and G global tokens;
         ids_keep (B, K), ids_restore (B, N_all); keep_valid (B, K) bool marks padding (False)
         when samples keep different numbers of tokens. Returns (B, C, nh*P_H, nw*P_W)."""
@@ -93,7 +114,7 @@ class SpatialOutputAdapter(nn.Module):
         grid = (H // (self.stride_level * self.P_H), W // (self.stride_level * self.P_W))
         ctx = self.proj_context(encoder_tokens)  # (B, K + G, Dd)
         Dd = ctx.shape[-1]
-        visible, global_ctx = ctx[:, : ctx.shape[1] - G], ctx[:, ctx.shape[1] - G:]
+        visible, global_ctx = ctx[:, : ctx.shape[1] - G], ctx[:, ctx.shape[1] - G :]
         mask_token = self.mask_token.to(ctx.dtype)
         if keep_valid is not None:
             visible = torch.where(keep_valid[..., None], visible, mask_token)

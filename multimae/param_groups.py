@@ -16,8 +16,9 @@ def layer_id(name: str, num_layers: int) -> int:
     return num_layers + 1
 
 
-def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None,
-                 decay_everything: bool = False) -> list[dict]:
+def param_groups(
+    model: nn.Module, weight_decay: float, layer_decay: float | None = None, decay_everything: bool = False
+) -> list[dict]:
     """AdamW groups: {"params", "weight_decay", "lr_scale", "names"}.
 
     Weight decay skips 1-D parameters (norms, biases) and the model's `no_weight_decay()` names
@@ -32,12 +33,15 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = not decay_everything and (p.ndim <= 1 or name.endswith(".bias") or name in skip
-                                             or any(name.startswith(s + ".") for s in skip))
+        no_decay = not decay_everything and (
+            p.ndim <= 1 or name.endswith(".bias") or name in skip or any(name.startswith(s + ".") for s in skip)
+        )
         lid = layer_id(name, num_layers) if layer_decay is not None else 0
         scale = layer_decay ** (num_layers + 1 - lid) if layer_decay is not None else 1.0
-        g = groups.setdefault((lid, no_decay), {"params": [], "names": [], "lr_scale": scale,
-                                                "weight_decay": 0.0 if no_decay else weight_decay})
+        g = groups.setdefault(
+            (lid, no_decay),
+            {"params": [], "names": [], "lr_scale": scale, "weight_decay": 0.0 if no_decay else weight_decay},
+        )
         g["params"].append(p)
         g["names"].append(name)
     return list(groups.values())

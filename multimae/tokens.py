@@ -22,8 +22,7 @@ class TokenLayout:
         return max((end for _, end in self.tasks.values()), default=0)
 
     @classmethod
-    def from_counts(cls, counts: dict[str, int], image_size: tuple[int, int],
-                    num_global_tokens: int) -> "TokenLayout":
+    def from_counts(cls, counts: dict[str, int], image_size: tuple[int, int], num_global_tokens: int) -> TokenLayout:
         tasks, start = {}, 0
         for name, n in counts.items():
             tasks[name] = (start, start + n)

@@ -116,10 +116,13 @@ def make_plan(cfg: RunConfig, manifest: dict, world: int, eval_only: bool = Fals
     t = cfg.train
     per_step = t.batch_size // (world * t.accum_steps)
     if per_step * world * t.accum_steps != t.batch_size:
-        raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by world size {world} x "
-                          f"train.accum_steps {t.accum_steps}")
-    train_shards, eval_shards = mdata.split_shards(manifest, cfg.data.train_shards, cfg.data.eval_shards,
-                                                   cfg.data.eval_num_shards, need_train=not eval_only)
+        raise ConfigError(
+            f"train.batch_size {t.batch_size} is not divisible by world size {world} x "
+            f"train.accum_steps {t.accum_steps}"
+        )
+    train_shards, eval_shards = mdata.split_shards(
+        manifest, cfg.data.train_shards, cfg.data.eval_shards, cfg.data.eval_num_shards, need_train=not eval_only
+    )
     counts = {s["name"]: s["count"] for s in manifest["shards"]}
     n_train = sum(counts[n] for n in train_shards)
     steps_per_epoch = max(1, n_train // t.batch_size)
@@ -157,8 +160,9 @@ def num_outputs(cfg: RunConfig, manifest: dict) -> int | None:
 def build_model(cfg: RunConfig, manifest: dict) -> torch.nn.Module:
     m = cfg.model
     in_domains = tuple(cfg.data.inputs)
-    kwargs: dict[str, Any] = dict(image_size=cfg.data.image_size, patch_size=m.patch_size, in_domains=in_domains,
-                                  drop_path=m.drop_path)
+    kwargs: dict[str, Any] = dict(
+        image_size=cfg.data.image_size, patch_size=m.patch_size, in_domains=in_domains, drop_path=m.drop_path
+    )
     if "semseg" in in_domains or (cfg.task == "pretrain" and "semseg" in m.out_domains):
         kwargs["num_semseg_classes"] = m.num_semseg_classes or semseg_classes(manifest, cfg.data.inputs["semseg"])
     if cfg.task == "pretrain":
@@ -187,7 +191,7 @@ def berhu_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) ->
     """Reverse Huber on valid pixels; threshold c = 0.2 x max |error| of the batch (official depth fine-tuning)."""
     err = (pred - target).abs()[valid]
     c = (0.2 * err.max()).clamp_min(1e-6).detach()
-    return torch.where(err <= c, err, (err ** 2 + c ** 2) / (2 * c)).mean()
+    return torch.where(err <= c, err, (err**2 + c**2) / (2 * c)).mean()
 
 
 def finetune_loss(cfg: RunConfig, output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -214,9 +218,13 @@ def forward_loss(model: torch.nn.Module, batch: dict[str, Any], cfg: RunConfig) 
     inputs = {d: batch[d] for d in cfg.data.inputs}
     if cfg.task == "pretrain":
         m = cfg.model
-        preds, masks = model(inputs, num_encoded_tokens=m.num_encoded_tokens, alphas=m.alphas,
-                             sample_tasks_uniformly=m.sample_tasks_uniformly,
-                             fp32_output_adapters=tuple(m.fp32_output_adapters))
+        preds, masks = model(
+            inputs,
+            num_encoded_tokens=m.num_encoded_tokens,
+            alphas=m.alphas,
+            sample_tasks_uniformly=m.sample_tasks_uniformly,
+            fp32_output_adapters=tuple(m.fp32_output_adapters),
+        )
         targets = {d: inputs[d] for d in preds if d in inputs}
         if "norm_rgb" in preds:
             targets["norm_rgb"] = inputs["rgb"]
@@ -279,9 +287,16 @@ def _autocast(cfg: RunConfig, device: torch.device) -> contextlib.AbstractContex
 
 def _transform_args(cfg: RunConfig) -> dict[str, Any]:
     d = cfg.data
-    return dict(inputs=dict(d.inputs), target=d.target if cfg.task != "pretrain" else None,
-                image_size=d.image_size, crop_scale=tuple(d.crop_scale), crop_ratio=tuple(d.crop_ratio),
-                hflip=d.hflip, reduce_zero_label=d.reduce_zero_label, ignore_index=d.ignore_index)
+    return dict(
+        inputs=dict(d.inputs),
+        target=d.target if cfg.task != "pretrain" else None,
+        image_size=d.image_size,
+        crop_scale=tuple(d.crop_scale),
+        crop_ratio=tuple(d.crop_ratio),
+        hflip=d.hflip,
+        reduce_zero_label=d.reduce_zero_label,
+        ignore_index=d.ignore_index,
+    )
 
 
 def _load_init(model: torch.nn.Module, init: str, cfg: RunConfig, main: bool) -> None:
@@ -303,8 +318,11 @@ def _load_init(model: torch.nn.Module, init: str, cfg: RunConfig, main: bool) ->
     else:
         result = multimae.load_checkpoint(model, sd, encoder_only=True)
     if main:
-        print(f"initialised from {init}: {len(result.missing_keys)} missing keys "
-              f"{result.missing_keys[:4]}, {len(result.unexpected_keys)} unexpected", flush=True)
+        print(
+            f"initialised from {init}: {len(result.missing_keys)} missing keys "
+            f"{result.missing_keys[:4]}, {len(result.unexpected_keys)} unexpected",
+            flush=True,
+        )
 
 
 def _check_resume(state: dict[str, Any], cfg: RunConfig, world: int, url: str) -> None:
@@ -314,15 +332,28 @@ def _check_resume(state: dict[str, Any], cfg: RunConfig, world: int, url: str) -
         b = getattr(cfg, section) if key is None else getattr(getattr(cfg, section), key)
         if a != b:
             name = section if key is None else f"{section}.{key}"
-            raise TrainingError(f"{url} was written with {name}={a!r}, this run has {b!r}: use another --out "
-                                f"or the same config to resume")
+            raise TrainingError(
+                f"{url} was written with {name}={a!r}, this run has {b!r}: use another --out "
+                f"or the same config to resume"
+            )
     if state["data"]["world_size"] != world:
-        raise TrainingError(f"{url} was written by {state['data']['world_size']} ranks, this run has {world}: "
-                            "exact resume needs the same world size (the data split depends on it)")
+        raise TrainingError(
+            f"{url} was written by {state['data']['world_size']} ranks, this run has {world}: "
+            "exact resume needs the same world size (the data split depends on it)"
+        )
 
 
-def run(cfg: RunConfig, shards_root: str, out_dir: str, *, init: str | None = None, resume: str | bool = True,
-        eval_only: bool = False, save_predictions: bool = False, stop_at: int | None = None) -> dict[str, Any]:
+def run(
+    cfg: RunConfig,
+    shards_root: str,
+    out_dir: str,
+    *,
+    init: str | None = None,
+    resume: str | bool = True,
+    eval_only: bool = False,
+    save_predictions: bool = False,
+    stop_at: int | None = None,
+) -> dict[str, Any]:
     """Train (or, with eval_only, evaluate) according to `cfg`; returns a summary dict.
 
     resume: True = continue from OUT_DIR/checkpoint.pt when it exists, False = start fresh, or a path.
@@ -330,20 +361,41 @@ def run(cfg: RunConfig, shards_root: str, out_dir: str, *, init: str | None = No
     """
     d = setup_distributed(cfg.train.device)
     try:
-        return _run(cfg, shards_root, out_dir, d, init=init, resume=resume, eval_only=eval_only,
-                    save_predictions=save_predictions, stop_at=stop_at)
+        return _run(
+            cfg,
+            shards_root,
+            out_dir,
+            d,
+            init=init,
+            resume=resume,
+            eval_only=eval_only,
+            save_predictions=save_predictions,
+            stop_at=stop_at,
+        )
     finally:
         if d.enabled and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _run(cfg: RunConfig, shards_root: str, out_dir: str, d: Dist, *, init: str | None, resume: str | bool,
-         eval_only: bool, save_predictions: bool, stop_at: int | None) -> dict[str, Any]:
+def _run(
+    cfg: RunConfig,
+    shards_root: str,
+    out_dir: str,
+    d: Dist,
+    *,
+    init: str | None,
+    resume: str | bool,
+    eval_only: bool,
+    save_predictions: bool,
+    stop_at: int | None,
+) -> dict[str, Any]:
     manifest = fmt.read_manifest(shards_root)
     for m in mdata.modalities_needed(cfg.data.inputs, cfg.data.target if cfg.task != "pretrain" else None):
         if m not in manifest["modalities"]:
-            raise fmt.FormatError(f"{shards_root}: modality {m!r} (from data.inputs/data.target) is not in the "
-                                  f"manifest; it has {sorted(manifest['modalities'])}")
+            raise fmt.FormatError(
+                f"{shards_root}: modality {m!r} (from data.inputs/data.target) is not in the "
+                f"manifest; it has {sorted(manifest['modalities'])}"
+            )
     plan = make_plan(cfg, manifest, d.world, eval_only)
     if eval_only and cfg.task == "pretrain":
         raise ConfigError("--eval-only needs a fine-tuning config (task cls, semseg or depth)")
@@ -364,11 +416,24 @@ def _run(cfg: RunConfig, shards_root: str, out_dir: str, d: Dist, *, init: str |
             raw_model.load_state_dict(state["model"])
         elif not init:
             raise ConfigError(f"--eval-only needs a checkpoint: none in {out_dir}, and no --init given")
-        return _final_eval(cfg, raw_model, manifest, plan, shards_root, out_dir, d, save_predictions,
-                           step=state["step"] if state else 0)
+        return _final_eval(
+            cfg,
+            raw_model,
+            manifest,
+            plan,
+            shards_root,
+            out_dir,
+            d,
+            save_predictions,
+            step=state["step"] if state else 0,
+        )
 
-    groups = multimae.param_groups(raw_model, cfg.optim.weight_decay, layer_decay=cfg.optim.layer_decay,
-                                   decay_everything=cfg.optim.decay_everything)
+    groups = multimae.param_groups(
+        raw_model,
+        cfg.optim.weight_decay,
+        layer_decay=cfg.optim.layer_decay,
+        decay_everything=cfg.optim.decay_everything,
+    )
     optimizer = torch.optim.AdamW(groups, lr=plan.base_lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     for g in optimizer.param_groups:
         g.setdefault("lr_scale", 1.0)
@@ -385,22 +450,32 @@ def _run(cfg: RunConfig, shards_root: str, out_dir: str, d: Dist, *, init: str |
         model = torch.compile(model)
     if d.enabled:
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
+            model,
+            device_ids=[d.local_rank] if d.device.type == "cuda" else None,
             # pre-training: a modality can get 0 visible tokens; DPT: refinenet4 has an unused unit (as official)
-            find_unused_parameters=cfg.task == "pretrain" or (cfg.task != "cls" and cfg.model.head == "dpt"))
+            find_unused_parameters=cfg.task == "pretrain" or (cfg.task != "cls" and cfg.model.head == "dpt"),
+        )
 
     logger = Logger(out_dir, d.main, cfg.log.tensorboard)
     if d.main:
         os.makedirs(out_dir, exist_ok=True)
         fs.write_json_atomic(fs.join(out_dir, "config.json"), cfg.to_dict())
         n_params = sum(p.numel() for p in raw_model.parameters())
-        print(f"task {cfg.task} | model {cfg.model.name} ({n_params / 1e6:.2f} M params) | world {d.world} | "
-              f"device {d.device} | global batch {cfg.train.batch_size} = {d.world} x {cfg.train.accum_steps} x "
-              f"{plan.micro_batch} | lr {plan.base_lr:.3g} | steps {plan.total_steps} (warmup {plan.warmup_steps})"
-              f" | train shards {len(plan.train_shards)} ({plan.num_train_samples} samples), eval shards "
-              f"{len(plan.eval_shards)}", flush=True)
-    schedule = dict(base_lr=plan.base_lr, warmup_steps=plan.warmup_steps, total_steps=plan.total_steps,
-                    warmup_lr=cfg.optim.warmup_lr, min_lr=cfg.optim.min_lr)
+        print(
+            f"task {cfg.task} | model {cfg.model.name} ({n_params / 1e6:.2f} M params) | world {d.world} | "
+            f"device {d.device} | global batch {cfg.train.batch_size} = {d.world} x {cfg.train.accum_steps} x "
+            f"{plan.micro_batch} | lr {plan.base_lr:.3g} | steps {plan.total_steps} (warmup {plan.warmup_steps})"
+            f" | train shards {len(plan.train_shards)} ({plan.num_train_samples} samples), eval shards "
+            f"{len(plan.eval_shards)}",
+            flush=True,
+        )
+    schedule = dict(
+        base_lr=plan.base_lr,
+        warmup_steps=plan.warmup_steps,
+        total_steps=plan.total_steps,
+        warmup_lr=cfg.optim.warmup_lr,
+        min_lr=cfg.optim.min_lr,
+    )
     data_state = dict(seed=cfg.train.seed, chunk_steps=plan.chunk_steps, world_size=d.world)
     my_shards = mdata.rank_shards(plan.train_shards, d.rank, d.world)
     keys_file = None
@@ -413,8 +488,15 @@ def _run(cfg: RunConfig, shards_root: str, out_dir: str, d: Dist, *, init: str |
             return
         urls = [ckpt_url] + ([fs.join(out_dir, f"checkpoint-{step:08d}.pt")] if cfg.train.keep_checkpoints else [])
         for url in urls:
-            ckpt.save_checkpoint(url, model=raw_model, optimizer=optimizer, step=step, config=cfg.to_dict(),
-                                 scheduler=schedule, data=data_state)
+            ckpt.save_checkpoint(
+                url,
+                model=raw_model,
+                optimizer=optimizer,
+                step=step,
+                config=cfg.to_dict(),
+                scheduler=schedule,
+                data=data_state,
+            )
 
     end = plan.total_steps if stop_at is None else min(stop_at, plan.total_steps)
     step = start
@@ -423,9 +505,17 @@ def _run(cfg: RunConfig, shards_root: str, out_dir: str, d: Dist, *, init: str |
     model.train()
     while step < end:
         chunk = step // plan.chunk_steps
-        loader = mdata.train_loader(shards_root, my_shards, _transform_args(cfg), micro_batch=plan.micro_batch,
-                                    num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
-                                    seed=cfg.train.seed, chunk=chunk, rank=d.rank)
+        loader = mdata.train_loader(
+            shards_root,
+            my_shards,
+            _transform_args(cfg),
+            micro_batch=plan.micro_batch,
+            num_workers=cfg.data.num_workers,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            seed=cfg.train.seed,
+            chunk=chunk,
+            rank=d.rank,
+        )
         batches = iter(loader)
         for _ in range((step - chunk * plan.chunk_steps) * cfg.train.accum_steps):
             next(batches)  # resume inside a chunk: replay the consumed batches
@@ -442,7 +532,7 @@ def _run(cfg: RunConfig, shards_root: str, out_dir: str, d: Dist, *, init: str |
                     keys_file.write("".join(f"{step}\t{k}\n" for k in batch["__key__"]))
                 standardize_depth_inputs(batch, cfg)
                 sync = micro == cfg.train.accum_steps - 1 or not d.enabled
-                with (contextlib.nullcontext() if sync else model.no_sync()), _autocast(cfg, d.device):
+                with contextlib.nullcontext() if sync else model.no_sync(), _autocast(cfg, d.device):
                     losses, _ = forward_loss(model, batch, cfg)
                 (losses["total"] / cfg.train.accum_steps).backward()
                 for k, v in losses.items():
@@ -451,8 +541,10 @@ def _run(cfg: RunConfig, shards_root: str, out_dir: str, d: Dist, *, init: str |
             values = all_reduce_sum(torch.stack([sums[k] for k in names]).cpu(), d) / d.world
             if not torch.isfinite(values).all():
                 bad = {k: float(v) for k, v in zip(names, values)}
-                raise TrainingError(f"non-finite loss at step {step}: {bad}; lower optim.blr, set optim.clip_grad, "
-                                    f"or use train.dtype=float32 (last good checkpoint: {ckpt_url})")
+                raise TrainingError(
+                    f"non-finite loss at step {step}: {bad}; lower optim.blr, set optim.clip_grad, "
+                    f"or use train.dtype=float32 (last good checkpoint: {ckpt_url})"
+                )
             if cfg.optim.clip_grad is not None:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.optim.clip_grad))
             else:
@@ -470,34 +562,55 @@ def _run(cfg: RunConfig, shards_root: str, out_dir: str, d: Dist, *, init: str |
                 if grad_norm is not None:
                     scalars["grad_norm"] = grad_norm
                 parts = " ".join(f"{k[5:]} {v:.4f}" for k, v in last.items() if k != "loss/total")
-                logger.log(step, scalars, f"step {step}/{plan.total_steps} loss {last['loss/total']:.4f} "
-                                          f"({parts}) lr {lr:.3g} {rate:.1f} samples/s ETA {fmt_eta(eta)}")
+                logger.log(
+                    step,
+                    scalars,
+                    f"step {step}/{plan.total_steps} loss {last['loss/total']:.4f} "
+                    f"({parts}) lr {lr:.3g} {rate:.1f} samples/s ETA {fmt_eta(eta)}",
+                )
                 last_t, last_step = now, step
             if cfg.task == "pretrain" and cfg.log.image_every and step % cfg.log.image_every == 0 and d.main:
                 _save_reconstructions(cfg, raw_model, manifest, plan, shards_root, out_dir, step, d.device)
             if step % cfg.train.checkpoint_every == 0 and step != plan.total_steps:
                 save(step)
-            if cfg.task != "pretrain" and cfg.train.eval_every and step % cfg.train.eval_every == 0 \
-                    and step != plan.total_steps and plan.eval_shards:
+            if (
+                cfg.task != "pretrain"
+                and cfg.train.eval_every
+                and step % cfg.train.eval_every == 0
+                and step != plan.total_steps
+                and plan.eval_shards
+            ):
                 results = _evaluate(cfg, raw_model, manifest, plan, shards_root, d, None)
-                logger.log(step, {f"eval/{k}": float(v) for k, v in results.items()},
-                           "eval " + " ".join(f"{k} {v:.4f}" for k, v in results.items()))
+                logger.log(
+                    step,
+                    {f"eval/{k}": float(v) for k, v in results.items()},
+                    "eval " + " ".join(f"{k} {v:.4f}" for k, v in results.items()),
+                )
                 model.train()
         del batches, loader  # stops this chunk's workers
     if keys_file is not None:
         keys_file.close()
     save(step)
     elapsed = time.time() - t0
-    summary: dict[str, Any] = {"task": cfg.task, "steps": step, "resumed_from": start, "seconds": round(elapsed, 1),
-                               "samples_per_s": (step - start) * cfg.train.batch_size / max(elapsed, 1e-9),
-                               "checkpoint": ckpt_url, "weights_digest": _gather_digests(raw_model, d), **last}
+    summary: dict[str, Any] = {
+        "task": cfg.task,
+        "steps": step,
+        "resumed_from": start,
+        "seconds": round(elapsed, 1),
+        "samples_per_s": (step - start) * cfg.train.batch_size / max(elapsed, 1e-9),
+        "checkpoint": ckpt_url,
+        "weights_digest": _gather_digests(raw_model, d),
+        **last,
+    }
     finished = step >= plan.total_steps  # else stopped early (stop_at); the next call resumes
     if finished and cfg.task == "pretrain" and d.main:
-        summary["reconstructions"] = _save_reconstructions(cfg, raw_model, manifest, plan, shards_root, out_dir,
-                                                           step, d.device)
+        summary["reconstructions"] = _save_reconstructions(
+            cfg, raw_model, manifest, plan, shards_root, out_dir, step, d.device
+        )
     elif finished and cfg.task != "pretrain":
-        summary["eval"] = _final_eval(cfg, raw_model, manifest, plan, shards_root, out_dir, d, save_predictions,
-                                      step=step)
+        summary["eval"] = _final_eval(
+            cfg, raw_model, manifest, plan, shards_root, out_dir, d, save_predictions, step=step
+        )
     logger.close()
     if d.main:
         fs.write_json_atomic(fs.join(out_dir, "summary.json"), summary)
@@ -532,25 +645,47 @@ def _predict_fn(cfg: RunConfig, model: torch.nn.Module, device: torch.device):
         with _autocast(cfg, device):
             out = model({dom: batch[dom] for dom in cfg.data.inputs})
         return out.float()
+
     return predict
 
 
-def _evaluate(cfg: RunConfig, model: torch.nn.Module, manifest: dict, plan: Plan, root: str, d: Dist,
-              store: mevaluate.PredictionStore | None) -> dict[str, float]:
+def _evaluate(
+    cfg: RunConfig,
+    model: torch.nn.Module,
+    manifest: dict,
+    plan: Plan,
+    root: str,
+    d: Dist,
+    store: mevaluate.PredictionStore | None,
+) -> dict[str, float]:
     """Metrics over the eval shards; ranks split the shards and add their sums (all on rank 0 with a store)."""
     model.eval()
-    shards = plan.eval_shards if store is not None else plan.eval_shards[d.rank::d.world]
+    shards = plan.eval_shards if store is not None else plan.eval_shards[d.rank :: d.world]
     samples = mdata.eval_samples(root, shards, _transform_args(cfg))
     batches = mdata.batched(samples, max(1, plan.micro_batch))
     results = mevaluate.evaluate(
-        _predict_fn(cfg, model, d.device), batches, cfg.task, num_outputs(cfg, manifest),
-        ignore_index=cfg.data.ignore_index, store=store,
-        reduce=(lambda x: all_reduce_sum(x, d)) if store is None else None)
+        _predict_fn(cfg, model, d.device),
+        batches,
+        cfg.task,
+        num_outputs(cfg, manifest),
+        ignore_index=cfg.data.ignore_index,
+        store=store,
+        reduce=(lambda x: all_reduce_sum(x, d)) if store is None else None,
+    )
     return results
 
 
-def _final_eval(cfg: RunConfig, model: torch.nn.Module, manifest: dict, plan: Plan, root: str, out_dir: str,
-                d: Dist, save_predictions: bool, step: int) -> dict[str, Any]:
+def _final_eval(
+    cfg: RunConfig,
+    model: torch.nn.Module,
+    manifest: dict,
+    plan: Plan,
+    root: str,
+    out_dir: str,
+    d: Dist,
+    save_predictions: bool,
+    step: int,
+) -> dict[str, Any]:
     if not plan.eval_shards:
         raise ConfigError("no eval shards: set data.eval_shards or data.eval_num_shards")
     results: dict[str, Any] = {}
@@ -563,16 +698,30 @@ def _final_eval(cfg: RunConfig, model: torch.nn.Module, manifest: dict, plan: Pl
     else:
         results = _evaluate(cfg, model, manifest, plan, root, d, None)
     if d.main:
-        record = {"task": cfg.task, "target": cfg.data.target, "inputs": cfg.data.inputs, "step": step,
-                  "eval_shards": plan.eval_shards, "metrics": results}
+        record = {
+            "task": cfg.task,
+            "target": cfg.data.target,
+            "inputs": cfg.data.inputs,
+            "step": step,
+            "eval_shards": plan.eval_shards,
+            "metrics": results,
+        }
         os.makedirs(out_dir, exist_ok=True)
         mevaluate.write_eval(fs.join(out_dir, "eval.json"), record)
         print(mevaluate.format_table(results), flush=True)
     return results
 
 
-def _save_reconstructions(cfg: RunConfig, model: torch.nn.Module, manifest: dict, plan: Plan, root: str,
-                          out_dir: str, step: int, device: torch.device) -> str:
+def _save_reconstructions(
+    cfg: RunConfig,
+    model: torch.nn.Module,
+    manifest: dict,
+    plan: Plan,
+    root: str,
+    out_dir: str,
+    step: int,
+    device: torch.device,
+) -> str:
     from multimae.visualize import save_reconstruction_png
 
     shards = plan.eval_shards or plan.train_shards[:1]

@@ -44,8 +44,14 @@ def _picture(domain: str, x: torch.Tensor, lo: float | None = None, hi: float | 
     return plt.get_cmap("viridis")(np.clip((d - lo) / max(hi - lo, 1e-6), 0, 1))[..., :3]
 
 
-def save_reconstruction_png(path: str, batch: dict[str, Any], preds: dict[str, torch.Tensor],
-                            masks: dict[str, torch.Tensor], inputs: dict[str, str], patch_size: int) -> str:
+def save_reconstruction_png(
+    path: str,
+    batch: dict[str, Any],
+    preds: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor],
+    inputs: dict[str, str],
+    patch_size: int,
+) -> str:
     """Write the picture grid for the samples of `batch` to `path` (PNG); returns the path."""
     in_domains = list(inputs)
     out_domains = [d for d in preds if d != "norm_rgb" and d in batch]

@@ -88,40 +88,91 @@ def main(argv: list[str] | None = None) -> None:
 
     def build(log: Path) -> None:
         for root, num, seed in [(pre, size["pretrain_num"], 0), (lab, size["labeled_num"], 1)]:
-            run([tool("multimae-shard"), "build", "--src", "synthetic", "--out", str(root), "--num", str(num),
-                 "--size", "128", "--shard-size", str(size["shard_size"]), "--seed", str(seed), "--workers", "2"], log)
+            run(
+                [
+                    tool("multimae-shard"),
+                    "build",
+                    "--src",
+                    "synthetic",
+                    "--out",
+                    str(root),
+                    "--num",
+                    str(num),
+                    "--size",
+                    "128",
+                    "--shard-size",
+                    str(size["shard_size"]),
+                    "--seed",
+                    str(seed),
+                    "--workers",
+                    "2",
+                ],
+                log,
+            )
 
     timings["build"] = Stage(1, "build synthetic shard sets", out)(
-        manifest_has(pre, ["rgb"]) and manifest_has(lab, ["rgb"]), build)
+        manifest_has(pre, ["rgb"]) and manifest_has(lab, ["rgb"]), build
+    )
 
     def label(log: Path) -> None:
-        run([tool("multimae-label"), "pipelines/pseudolabel.yaml", f"input={pre}",
-             f"batch_size={8 if args.quick else 16}"], log)
+        run(
+            [
+                tool("multimae-label"),
+                "pipelines/pseudolabel.yaml",
+                f"input={pre}",
+                f"batch_size={8 if args.quick else 16}",
+            ],
+            log,
+        )
         run([tool("multimae-shard"), "verify", str(pre)], log)
         run([tool("multimae-shard"), "show", str(pre), "--out", str(out / "samples.png"), "--n", "4"], log)
 
     timings["label"] = Stage(2, "pseudo-label with the shipped teachers (Ray)", out)(
-        manifest_has(pre, ["depth", "semseg"]) and (out / "samples.png").exists(), label)
+        manifest_has(pre, ["depth", "semseg"]) and (out / "samples.png").exists(), label
+    )
 
     steps = [f"train.steps={size['pretrain_steps']}"]
     if args.quick:
-        steps += ["train.batch_size=8", "train.checkpoint_every=3", "log.image_every=3", "log.every=2",
-                  "data.num_workers=0", "train.warmup_steps=1"]
+        steps += [
+            "train.batch_size=8",
+            "train.checkpoint_every=3",
+            "log.image_every=3",
+            "log.every=2",
+            "data.num_workers=0",
+            "train.warmup_steps=1",
+        ]
 
     done_marker = runs / "pretrain" / "demo-stage.done"
 
     def pretrain(log: Path) -> None:
-        run([tool("multimae-train"), "--shards", str(pre), "--config", "pipelines/pretrain-demo.yaml",
-             "--out", str(runs / "pretrain"), *steps], log)
+        run(
+            [
+                tool("multimae-train"),
+                "--shards",
+                str(pre),
+                "--config",
+                "pipelines/pretrain-demo.yaml",
+                "--out",
+                str(runs / "pretrain"),
+                *steps,
+            ],
+            log,
+        )
         done_marker.touch()
 
     timings["pretrain"] = Stage(3, "pre-train a tiny MultiMAE on rgb + pseudo depth + pseudo semseg", out)(
-        done_marker.exists(), pretrain)
+        done_marker.exists(), pretrain
+    )
 
     ft_steps = [f"train.steps={size['finetune_steps']}"]
     if args.quick:
-        ft_steps += ["train.batch_size=8", "train.checkpoint_every=2", "log.every=2", "data.num_workers=0",
-                     "train.warmup_steps=1"]
+        ft_steps += [
+            "train.batch_size=8",
+            "train.checkpoint_every=2",
+            "log.every=2",
+            "data.num_workers=0",
+            "train.warmup_steps=1",
+        ]
 
     def finetune(log: Path) -> None:
         for task in ["depth", "semseg"]:
@@ -129,12 +180,26 @@ def main(argv: list[str] | None = None) -> None:
             if (run_dir / "eval.json").exists():
                 print(f"    reusing {run_dir / 'eval.json'}")
                 continue
-            run([tool("multimae-train"), "--shards", str(lab), "--config", f"pipelines/finetune-demo-{task}.yaml",
-                 "--init", str(runs / "pretrain" / "checkpoint.pt"), "--out", str(run_dir), "--save-predictions",
-                 *ft_steps], log)
+            run(
+                [
+                    tool("multimae-train"),
+                    "--shards",
+                    str(lab),
+                    "--config",
+                    f"pipelines/finetune-demo-{task}.yaml",
+                    "--init",
+                    str(runs / "pretrain" / "checkpoint.pt"),
+                    "--out",
+                    str(run_dir),
+                    "--save-predictions",
+                    *ft_steps,
+                ],
+                log,
+            )
 
     timings["finetune"] = Stage(4, "fine-tune depth and semseg, evaluate on the held-out test shard", out)(
-        all((runs / f"finetune-{t}" / "eval.json").exists() for t in ["depth", "semseg"]), finetune)
+        all((runs / f"finetune-{t}" / "eval.json").exists() for t in ["depth", "semseg"]), finetune
+    )
 
     print("\n=== [5/5] report", flush=True)
     from report import write_report  # pipelines/report.py, beside this file

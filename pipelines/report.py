@@ -36,8 +36,11 @@ def pseudo_label_quality(root: Path, max_samples: int = 256) -> dict[str, float]
             break
     present = union > 0
     # percentages, like the trainer's eval.json
-    return {"samples": n, "depth_delta1": 100 * float(np.mean(delta1)),
-            "semseg_miou": 100 * float(np.mean(inter[present] / union[present]))}
+    return {
+        "samples": n,
+        "depth_delta1": 100 * float(np.mean(delta1)),
+        "semseg_miou": 100 * float(np.mean(inter[present] / union[present])),
+    }
 
 
 def prediction_picture(run_dir: Path, task: str, out_png: Path, n: int = 4) -> bool:
@@ -57,8 +60,11 @@ def prediction_picture(run_dir: Path, task: str, out_png: Path, n: int = 4) -> b
     fig, axes = plt.subplots(n, 2, figsize=(4, 2 * n), squeeze=False)
     for i in range(n):
         p, t = np.asarray(pred[i]), np.asarray(target[i])
-        kw = {"cmap": "magma", "vmin": float(t.min()), "vmax": float(t.max())} if task == "depth" else \
-             {"cmap": "tab10", "vmin": 0, "vmax": 9, "interpolation": "nearest"}
+        kw = (
+            {"cmap": "magma", "vmin": float(t.min()), "vmax": float(t.max())}
+            if task == "depth"
+            else {"cmap": "tab10", "vmin": 0, "vmax": 9, "interpolation": "nearest"}
+        )
         for j, (img, title) in enumerate([(p, "prediction"), (t, "ground truth")]):
             axes[i, j].imshow(img, **kw)
             axes[i, j].set_title(f"{title}" if i == 0 else "", fontsize=8)
@@ -85,8 +91,10 @@ def write_report(out: Path, timings: dict[str, float], total_s: float) -> str:
     rows.append(("pseudo depth vs depth_gt", "delta1 (scale+shift aligned)", f"{quality['depth_delta1']:.3f}"))
     rows.append(("pseudo semseg vs semseg_gt", "mIoU", f"{quality['semseg_miou']:.3f}"))
     width = [max(len(r[i]) for r in rows + [("what", "metric", "value")]) for i in range(3)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(("what", "metric", "value"), width)),
-             "  ".join("-" * w for w in width)]
+    lines = [
+        "  ".join(h.ljust(w) for h, w in zip(("what", "metric", "value"), width)),
+        "  ".join("-" * w for w in width),
+    ]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, width)) for r in rows]
     table = "\n".join(lines)
 
@@ -100,7 +108,8 @@ def write_report(out: Path, timings: dict[str, float], total_s: float) -> str:
         "# MultiMAE demo report",
         "",
         f"Total wall time {total_s:.0f} s; stages (0 = reused): "
-        + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ".",
+        + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
+        + ".",
         "",
         "## Results (held-out synthetic test shard)",
         "",

@@ -15,10 +15,10 @@ import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from typing import Callable
 
 from tqdm import tqdm
 
@@ -131,24 +131,32 @@ def _plan(source: Source, out: str, shard_size: int) -> tuple[list[ShardTask], d
             set(n.rsplit(".", 1)[0] for n in fs.listdir(fs.join(out, m)) if n.endswith((".json", ".tar"))) - set(names)
         )
         if extra:
-            raise BuildError(f"{fs.join(out, m)} holds {extra[0]} (and {len(extra) - 1} more) that this build would "
-                             f"not produce: it was made by a different build; use an empty --out")
+            raise BuildError(
+                f"{fs.join(out, m)} holds {extra[0]} (and {len(extra) - 1} more) that this build would "
+                f"not produce: it was made by a different build; use an empty --out"
+            )
     tasks, kept = [], {}
     for i, name in enumerate(names):
-        items = source.items[i * shard_size:(i + 1) * shard_size]
+        items = source.items[i * shard_size : (i + 1) * shard_size]
         if all(shard_is_complete(out, m, name) for m in source.modalities):
             path = stats_path(out, source.modalities[0], name)
             stats = fs.read_json(path)
             if _comparable(stats.get("producer", {})) != _comparable(producer):
-                raise BuildError(f"{path} was built with {_comparable(stats.get('producer', {}))}, not "
-                                 f"{_comparable(producer)}: use a new --out to build with other options")
+                raise BuildError(
+                    f"{path} was built with {_comparable(stats.get('producer', {}))}, not "
+                    f"{_comparable(producer)}: use a new --out to build with other options"
+                )
             skipped = {s["ref"] for s in stats["skipped"]}
             expected = [it.key for it in items if it.ref not in skipped]
             if stats["keys_digest"] != keys_digest(expected):
-                raise BuildError(f"{path}: its keys differ from what the source gives now (did the source change?); "
-                                 f"use a new --out")
-            kept[name] = {"count": stats["count"], "skipped": stats["skipped"],
-                          "bytes": sum(fs.read_json(stats_path(out, m, name))["bytes"] for m in source.modalities)}
+                raise BuildError(
+                    f"{path}: its keys differ from what the source gives now (did the source change?); use a new --out"
+                )
+            kept[name] = {
+                "count": stats["count"],
+                "skipped": stats["skipped"],
+                "bytes": sum(fs.read_json(stats_path(out, m, name))["bytes"] for m in source.modalities),
+            }
             continue
         for m in source.modalities:  # partial leftovers of a killed run: stats first, so nothing looks complete
             fs.remove(stats_path(out, m, name))
@@ -163,8 +171,9 @@ def _run_pool(tasks: list[ShardTask], workers: int, bar: tqdm) -> dict[str, dict
     counter = ctx.Value("q", 0)
     results: dict[str, dict] = {}
     start_n = bar.n
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(counter, os.getpid())) as pool:
+    with ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_init_worker, initargs=(counter, os.getpid())
+    ) as pool:
         futures = {pool.submit(build_shard, t): t.name for t in tasks}
         pending = set(futures)
         try:
@@ -175,7 +184,9 @@ def _run_pool(tasks: list[ShardTask], workers: int, bar: tqdm) -> dict[str, dict
                     results[futures[f]] = f.result()
         except BrokenProcessPool:
             pool.shutdown(cancel_futures=True)
-            raise BuildError("a build worker died (out of memory or killed); re-run the same command to resume") from None
+            raise BuildError(
+                "a build worker died (out of memory or killed); re-run the same command to resume"
+            ) from None
         except BaseException:
             pool.shutdown(cancel_futures=True)
             raise
@@ -193,8 +204,15 @@ def build(source: Source, out: str, *, shard_size: int = 1000, workers: int = 1,
     fs.makedirs(out)
     tasks, kept = _plan(source, out, shard_size)
     todo = sum(len(t.items) for t in tasks)
-    bar = tqdm(total=len(source), initial=len(source) - todo, unit="img", desc=f"build {source.name}",
-               disable=not progress, smoothing=0.1, mininterval=0.5)
+    bar = tqdm(
+        total=len(source),
+        initial=len(source) - todo,
+        unit="img",
+        desc=f"build {source.name}",
+        disable=not progress,
+        smoothing=0.1,
+        mininterval=0.5,
+    )
     try:
         if workers == 1 or len(tasks) <= 1:
             _tick = bar.update
@@ -210,8 +228,7 @@ def build(source: Source, out: str, *, shard_size: int = 1000, workers: int = 1,
     names = sorted(results)
     shards = [{"name": n, "count": results[n]["count"]} for n in names]
     update_manifest(out, source.modality_entries(), shards=shards, cls_classes=source.cls_classes)
-    summary = BuildSummary(out=out, shards=len(names), built=len(built), kept=len(kept),
-                           seconds=time.time() - start)
+    summary = BuildSummary(out=out, shards=len(names), built=len(built), kept=len(kept), seconds=time.time() - start)
     for name, r in results.items():
         summary.samples += r["count"]
         summary.bytes += r["bytes"]

@@ -45,15 +45,24 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--src", required=True, choices=SOURCES, help="source kind")
     b.add_argument("--root", help="source location: image tree (imagenet, folder), tar folder/pattern (webdataset)")
     b.add_argument("--out", required=True, help="output shard set (local path or fsspec URL)")
-    b.add_argument("--num", type=_positive, help="number of samples (synthetic: scenes to render, default 1024; "
-                                                 "others: keep the first N)")
-    b.add_argument("--size", type=_positive, help="shorter side of stored rgb, no upscaling (default 256; synthetic 128)")
+    b.add_argument(
+        "--num",
+        type=_positive,
+        help="number of samples (synthetic: scenes to render, default 1024; others: keep the first N)",
+    )
+    b.add_argument(
+        "--size", type=_positive, help="shorter side of stored rgb, no upscaling (default 256; synthetic 128)"
+    )
     b.add_argument("--shard-size", type=_positive, default=1000, help="samples per shard (default 1000)")
     b.add_argument("--workers", type=_positive, default=_cpus(), help="worker processes (default: CPU count)")
     b.add_argument("--seed", type=int, default=0, help="synthetic scene seed (default 0)")
     b.add_argument("--quality", type=_quality, default=95, help="rgb JPEG quality, 1..100 (default 95)")
-    b.add_argument("--max-pixels", type=_positive, default=MAX_PIXELS,
-                   help=f"skip images larger than this many pixels as 'too large' (default {MAX_PIXELS})")
+    b.add_argument(
+        "--max-pixels",
+        type=_positive,
+        default=MAX_PIXELS,
+        help=f"skip images larger than this many pixels as 'too large' (default {MAX_PIXELS})",
+    )
     b.add_argument("--class-from-parent", action="store_true", help="folder source: class = parent folder")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -77,9 +86,18 @@ def parser() -> argparse.ArgumentParser:
 def _build(args: argparse.Namespace) -> int:
     from .sources import open_source
 
-    source = open_source(args.src, args.root, num=args.num, size=args.size, seed=args.seed, quality=args.quality,
-                         max_pixels=args.max_pixels, class_from_parent=args.class_from_parent)
+    source = open_source(
+        args.src,
+        args.root,
+        num=args.num,
+        size=args.size,
+        seed=args.seed,
+        quality=args.quality,
+        max_pixels=args.max_pixels,
+        class_from_parent=args.class_from_parent,
+    )
     from .build import build  # imports webdataset (and with it torch): only once the source is known to be fine
+
     summary = build(source, args.out, shard_size=args.shard_size, workers=args.workers, progress=not args.no_progress)
     print(summary.format())
     return 0

@@ -11,8 +11,9 @@ import json
 import os
 import posixpath
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -23,7 +24,7 @@ def is_local(url: str) -> bool:
 
 
 def _local(url: str) -> str:
-    return url[len("file://"):] if url.startswith("file://") else url
+    return url[len("file://") :] if url.startswith("file://") else url
 
 
 def join(*parts: str) -> str:

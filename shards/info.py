@@ -29,8 +29,13 @@ def producer_text(producer: dict, width: int = 60) -> str:
     """A short one-line description of a producer dict (source + options, or a teacher's model id)."""
     head = producer.get("source") or producer.get("model") or producer.get("teacher") or ""
     options = producer.get("options", {})
-    extras = {k: v for k, v in producer.items() if k not in ("source", "model", "teacher", "options", "code_version")
-              and isinstance(v, (str, int, float)) and v is not None}
+    extras = {
+        k: v
+        for k, v in producer.items()
+        if k not in ("source", "model", "teacher", "options", "code_version")
+        and isinstance(v, (str, int, float))
+        and v is not None
+    }
     parts = [str(head)] + [f"{k}={v}" for k, v in {**extras, **options}.items() if v is not None]
     text = " ".join(p for p in parts if p)
     return text if len(text) <= width else text[: width - 3] + "..."
@@ -90,16 +95,21 @@ def semseg_shares(root: str, modality: str, names: list[str], samples: int) -> t
 def _histogram_lines(labels: list[str], values: list[float], fmt) -> list[str]:
     top = max(values) if values else 0
     width = max((len(s) for s in labels), default=0)
-    return [f"  {lab:<{width}} {fmt(v):>8} {'#' * (round(BAR_WIDTH * v / top) if top else 0)}"
-            for lab, v in zip(labels, values)]
+    return [
+        f"  {lab:<{width}} {fmt(v):>8} {'#' * (round(BAR_WIDTH * v / top) if top else 0)}"
+        for lab, v in zip(labels, values)
+    ]
 
 
 def info_text(root: str, semseg_samples: int = 256, max_classes: int = 12) -> str:
     """The `multimae-shard info` screen."""
     manifest = read_manifest(root)
     names = [s["name"] for s in manifest.get("shards", [])]
-    lines = [f"{root}: {manifest.get('total', 0)} samples in {len(names)} shards "
-             f"(format {manifest['format_version']}, {manifest.get('created_by', '?')})", ""]
+    lines = [
+        f"{root}: {manifest.get('total', 0)} samples in {len(names)} shards "
+        f"(format {manifest['format_version']}, {manifest.get('created_by', '?')})",
+        "",
+    ]
     rows = [("modality", "kind", "shards", "samples", "bytes", "skipped", "meaning", "producer")]
     skipped_all: Counter = Counter()
     order = sorted(manifest["modalities"], key=lambda m: (KIND_ORDER[modality_kind(m)], m))
@@ -107,8 +117,18 @@ def info_text(root: str, semseg_samples: int = 256, max_classes: int = 12) -> st
         entry = manifest["modalities"][m]
         st = modality_stats(root, m, names)
         skipped_all.update(st["skipped"])
-        rows.append((m, entry["kind"], f"{st['complete']}/{len(names)}", str(st["samples"]), _mb(st["bytes"]),
-                     str(sum(st["skipped"].values())), entry.get("meaning", ""), producer_text(entry.get("producer", {}))))
+        rows.append(
+            (
+                m,
+                entry["kind"],
+                f"{st['complete']}/{len(names)}",
+                str(st["samples"]),
+                _mb(st["bytes"]),
+                str(sum(st["skipped"].values())),
+                entry.get("meaning", ""),
+                producer_text(entry.get("producer", {})),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     if skipped_all:
@@ -124,7 +144,9 @@ def info_text(root: str, semseg_samples: int = 256, max_classes: int = 12) -> st
             lines += ["", f"cls histogram ({sum(hist.values())} samples, {len(hist)} classes):"]
             lines += _histogram_lines(labels, [hist[c] for c in shown], lambda v: str(int(v)))
             if len(ids) > len(shown):
-                lines.append(f"  ... {len(ids) - len(shown)} more classes, {sum(hist[c] for c in ids[len(shown):])} samples")
+                lines.append(
+                    f"  ... {len(ids) - len(shown)} more classes, {sum(hist[c] for c in ids[len(shown) :])} samples"
+                )
 
     for m in order:
         entry = manifest["modalities"][m]

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from itertools import islice
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -344,7 +345,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
         if self.resampled:
             # every rank and worker draws its own endless shard sequence (seeded by seed, epoch, rank, worker)
             source = wds.ResampledShards(
-                self.shard_names, seed=self.seed, deterministic=True,
+                self.shard_names,
+                seed=self.seed,
+                deterministic=True,
                 worker_seed=partial(_constant, make_seed(rank, worker)),
             )
             source.epoch = self.epoch - 1  # ResampledShards counts one up when iterated
@@ -359,8 +362,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 splitters.append(_every(worker, num_workers))
             readers = (world_size if self.split_by_node else 1) * (num_workers if self.split_by_worker else 1)
             if readers > len(self.shard_names) and worker == 0 and rank == 0:
-                log.warning("%d shards for %d readers (ranks x workers): some read nothing",
-                            len(self.shard_names), readers)
+                log.warning(
+                    "%d shards for %d readers (ranks x workers): some read nothing", len(self.shard_names), readers
+                )
         stages = [source, *splitters, _aligned(self.root, self.modalities, self.on_error, self.skipped)]
         if self.shuffle_buffer > 1:
             seed = make_seed(self.seed, self.epoch, rank, worker)

@@ -8,7 +8,7 @@ trainer gets.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -47,12 +47,16 @@ def _pick(root: str, names: list[str], modalities: list[str], keys: Sequence[str
         return list(found.values())
     missing = [k for k in wanted if k not in found]
     if missing:
-        raise FormatError(f"{root}: no sample with key {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise FormatError(
+            f"{root}: no sample with key {missing[0]!r}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     return [found[k] for k in wanted]
 
 
-def show(root: str, out: str, *, keys: Sequence[str] | None = None, n: int = 6,
-         modalities: Sequence[str] | None = None) -> list[str]:
+def show(
+    root: str, out: str, *, keys: Sequence[str] | None = None, n: int = 6, modalities: Sequence[str] | None = None
+) -> list[str]:
     """Draw the grid to `out` (any matplotlib format by extension); returns the keys shown."""
     import matplotlib
 

@@ -20,8 +20,9 @@ import os
 import posixpath
 import re
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 from fsspec.core import url_to_fs
 
@@ -192,8 +193,11 @@ class SceneMaker:
 
         scene = synthetic.render_scene(self.seed, item.loc, self.size)
         meta = {"source": "synthetic", "seed": self.seed, "index": item.loc, "orig_size": [self.size, self.size]}
-        rgb = {"rgb.jpg": encode_rgb(scene["rgb"], self.quality), "cls": str(int(scene["cls"])).encode(),
-               "json": fs.dumps_json(meta)}
+        rgb = {
+            "rgb.jpg": encode_rgb(scene["rgb"], self.quality),
+            "cls": str(int(scene["cls"])).encode(),
+            "json": fs.dumps_json(meta),
+        }
         return {
             "rgb": rgb,
             "depth_gt": encode_sample("depth_gt", scene["depth_gt"]),
@@ -227,8 +231,9 @@ class Source:
     def modality_entries(self) -> dict[str, dict]:
         producer = self.producer()
         return {
-            m: modality_entry(m, producer, meaning=self.meanings[m],
-                              classes=self.semseg_classes if m.startswith("semseg") else None)
+            m: modality_entry(
+                m, producer, meaning=self.meanings[m], classes=self.semseg_classes if m.startswith("semseg") else None
+            )
             for m in self.modalities
         }
 
@@ -260,7 +265,9 @@ def folder_source(root: str, encoder: RgbEncoder, class_from_parent: bool = Fals
         labels = [posixpath.dirname(r) for r in rels]
         classes = sorted(set(labels))
     index = {c: i for i, c in enumerate(classes or [])}
-    items = [Item(k, r, fs.join(root, r), index.get(lab) if lab else None, lab) for k, r, lab in zip(keys, rels, labels)]
+    items = [
+        Item(k, r, fs.join(root, r), index.get(lab) if lab else None, lab) for k, r, lab in zip(keys, rels, labels)
+    ]
     options = {**_encoder_options(encoder), "class_from_parent": class_from_parent}
     return Source("folder", root, items, FileMaker(encoder, "class"), options, cls_classes=classes)
 
@@ -334,9 +341,13 @@ def synthetic_source(num: int, size: int = 128, seed: int = 0, quality: int = 95
         raise SourceError("--num must be positive for the synthetic source")
     items = [Item(synthetic.scene_key(seed, i), f"synthetic:{seed}:{i}", i) for i in range(num)]
     return Source(
-        "synthetic", None, items, SceneMaker(seed, size, quality),
+        "synthetic",
+        None,
+        items,
+        SceneMaker(seed, size, quality),
         {"num": num, "size": size, "seed": seed, "quality": quality},
-        modalities=("rgb", "depth_gt", "semseg_gt"), cls_classes=list(synthetic.CLS_CLASSES),
+        modalities=("rgb", "depth_gt", "semseg_gt"),
+        cls_classes=list(synthetic.CLS_CLASSES),
         semseg_classes=list(synthetic.SEMSEG_CLASSES),
         meanings={"rgb": "image", "depth_gt": "metric_m", "semseg_gt": "class_id"},
     )
@@ -346,9 +357,17 @@ def _encoder_options(encoder: RgbEncoder) -> dict:
     return {"size": encoder.size, "quality": encoder.quality, "max_pixels": encoder.max_pixels}
 
 
-def open_source(src: str, root: str | None = None, *, num: int | None = None, size: int | None = None,
-                seed: int = 0, quality: int = 95, max_pixels: int = MAX_PIXELS,
-                class_from_parent: bool = False) -> Source:
+def open_source(
+    src: str,
+    root: str | None = None,
+    *,
+    num: int | None = None,
+    size: int | None = None,
+    seed: int = 0,
+    quality: int = 95,
+    max_pixels: int = MAX_PIXELS,
+    class_from_parent: bool = False,
+) -> Source:
     """The source named `src`, enumerated. `num` keeps the first N samples (synthetic: renders N scenes)."""
     if src not in SOURCES:
         raise SourceError(f"unknown source {src!r}: choose one of {', '.join(SOURCES)}")

@@ -542,7 +542,9 @@ def render(scene: Scene, size: int = 128) -> dict[str, np.ndarray | int]:
     half_vec /= np.linalg.norm(half_vec, axis=1, keepdims=True)
     highlight = np.where(lit, specular * np.clip((normal * half_vec).sum(1), 0.0, 1.0) ** 32, 0.0)
     sky = 0.7 + 0.3 * normal[:, 1]  # hemispheric ambient: more light from above
-    radiance = albedo * (light.ambient * sky[:, None] + light.color * diffuse[:, None]) + highlight[:, None] * light.color
+    radiance = (
+        albedo * (light.ambient * sky[:, None] + light.color * diffuse[:, None]) + highlight[:, None] * light.color
+    )
 
     srgb = np.clip(radiance, 0.0, 1.0) ** (1 / 2.2)
     srgb += np.random.default_rng(scene.noise_seed).normal(0.0, scene.noise_sigma, srgb.shape)

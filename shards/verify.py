@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 from . import fs
 from .format import EXTENSIONS, MANIFEST, FormatError, decode_sample, modality_kind, read_manifest
@@ -124,14 +125,20 @@ def _read_stats(root: str, modality: str, name: str, problems: list[Problem]) ->
         return None
 
 
-def _check_counts(root: str, modality: str, name: str, count: int, scan: _Scan, stats: dict,
-                  problems: list[Problem]) -> None:
+def _check_counts(
+    root: str, modality: str, name: str, count: int, scan: _Scan, stats: dict, problems: list[Problem]
+) -> None:
     path = stats_path(root, modality, name)
     if stats.get("count") != count:
         problems.append(Problem(path, None, f"count {stats.get('count')} but the manifest says {count}"))
     if scan.readable and len(scan.keys) != stats.get("count"):
-        problems.append(Problem(tar_path(root, modality, name), None,
-                                f"holds {len(scan.keys)} samples but its stats json says {stats.get('count')}"))
+        problems.append(
+            Problem(
+                tar_path(root, modality, name),
+                None,
+                f"holds {len(scan.keys)} samples but its stats json says {stats.get('count')}",
+            )
+        )
     if scan.readable and stats.get("keys_digest") != keys_digest(scan.keys):
         problems.append(Problem(path, None, "keys_digest does not match the keys in the tar"))
 
@@ -140,8 +147,9 @@ def _reference(scans: dict[str, _Scan]) -> str:
     return "rgb" if "rgb" in scans else next(iter(scans))
 
 
-def _check_alignment(root: str, name: str, scans: dict[str, _Scan], dropped: dict[str, set[str]],
-                     problems: list[Problem]) -> None:
+def _check_alignment(
+    root: str, name: str, scans: dict[str, _Scan], dropped: dict[str, set[str]], problems: list[Problem]
+) -> None:
     """Every modality holds the reference's keys in its order, less the samples it records as skipped."""
     if not scans:
         return
@@ -166,8 +174,9 @@ def _check_alignment(root: str, name: str, scans: dict[str, _Scan], dropped: dic
                 problems.append(Problem(url, None, f"{hidden} more missing/extra keys not listed"))
             if not missing and not extra:
                 i = next(i for i, (a, b) in enumerate(zip(scan.keys, expected)) if a != b)
-                problems.append(Problem(url, scan.keys[i],
-                                        f"key order differs: sample {i} is {expected[i]!r} in {ref_url}"))
+                problems.append(
+                    Problem(url, scan.keys[i], f"key order differs: sample {i} is {expected[i]!r} in {ref_url}")
+                )
         for k, size in scan.sizes.items():
             if k in ref_scan.sizes and ref_scan.sizes[k] != size:
                 problems.append(Problem(url, k, f"size {size} differs from {ref_scan.sizes[k]} in {ref_url}"))

@@ -15,7 +15,6 @@ import time
 from . import fs
 from .format import FormatError, check_key, modality_kind
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -109,7 +108,7 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Drop everything written so far."""
-        for m, (tmp, f) in self._files.items():
+        for m, (tmp, _) in self._files.items():
             try:
                 self._tars[m].close()
             except Exception:
@@ -118,7 +117,7 @@ class ShardWriter:
                 os.remove(tmp)
         self._files.clear()
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -27,7 +27,9 @@ CLI = str(Path(sys.executable).with_name("multimae-shard"))
 
 def synth(tmp: Path, name: str = "out", workers: int = 1, num: int = 24, seed: int = 0) -> Path:
     out = tmp / name
-    build(open_source("synthetic", num=num, size=64, seed=seed), str(out), shard_size=8, workers=workers, progress=False)
+    build(
+        open_source("synthetic", num=num, size=64, seed=seed), str(out), shard_size=8, workers=workers, progress=False
+    )
     return out
 
 
@@ -39,12 +41,19 @@ def test_synthetic_manifest_and_stats(tmp_path):
     out = synth(tmp_path, num=20)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["format_version"] == 1 and manifest["total"] == 20
-    assert manifest["shards"] == [{"name": "shard-000000", "count": 8}, {"name": "shard-000001", "count": 8},
-                                  {"name": "shard-000002", "count": 4}]
+    assert manifest["shards"] == [
+        {"name": "shard-000000", "count": 8},
+        {"name": "shard-000001", "count": 8},
+        {"name": "shard-000002", "count": 4},
+    ]
     assert manifest["cls_classes"] == synthetic.CLS_CLASSES
     mods = manifest["modalities"]
     assert sorted(mods) == sorted(MODALITIES)
-    assert (mods["depth_gt"]["kind"], mods["depth_gt"]["meaning"], mods["depth_gt"]["dtype"]) == ("depth", "metric_m", "uint16")
+    assert (mods["depth_gt"]["kind"], mods["depth_gt"]["meaning"], mods["depth_gt"]["dtype"]) == (
+        "depth",
+        "metric_m",
+        "uint16",
+    )
     assert mods["semseg_gt"]["classes"] == synthetic.SEMSEG_CLASSES
     assert mods["rgb"]["producer"]["options"] == {"num": 20, "size": 64, "seed": 0, "quality": 95}
     for m in MODALITIES:
@@ -68,17 +77,25 @@ def test_round_trip_is_exact_and_plain_webdataset_reads_it(tmp_path):
         rgb = decode_sample("rgb", streams["rgb"][i])
         assert rgb.shape == (64, 64, 3) and np.abs(rgb.astype(int) - truth["rgb"]).mean() < 16  # 4:2:0 JPEG
         assert int(streams["rgb"][i]["cls"]) == truth["cls"]
-        assert json.loads(streams["rgb"][i]["json"]) == {"source": "synthetic", "seed": 0, "index": i,
-                                                         "orig_size": [64, 64]}
+        assert json.loads(streams["rgb"][i]["json"]) == {
+            "source": "synthetic",
+            "seed": 0,
+            "index": i,
+            "orig_size": [64, 64],
+        }
 
 
 def test_tar_t_lists_sorted_members_with_fixed_metadata(tmp_path):
     out = synth(tmp_path, num=8)
     k0, k1 = synthetic.scene_key(0, 0), synthetic.scene_key(0, 1)
-    for m, members in (("rgb", ["cls", "json", "rgb.jpg"]), ("depth_gt", ["depth_gt.json", "depth_gt.png"]),
-                       ("semseg_gt", ["semseg_gt.png"])):
-        listed = subprocess.run(["tar", "-tf", str(out / m / "shard-000000.tar")], capture_output=True, text=True,
-                                check=True).stdout.split()
+    for m, members in (
+        ("rgb", ["cls", "json", "rgb.jpg"]),
+        ("depth_gt", ["depth_gt.json", "depth_gt.png"]),
+        ("semseg_gt", ["semseg_gt.png"]),
+    ):
+        listed = subprocess.run(
+            ["tar", "-tf", str(out / m / "shard-000000.tar")], capture_output=True, text=True, check=True
+        ).stdout.split()
         assert listed[: 2 * len(members)] == [f"{k}.{e}" for k in (k0, k1) for e in members]
         assert len(listed) == 8 * len(members)
         with tarfile.open(out / m / "shard-000000.tar") as tar:
@@ -157,8 +174,23 @@ def _assert_no_partial_tar(out: Path, shard_size: int) -> None:
 @pytest.mark.slow
 def test_killed_build_resumes_to_identical_bytes(tmp_path):
     out = tmp_path / "killed"
-    cmd = [CLI, "build", "--src", "synthetic", "--num", "96", "--size", "64", "--shard-size", "8",
-           "--workers", "2", "--out", str(out), "--no-progress"]
+    cmd = [
+        CLI,
+        "build",
+        "--src",
+        "synthetic",
+        "--num",
+        "96",
+        "--size",
+        "64",
+        "--shard-size",
+        "8",
+        "--workers",
+        "2",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not list(out.glob("semseg_gt/shard-*.json")):
@@ -187,4 +219,8 @@ def test_killed_build_resumes_to_identical_bytes(tmp_path):
     for m in MODALITIES:
         for stats in (out / m).glob("*.json"):
             ours, ref = json.loads(stats.read_text()), json.loads((reference / m / stats.name).read_text())
-            assert (ours["count"], ours["keys_digest"], ours["bytes"]) == (ref["count"], ref["keys_digest"], ref["bytes"])
+            assert (ours["count"], ours["keys_digest"], ours["bytes"]) == (
+                ref["count"],
+                ref["keys_digest"],
+                ref["bytes"],
+            )

@@ -26,8 +26,21 @@ def run(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "data"
-    res = run("build", "--src", "synthetic", "--num", "12", "--size", "64", "--shard-size", "5", "--workers", "2",
-              "--out", str(out))
+    res = run(
+        "build",
+        "--src",
+        "synthetic",
+        "--num",
+        "12",
+        "--size",
+        "64",
+        "--shard-size",
+        "5",
+        "--workers",
+        "2",
+        "--out",
+        str(out),
+    )
     assert res.returncode == 0, res.stderr
     assert f"wrote 12 samples in 3 shards to {out} (3 built, 0 kept from an earlier run), skipped 0," in res.stdout
     assert "12/12" in res.stderr  # the progress bar reached the end
@@ -45,12 +58,12 @@ def test_info_summarises_modalities_and_classes(data, capsys):
     scenes = [synthetic.render_scene(0, i, 64) for i in range(12)]
     truth = Counter(synthetic.CLS_CLASSES[s["cls"]] for s in scenes)
     start = lines.index(f"cls histogram (12 samples, {len(truth)} classes):")
-    shown = {ln.split()[0]: int(ln.split()[1]) for ln in lines[start + 1: start + 1 + len(truth)]}
+    shown = {ln.split()[0]: int(ln.split()[1]) for ln in lines[start + 1 : start + 1 + len(truth)]}
     assert shown == dict(truth)
     pixels = np.bincount(np.concatenate([s["semseg_gt"].ravel() for s in scenes]))
     share = {synthetic.SEMSEG_CLASSES[c]: f"{100 * n / pixels.sum():.1f}%" for c, n in enumerate(pixels) if n}
     start = lines.index("semseg_gt pixel share by class (first 12 samples):")
-    shown = {ln.split()[0]: ln.split()[1] for ln in lines[start + 1: start + 1 + len(share)]}
+    shown = {ln.split()[0]: ln.split()[1] for ln in lines[start + 1 : start + 1 + len(share)]}
     assert shown == share
 
 
@@ -64,7 +77,9 @@ def test_show_draws_one_row_per_sample(data, tmp_path, capsys):
 
 def test_show_by_key_and_unknown_key(data, tmp_path, capsys):
     key = synthetic.scene_key(0, 7)
-    main_exit(["show", str(data), "--out", str(tmp_path / "k.png"), "--keys", key, "--modalities", "rgb", "semseg_gt"], 0)
+    main_exit(
+        ["show", str(data), "--out", str(tmp_path / "k.png"), "--keys", key, "--modalities", "rgb", "semseg_gt"], 0
+    )
     assert capsys.readouterr().out.strip() == f"show: 1 samples -> {tmp_path / 'k.png'}"
     with Image.open(tmp_path / "k.png") as im:
         assert im.size == (520, 350)
@@ -94,15 +109,35 @@ def main_exit(argv: list[str], code: int) -> None:
 
 def test_user_errors_exit_2_with_one_line(tmp_path, capsys, data):
     res = run("build", "--src", "imagenet", "--root", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
-    assert (res.returncode, res.stderr) == (2, f"multimae-shard build: error: source root {tmp_path / 'missing'} does not exist\n")
+    assert (res.returncode, res.stderr) == (
+        2,
+        f"multimae-shard build: error: source root {tmp_path / 'missing'} does not exist\n",
+    )
     (tmp_path / "empty").mkdir()
     res = run("build", "--src", "folder", "--root", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
     assert res.returncode == 2 and res.stderr.startswith("multimae-shard build: error: no image files")
     res = run("build", "--src", "flickr", "--out", str(tmp_path / "o"))
     assert res.returncode == 2 and "invalid choice: 'flickr'" in res.stderr
 
-    main_exit(["build", "--src", "synthetic", "--num", "12", "--size", "64", "--shard-size", "5", "--seed", "3",
-               "--out", str(data), "--no-progress"], 2)
+    main_exit(
+        [
+            "build",
+            "--src",
+            "synthetic",
+            "--num",
+            "12",
+            "--size",
+            "64",
+            "--shard-size",
+            "5",
+            "--seed",
+            "3",
+            "--out",
+            str(data),
+            "--no-progress",
+        ],
+        2,
+    )
     err = capsys.readouterr().err
     assert err.startswith("multimae-shard build: error: ") and "use a new --out" in err and err.count("\n") == 1
     main_exit(["info", str(tmp_path / "empty")], 2)

@@ -16,13 +16,18 @@ def block_sample(seed: int, size: int = 128, block: int = 16) -> dict:
     other = rng.integers(0, 256, size=(n, n, 2)).astype(np.uint8)
     rgb = np.concatenate([red[..., None], other], axis=-1).repeat(block, 0).repeat(block, 1)  # (H, W, 3)
     semseg = level.repeat(block, 0).repeat(block, 1).astype(np.int64)
-    depth = (1.0 + rgb[..., 0].astype(np.float32) / 255.0)  # (H, W) metres
+    depth = 1.0 + rgb[..., 0].astype(np.float32) / 255.0  # (H, W) metres
     return {"__key__": f"{seed:06d}", "rgb": rgb, "semseg_gt": semseg, "depth_gt": depth}
 
 
 def make(train: bool = True, **kw) -> SampleTransform:
-    args = dict(inputs={"rgb": "rgb", "depth": "depth_gt", "semseg": "semseg_gt"}, target="semseg_gt",
-                image_size=64, train=train, seed=(0, 0, 0))
+    args = dict(
+        inputs={"rgb": "rgb", "depth": "depth_gt", "semseg": "semseg_gt"},
+        target="semseg_gt",
+        image_size=64,
+        train=train,
+        seed=(0, 0, 0),
+    )
     args.update(kw)
     return SampleTransform(**args)
 

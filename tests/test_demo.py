@@ -12,8 +12,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def demo(out: Path) -> str:
-    proc = subprocess.run([sys.executable, str(REPO / "pipelines" / "demo.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, cwd=REPO, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "pipelines" / "demo.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 

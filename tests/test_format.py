@@ -32,8 +32,9 @@ def test_depth_png_is_16_bit_and_constant_depth_survives():
     png, rng = F.encode_depth(np.full((4, 5), 2.5, np.float32))
     assert rng == [2.5, 2.5]
     assert np.array_equal(F.decode_depth(png, rng), np.full((4, 5), 2.5, np.float32))
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     assert Image.open(io.BytesIO(png)).mode.startswith("I;16")
     with pytest.raises(F.FormatError, match="NaN"):
@@ -73,8 +74,13 @@ def _write(root, keys, name="shard-000000"):
     with ShardWriter(root, name, ["rgb", "semseg_gt"], producer={"source": "test"}) as w:
         for i, k in enumerate(keys):
             ids = np.full((8, 8), i % 5)
-            w.write(k, {"rgb": {**F.encode_sample("rgb", img), "cls": str(i).encode()},
-                        "semseg_gt": F.encode_sample("semseg_gt", ids, num_classes=5)})
+            w.write(
+                k,
+                {
+                    "rgb": {**F.encode_sample("rgb", img), "cls": str(i).encode()},
+                    "semseg_gt": F.encode_sample("semseg_gt", ids, num_classes=5),
+                },
+            )
         w.skip("broken.jpg", "truncated")
     return w
 
@@ -118,10 +124,14 @@ def test_manifest_update_merges_modalities(tmp_path):
     root = str(tmp_path)
     with pytest.raises(F.FormatError, match="not found"):
         F.read_manifest(root)
-    F.update_manifest(root, {"rgb": F.modality_entry("rgb", {"source": "x"}, meaning="srgb")},
-                      shards=[{"name": "shard-000000", "count": 3}, {"name": "shard-000001", "count": 2}])
-    F.update_manifest(root, {"semseg": F.modality_entry("semseg", {"model": "m"}, meaning="class_id",
-                                                         classes=["a", "b"])})
+    F.update_manifest(
+        root,
+        {"rgb": F.modality_entry("rgb", {"source": "x"}, meaning="srgb")},
+        shards=[{"name": "shard-000000", "count": 3}, {"name": "shard-000001", "count": 2}],
+    )
+    F.update_manifest(
+        root, {"semseg": F.modality_entry("semseg", {"model": "m"}, meaning="class_id", classes=["a", "b"])}
+    )
     m = F.read_manifest(root)
     assert m["total"] == 5 and set(m["modalities"]) == {"rgb", "semseg"}
     assert m["modalities"]["semseg"]["classes"] == ["a", "b"] and m["modalities"]["semseg"]["dtype"] == "uint8"

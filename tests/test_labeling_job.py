@@ -34,8 +34,9 @@ SHARDS, PER_SHARD = 4, 50
 OUT_MODS = ("depth", "semseg")
 
 
-def make_rgb_set(root: Path, shards: int = SHARDS, per_shard: int = PER_SHARD, size: int = 64,
-                 corrupt: set[str] = frozenset()) -> list[list[str]]:
+def make_rgb_set(
+    root: Path, shards: int = SHARDS, per_shard: int = PER_SHARD, size: int = 64, corrupt: set[str] = frozenset()
+) -> list[list[str]]:
     """An rgb-only shard set of synthetic scenes (every 5th image 48x64, to check resizing back); keys per shard."""
     keys = []
     for s in range(shards):
@@ -52,9 +53,20 @@ def make_rgb_set(root: Path, shards: int = SHARDS, per_shard: int = PER_SHARD, s
                     member = {"rgb.jpg": member["rgb.jpg"][:200]}  # truncated JPEG
                 w.write(key, {"rgb": member})
                 keys[-1].append(key)
-    update_manifest(str(root), {"rgb": {"kind": "rgb", "ext": "jpg", "dtype": "uint8", "meaning": "srgb",
-                                        "producer": {"source": "synthetic"}}},
-                    shards=[{"name": shard_name(s), "count": per_shard} for s in range(shards)], cls_classes=None)
+    update_manifest(
+        str(root),
+        {
+            "rgb": {
+                "kind": "rgb",
+                "ext": "jpg",
+                "dtype": "uint8",
+                "meaning": "srgb",
+                "producer": {"source": "synthetic"},
+            }
+        },
+        shards=[{"name": shard_name(s), "count": per_shard} for s in range(shards)],
+        cls_classes=None,
+    )
     return keys
 
 
@@ -172,8 +184,9 @@ def test_actor_killed_mid_shard_is_retried(reference, rgb_set, tmp_path):
     assert result["shards_failed"] == {} and result["retries"] >= 1
     assert any(e["event"] == "shard_retry" for e in events)
     ref = output_files(ref_data)
-    assert output_files(data) == {k: v for k, v in ref.items()
-                                  if k.split("/")[1].split(".")[0] in ("shard-000000", "shard-000001")}
+    assert output_files(data) == {
+        k: v for k, v in ref.items() if k.split("/")[1].split(".")[0] in ("shard-000000", "shard-000001")
+    }
     assert not [p for mod in OUT_MODS for p in (data / mod).iterdir() if ".tmp-" in p.name]
 
 
@@ -218,8 +231,13 @@ def test_sigkill_driver_then_rerun_equals_uninterrupted_run(reference, rgb_set, 
     data = copy_input(rgb_set[0], tmp_path / "data")
     ray_tmp = Path(f"/tmp/mml-{os.getpid()}")  # short: Ray's socket paths must fit in 107 bytes
     env = dict(os.environ, RAY_TMPDIR=str(ray_tmp), RAY_AUTH_MODE="disabled")
-    cmd = [str(BIN / "multimae-label"), str(REPO / "pipelines" / "pseudolabel.yaml"), f"input={data}",
-           "ray.address=local", "ray.num_cpus=2"]
+    cmd = [
+        str(BIN / "multimae-label"),
+        str(REPO / "pipelines" / "pseudolabel.yaml"),
+        f"input={data}",
+        "ray.address=local",
+        "ray.num_cpus=2",
+    ]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 180
@@ -257,24 +275,29 @@ def write_cfg(tmp_path: Path, text: str) -> str:
 
 def test_shipped_config_loads_with_overrides(rgb_set):
     data, _ = rgb_set
-    cfg = load_config(str(REPO / "pipelines" / "pseudolabel.yaml"),
-                      [f"input={data}", "batch_size=4", "teachers.semseg=null", "ray.address=local"])
+    cfg = load_config(
+        str(REPO / "pipelines" / "pseudolabel.yaml"),
+        [f"input={data}", "batch_size=4", "teachers.semseg=null", "ray.address=local"],
+    )
     assert cfg.batch_size == 4 and list(cfg.teachers) == ["depth"] and cfg.ray == RayConfig(address="local")
     assert cfg.teachers["depth"].model == "default" and cfg.output_root == str(data)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["colour=red"], "metadata.colour: unknown key"),
-    (["teachers.depth.weights=x"], "metadata.teachers.depth.weights: unknown key"),
-    (["teachers.depth.model=/nonexistent/dpt"], "metadata.teachers.depth.model: weights folder /nonexistent/dpt"),
-    (["teachers.semseg.model=nobody/no-such-model"], "not in the local Hugging Face cache"),
-    (["teachers.depth.kind=semseg"], "output modality 'depth' is of kind 'depth'"),
-    (["batch_size=0"], "metadata.batch_size: must be >= 1"),
-    (["batch_size=many"], "metadata.batch_size: expected int"),
-    (["device=tpu"], "metadata.device: must be one of"),
-    (["shards=[shard-000099]"], "shards: shard-000099 is not in"),
-    (["batch_size"], "is not key=value"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["colour=red"], "metadata.colour: unknown key"),
+        (["teachers.depth.weights=x"], "metadata.teachers.depth.weights: unknown key"),
+        (["teachers.depth.model=/nonexistent/dpt"], "metadata.teachers.depth.model: weights folder /nonexistent/dpt"),
+        (["teachers.semseg.model=nobody/no-such-model"], "not in the local Hugging Face cache"),
+        (["teachers.depth.kind=semseg"], "output modality 'depth' is of kind 'depth'"),
+        (["batch_size=0"], "metadata.batch_size: must be >= 1"),
+        (["batch_size=many"], "metadata.batch_size: expected int"),
+        (["device=tpu"], "metadata.device: must be one of"),
+        (["shards=[shard-000099]"], "shards: shard-000099 is not in"),
+        (["batch_size"], "is not key=value"),
+    ],
+)
 def test_bad_config_names_the_key(rgb_set, overrides, message):
     data, _ = rgb_set
     with pytest.raises(ConfigError, match=None) as err:
@@ -295,5 +318,7 @@ def test_cli_reports_bad_config_in_one_line(tmp_path):
     cfg = write_cfg(tmp_path, "input: /nonexistent\nbatchsize: 3\n")
     res = subprocess.run([str(BIN / "multimae-label"), cfg], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
-    assert res.stderr.strip() == f"multimae-label: error: {cfg}: batchsize: unknown key (known: " \
+    assert (
+        res.stderr.strip() == f"multimae-label: error: {cfg}: batchsize: unknown key (known: "
         f"{', '.join(LabelConfig.__dataclass_fields__)})"
+    )

@@ -9,7 +9,6 @@ import torch
 import multimae
 from multimae.pos_embed import build_2d_sincos_pos_emb
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 REF = Path(__file__).parent / "data" / "official_multimae_keys.md"
@@ -27,12 +26,15 @@ def official_keys(section: int) -> list[tuple[str, tuple[int, ...]]]:
 
 def batch(b=2, size=32, classes=133, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {"rgb": torch.randn(b, 3, size, size, generator=g),
-            "depth": torch.randn(b, 1, size, size, generator=g),
-            "semseg": torch.randint(0, classes, (b, size // 4, size // 4), generator=g)}
+    return {
+        "rgb": torch.randn(b, 3, size, size, generator=g),
+        "depth": torch.randn(b, 1, size, size, generator=g),
+        "semseg": torch.randint(0, classes, (b, size // 4, size // 4), generator=g),
+    }
 
 
 # ---------------------------------------------------------------- official parity
+
 
 def test_multimae_base_state_dict_equals_official_pretraining_model():
     model = multimae.create_model("multimae-base")
@@ -46,10 +48,13 @@ def test_multimae_base_state_dict_equals_official_pretraining_model():
     assert not list(model.buffers())
 
 
-@pytest.mark.parametrize("section,kwargs,total,unique", [
-    (2, dict(task="depth", image_size=256), 115_937_857, 105_908_353),   # DPT head
-    (3, dict(task="semseg", image_size=512, num_classes=150), 96_020_886, 96_020_886),  # ConvNeXt head
-])
+@pytest.mark.parametrize(
+    "section,kwargs,total,unique",
+    [
+        (2, dict(task="depth", image_size=256), 115_937_857, 105_908_353),  # DPT head
+        (3, dict(task="semseg", image_size=512, num_classes=150), 96_020_886, 96_020_886),  # ConvNeXt head
+    ],
+)
 def test_multivit_base_heads_equal_official_finetuning_models(section, kwargs, total, unique):
     model = multimae.create_model("multivit-base", **kwargs)
     sd = model.state_dict()
@@ -60,8 +65,9 @@ def test_multivit_base_heads_equal_official_finetuning_models(section, kwargs, t
 
 def test_sincos_pos_emb_equals_official_formula():
     def official(h, w, dim, temperature=10000.0):  # transcription of the official MoCo-v3 code
-        grid_w, grid_h = torch.meshgrid(torch.arange(w, dtype=torch.float32),
-                                        torch.arange(h, dtype=torch.float32), indexing="ij")
+        grid_w, grid_h = torch.meshgrid(
+            torch.arange(w, dtype=torch.float32), torch.arange(h, dtype=torch.float32), indexing="ij"
+        )
         omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
         out_w = grid_w.flatten()[:, None] * omega
         out_h = grid_h.flatten()[:, None] * omega
@@ -77,6 +83,7 @@ def test_sincos_pos_emb_equals_official_formula():
 
 # ---------------------------------------------------------------- shapes
 
+
 @pytest.mark.parametrize("size", ["tiny", "small", "base", "large"])
 def test_pretraining_shapes_for_every_size(size):
     dims = multimae.SIZES[size]
@@ -89,7 +96,11 @@ def test_pretraining_shapes_for_every_size(size):
     with torch.no_grad():
         preds, masks = model(batch(1), num_encoded_tokens=5)
     assert {k: tuple(v.shape) for k, v in preds.items()} == {
-        "rgb": (1, 3, 32, 32), "depth": (1, 1, 32, 32), "semseg": (1, 133, 8, 8), "norm_rgb": (1, 3, 32, 32)}
+        "rgb": (1, 3, 32, 32),
+        "depth": (1, 1, 32, 32),
+        "semseg": (1, 133, 8, 8),
+        "norm_rgb": (1, 3, 32, 32),
+    }
     assert {k: tuple(v.shape) for k, v in masks.items()} == {"rgb": (1, 4), "depth": (1, 4), "semseg": (1, 4)}
 
 
@@ -108,8 +119,14 @@ def test_input_adapters_any_channels_rectangular_images_and_padding_index():
 
 
 def test_output_shapes_on_rectangular_images_and_subsets_of_modalities():
-    model = multimae.create_model("multimae-tiny", depth=2, image_size=32, in_domains=("rgb", "semseg"),
-                                  out_domains=("depth", "semseg"), num_semseg_classes=7)
+    model = multimae.create_model(
+        "multimae-tiny",
+        depth=2,
+        image_size=32,
+        in_domains=("rgb", "semseg"),
+        out_domains=("depth", "semseg"),
+        num_semseg_classes=7,
+    )
     x = {"rgb": torch.randn(2, 3, 32, 48), "semseg": torch.randint(0, 7, (2, 8, 12))}
     preds, masks = model(x, num_encoded_tokens=4)
     assert preds["depth"].shape == (2, 1, 32, 48) and preds["semseg"].shape == (2, 7, 8, 12)
@@ -120,13 +137,19 @@ def test_output_shapes_on_rectangular_images_and_subsets_of_modalities():
         model({"rgb": x["rgb"], "semseg": x["semseg"][:, :4]})
 
 
-@pytest.mark.parametrize("kwargs,shape", [
-    (dict(task="cls", num_classes=10), (2, 10)),
-    (dict(task="depth"), (2, 1, 32, 32)),
-    (dict(task="depth", patch_size=8), (2, 1, 32, 32)),  # DPT's reassembly assumes 16 px patches: resized back
-    (dict(task="semseg", num_classes=5, in_domains=("rgb", "depth"), head_kwargs={"embed_dim": 256}), (2, 5, 32, 32)),
-    (dict(task="semseg", head="dpt", num_classes=5), (2, 5, 32, 32)),
-])
+@pytest.mark.parametrize(
+    "kwargs,shape",
+    [
+        (dict(task="cls", num_classes=10), (2, 10)),
+        (dict(task="depth"), (2, 1, 32, 32)),
+        (dict(task="depth", patch_size=8), (2, 1, 32, 32)),  # DPT's reassembly assumes 16 px patches: resized back
+        (
+            dict(task="semseg", num_classes=5, in_domains=("rgb", "depth"), head_kwargs={"embed_dim": 256}),
+            (2, 5, 32, 32),
+        ),
+        (dict(task="semseg", head="dpt", num_classes=5), (2, 5, 32, 32)),
+    ],
+)
 def test_finetuning_heads_shapes_and_gradients(kwargs, shape):
     model = multimae.create_model("multivit-tiny", image_size=32, depth=4, **kwargs)
     out = model(batch())
@@ -146,6 +169,7 @@ def test_multivit_accepts_bare_rgb_tensor_and_matches_dict_input():
 
 # ---------------------------------------------------------------- forward behaviour
 
+
 def test_gradient_reaches_every_trainable_parameter():
     model = multimae.create_model("multimae-tiny", depth=2, image_size=32)
     x = batch()
@@ -159,15 +183,18 @@ def test_gradient_reaches_every_trainable_parameter():
 def test_masked_patches_are_invisible_to_the_model():
     model = multimae.create_model("multimae-tiny", depth=2, image_size=32).eval()
     x = batch(1)
-    masks = {"rgb": torch.tensor([[0, 1, 1, 0]]), "depth": torch.tensor([[1, 1, 1, 0]]),
-             "semseg": torch.tensor([[1, 0, 1, 1]])}
+    masks = {
+        "rgb": torch.tensor([[0, 1, 1, 0]]),
+        "depth": torch.tensor([[1, 1, 1, 0]]),
+        "semseg": torch.tensor([[1, 0, 1, 1]]),
+    }
     with torch.no_grad():
         preds, out_masks = model(x, task_masks=masks)
         y = {k: v.clone() for k, v in x.items()}
-        y["rgb"][:, :, :16, 16:] += 5.0        # patch 1 of rgb: masked
-        y["depth"][:, :, 16:, :16] -= 3.0      # patch 2 of depth: masked
+        y["rgb"][:, :, :16, 16:] += 5.0  # patch 1 of rgb: masked
+        y["depth"][:, :, 16:, :16] -= 3.0  # patch 2 of depth: masked
         preds2, _ = model(y, task_masks=masks)
-        y["rgb"][:, :, :16, :16] += 1.0        # patch 0 of rgb: visible
+        y["rgb"][:, :, :16, :16] += 1.0  # patch 0 of rgb: visible
         preds3, _ = model(y, task_masks=masks)
     assert all(torch.equal(out_masks[t], masks[t]) for t in masks)
     assert all(torch.allclose(preds[t], preds2[t], atol=1e-6) for t in preds)
@@ -177,16 +204,19 @@ def test_masked_patches_are_invisible_to_the_model():
 def test_task_masks_with_unequal_visible_counts_equal_per_sample_runs():
     model = multimae.create_model("multimae-tiny", depth=2, image_size=32).eval()
     x = batch(2)
-    masks = {"rgb": torch.tensor([[0, 1, 1, 1], [0, 0, 0, 1]]),
-             "depth": torch.tensor([[1, 1, 1, 1], [0, 1, 0, 1]]),
-             "semseg": torch.tensor([[1, 1, 0, 1], [0, 0, 1, 0]])}  # 2 vs 8 visible tokens
+    masks = {
+        "rgb": torch.tensor([[0, 1, 1, 1], [0, 0, 0, 1]]),
+        "depth": torch.tensor([[1, 1, 1, 1], [0, 1, 0, 1]]),
+        "semseg": torch.tensor([[1, 1, 0, 1], [0, 0, 1, 0]]),
+    }  # 2 vs 8 visible tokens
     with torch.no_grad():
         preds, _ = model(x, task_masks=masks)
         for i in range(2):
-            alone, _ = model({k: v[i:i + 1] for k, v in x.items()},
-                             task_masks={k: v[i:i + 1] for k, v in masks.items()})
+            alone, _ = model(
+                {k: v[i : i + 1] for k, v in x.items()}, task_masks={k: v[i : i + 1] for k, v in masks.items()}
+            )
             for t in preds:
-                torch.testing.assert_close(preds[t][i:i + 1], alone[t], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(preds[t][i : i + 1], alone[t], atol=1e-5, rtol=1e-5)
     with pytest.raises(KeyError, match="semseg"):
         model(x, task_masks={"rgb": masks["rgb"], "depth": masks["depth"]})
     with pytest.raises(ValueError, match="no visible token"):
@@ -213,14 +243,18 @@ def test_bf16_autocast_forward_backward_is_finite():
     assert preds["rgb"].dtype == torch.bfloat16 and preds["semseg"].dtype == torch.float32
     losses["total"].backward()
     assert torch.isfinite(losses["total"]) and all(
-        torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None
+    )
 
 
 def test_sdpa_and_explicit_softmax_attention_agree():
     model = multimae.create_model("multimae-tiny", depth=2, image_size=32).eval()
     x = batch()
-    masks = {"rgb": torch.tensor([[0, 1, 1, 1], [0, 0, 0, 1]]), "depth": torch.tensor([[1, 0, 1, 1], [0, 1, 0, 1]]),
-             "semseg": torch.tensor([[1, 1, 0, 1], [0, 0, 1, 0]])}
+    masks = {
+        "rgb": torch.tensor([[0, 1, 1, 1], [0, 0, 0, 1]]),
+        "depth": torch.tensor([[1, 0, 1, 1], [0, 1, 0, 1]]),
+        "semseg": torch.tensor([[1, 1, 0, 1], [0, 0, 1, 0]]),
+    }
     with torch.no_grad():
         fused, _ = model(x, task_masks=masks)
         assert multimae.set_fused_attn(model, False) == 2 + 4 * 3  # encoder + 4 decoders x (xattn + 2 blocks)
@@ -231,8 +265,9 @@ def test_sdpa_and_explicit_softmax_attention_agree():
 
 @pytest.mark.slow
 def test_torch_compile_matches_eager():
-    model = multimae.create_model("multimae-tiny", depth=2, image_size=32, in_domains=("rgb", "depth"),
-                                  out_domains=("rgb",)).eval()
+    model = multimae.create_model(
+        "multimae-tiny", depth=2, image_size=32, in_domains=("rgb", "depth"), out_domains=("rgb",)
+    ).eval()
     x = batch()
     masks = {k: torch.tensor([[0, 1, 1, 0], [1, 0, 1, 1]]) for k in ("rgb", "depth")}  # unequal counts
     compiled = torch.compile(model, backend="aot_eager")
@@ -250,8 +285,8 @@ def test_param_groups_decay_rules_and_layer_decay():
     assert by_name["global_tokens"]["weight_decay"] == 0.0
     assert by_name["encoder.0.attn.qkv.bias"]["weight_decay"] == 0.0
     assert by_name["encoder.0.attn.qkv.weight"]["weight_decay"] == 0.05
-    assert by_name["input_adapters.rgb.proj.weight"]["lr_scale"] == 0.5 ** 5
-    assert by_name["encoder.3.mlp.fc1.weight"]["lr_scale"] == 0.5 ** 1
+    assert by_name["input_adapters.rgb.proj.weight"]["lr_scale"] == 0.5**5
+    assert by_name["encoder.3.mlp.fc1.weight"]["lr_scale"] == 0.5**1
     assert by_name["output_adapters.cls.head.weight"]["lr_scale"] == 1.0
     assert "input_adapters.rgb.pos_emb" not in by_name  # frozen
     n_trainable = sum(p.requires_grad for p in model.parameters())
@@ -271,8 +306,9 @@ def test_create_model_rejects_unknown_names_and_options():
 @pytest.mark.slow
 def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
-    model = multimae.create_model("multimae-tiny", depth=2, image_size=32, num_semseg_classes=5,
-                                  decoder_dim=64, decoder_heads=4, decoder_depth=1)
+    model = multimae.create_model(
+        "multimae-tiny", depth=2, image_size=32, num_semseg_classes=5, decoder_dim=64, decoder_heads=4, decoder_depth=1
+    )
     x = batch(4, classes=5)
     x["depth"] = multimae.robust_standardize_depth(x["depth"])
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)

@@ -9,7 +9,6 @@ import torch
 
 import multimae
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -38,8 +37,9 @@ def test_pretrained_encoder_loads_into_finetuning_model_at_another_resolution(tm
     assert torch.equal(sd["encoder.1.mlp.fc2.weight"], pre.state_dict()["encoder.1.mlp.fc2.weight"])
     assert sd["input_adapters.rgb.pos_emb"].shape == (1, 192, 4, 4)  # fixed sin-cos kept at the new grid
     with pytest.raises(RuntimeError, match="missing"):
-        multimae.load_checkpoint(multimae.create_model("multivit-tiny", depth=3, image_size=32), tmp_path,
-                                 encoder_only=True)
+        multimae.load_checkpoint(
+            multimae.create_model("multivit-tiny", depth=3, image_size=32), tmp_path, encoder_only=True
+        )
 
 
 def test_timm_round_trip_features_equal():
@@ -76,8 +76,9 @@ def test_from_timm_folds_class_position_into_global_token():
 
 
 def test_save_pretrained_round_trip_in_hub_layout(tmp_path):
-    model = multimae.create_model("multimae-tiny", depth=2, image_size=32, in_domains=("rgb", "depth"),
-                                  out_domains=("rgb", "depth"))
+    model = multimae.create_model(
+        "multimae-tiny", depth=2, image_size=32, in_domains=("rgb", "depth"), out_domains=("rgb", "depth")
+    )
     model.save_pretrained(tmp_path)
     assert {"config.json", "model.safetensors"} <= {p.name for p in tmp_path.iterdir()}
     config = json.loads((tmp_path / "config.json").read_text())

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 import multimae
 from multimae.losses import masked_cross_entropy, masked_l1_loss, masked_mse_loss, patchify
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -29,9 +28,14 @@ def data():
     B, p = 3, 4
     mask = (torch.rand(B, 16, generator=g) < 0.6).long()
     mask[2] = 0  # a sample without masked tokens: excluded from the batch mean, as official
-    return dict(pred=torch.randn(B, 3, 16, 16, generator=g), target=torch.randn(B, 3, 16, 16, generator=g),
-                logits=torch.randn(B, 7, 16, 16, generator=g), classes=torch.randint(0, 7, (B, 16, 16), generator=g),
-                mask=mask, p=p)
+    return dict(
+        pred=torch.randn(B, 3, 16, 16, generator=g),
+        target=torch.randn(B, 3, 16, 16, generator=g),
+        logits=torch.randn(B, 7, 16, 16, generator=g),
+        classes=torch.randint(0, 7, (B, 16, 16), generator=g),
+        mask=mask,
+        p=p,
+    )
 
 
 def test_losses_equal_the_official_pixel_formulation(data):
@@ -53,8 +57,11 @@ def test_losses_equal_the_official_pixel_formulation(data):
 def test_changing_predictions_at_visible_tokens_leaves_the_loss_unchanged(data):
     d = data
     visible_px = F.interpolate((1 - d["mask"]).reshape(3, 1, 4, 4).float(), size=(16, 16))  # 1 = visible
-    for fn, pred, target in [(masked_mse_loss, d["pred"], d["target"]), (masked_l1_loss, d["pred"], d["target"]),
-                             (masked_cross_entropy, d["logits"], d["classes"])]:
+    for fn, pred, target in [
+        (masked_mse_loss, d["pred"], d["target"]),
+        (masked_l1_loss, d["pred"], d["target"]),
+        (masked_cross_entropy, d["logits"], d["classes"]),
+    ]:
         base = fn(pred, target, d["mask"], 4)
         assert fn(pred + 100 * visible_px, target, d["mask"], 4) == base
         assert fn(pred + 100 * (1 - visible_px), target, d["mask"], 4) != base
@@ -80,7 +87,7 @@ def test_robust_standardize_depth_equals_numpy():
     for b in range(4):
         v = np.sort(depth[b].ravel())
         n = v.size
-        kept = v[int(0.1 * n): int(0.9 * n)].astype(np.float64)
+        kept = v[int(0.1 * n) : int(0.9 * n)].astype(np.float64)
         expect = (depth[b] - kept.mean()) / np.sqrt(kept.var(ddof=1) + 1e-6)
         np.testing.assert_allclose(out[b], expect, rtol=1e-4, atol=1e-5)
 
@@ -94,7 +101,7 @@ def test_robust_standardize_depth_with_validity_mask_equals_numpy_on_valid_pixel
     for b in range(3):
         v = np.sort(depth[b][valid[b]])
         n = v.size
-        kept = v[int(0.1 * n): int(0.9 * n)].astype(np.float64)
+        kept = v[int(0.1 * n) : int(0.9 * n)].astype(np.float64)
         expect = (depth[b] - kept.mean()) / np.sqrt(kept.var(ddof=1) + 1e-6)
         np.testing.assert_allclose(out[b][valid[b]], expect[valid[b]], rtol=1e-4, atol=1e-5)
 
@@ -102,16 +109,29 @@ def test_robust_standardize_depth_with_validity_mask_equals_numpy_on_valid_pixel
 def test_pretraining_loss_maps_tasks_strides_and_masks():
     g = torch.Generator().manual_seed(0)
     B = 2
-    targets = {"rgb": torch.randn(B, 3, 32, 32, generator=g), "depth": torch.randn(B, 1, 32, 32, generator=g),
-               "semseg": torch.randint(0, 5, (B, 8, 8), generator=g)}
-    preds = {"rgb": torch.randn(B, 3, 32, 32, generator=g), "norm_rgb": torch.randn(B, 3, 32, 32, generator=g),
-             "depth": torch.randn(B, 1, 32, 32, generator=g), "semseg": torch.randn(B, 5, 8, 8, generator=g)}
+    targets = {
+        "rgb": torch.randn(B, 3, 32, 32, generator=g),
+        "depth": torch.randn(B, 1, 32, 32, generator=g),
+        "semseg": torch.randint(0, 5, (B, 8, 8), generator=g),
+    }
+    preds = {
+        "rgb": torch.randn(B, 3, 32, 32, generator=g),
+        "norm_rgb": torch.randn(B, 3, 32, 32, generator=g),
+        "depth": torch.randn(B, 1, 32, 32, generator=g),
+        "semseg": torch.randn(B, 5, 8, 8, generator=g),
+    }
     masks = {"rgb": torch.tensor([[1, 0, 1, 0], [0, 0, 1, 1]]), "semseg": torch.tensor([[1, 1, 0, 0], [0, 1, 0, 1]])}
     out = multimae.pretraining_loss(preds, targets, masks, patch_size=16)
     torch.testing.assert_close(out["rgb"], masked_mse_loss(preds["rgb"], targets["rgb"], masks["rgb"], 16))
-    torch.testing.assert_close(out["norm_rgb"], masked_mse_loss(preds["norm_rgb"], targets["rgb"], masks["rgb"], 16, True))
-    torch.testing.assert_close(out["semseg"], masked_cross_entropy(preds["semseg"], targets["semseg"], masks["semseg"], 4))
-    torch.testing.assert_close(out["depth"], (preds["depth"] - targets["depth"]).abs().mean())  # not an input: all pixels
+    torch.testing.assert_close(
+        out["norm_rgb"], masked_mse_loss(preds["norm_rgb"], targets["rgb"], masks["rgb"], 16, True)
+    )
+    torch.testing.assert_close(
+        out["semseg"], masked_cross_entropy(preds["semseg"], targets["semseg"], masks["semseg"], 4)
+    )
+    torch.testing.assert_close(
+        out["depth"], (preds["depth"] - targets["depth"]).abs().mean()
+    )  # not an input: all pixels
     torch.testing.assert_close(out["total"], out["rgb"] + out["norm_rgb"] + out["depth"] + out["semseg"])
     with pytest.raises(KeyError, match="'depth'"):
         multimae.pretraining_loss(preds, {k: v for k, v in targets.items() if k != "depth"}, masks)
@@ -125,7 +145,8 @@ def test_uncertainty_weighting_matches_official_rule():
     out = w(losses)
     torch.testing.assert_close(out["rgb"], torch.exp(torch.tensor(-0.5)) * 2.0 + 0.5)
     assert out["depth"].item() == 0.0  # a dropped task adds nothing, not its log-variance
-    total = multimae.pretraining_loss({"rgb": torch.zeros(1, 3, 16, 16)}, {"rgb": torch.ones(1, 3, 16, 16)},
-                                      {"rgb": torch.ones(1, 1)}, weighting=w)
+    total = multimae.pretraining_loss(
+        {"rgb": torch.zeros(1, 3, 16, 16)}, {"rgb": torch.ones(1, 3, 16, 16)}, {"rgb": torch.ones(1, 1)}, weighting=w
+    )
     torch.testing.assert_close(total["total"], total["rgb_weighted"])
     torch.testing.assert_close(total["rgb"], torch.tensor(1.0))

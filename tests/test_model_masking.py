@@ -4,10 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from multimae.masking import (dirichlet_proportions, mask_to_ids, random_masks, select_visible,
-
-                              split_budget)
-
+from multimae.masking import dirichlet_proportions, mask_to_ids, random_masks, select_visible, split_budget
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,7 +38,7 @@ def test_dirichlet_statistics_match_the_distribution():
     p = dirichlet_proportions(20000, 3, alphas, generator=torch.Generator().manual_seed(3)).numpy()
     a0 = sum(alphas)
     np.testing.assert_allclose(p.mean(0), np.array(alphas) / a0, atol=0.01)
-    var = np.array(alphas) * (a0 - np.array(alphas)) / (a0 ** 2 * (a0 + 1))
+    var = np.array(alphas) * (a0 - np.array(alphas)) / (a0**2 * (a0 + 1))
     np.testing.assert_allclose(p.var(0), var, rtol=0.06)
 
 

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_labeling_job import _kill_ray_of, make_rgb_set
 
 from shards.reader import iter_shard
-from test_labeling_job import _kill_ray_of, make_rgb_set
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -56,15 +56,41 @@ def test_ray_job_submit_to_a_running_cluster(tmp_path):
     temp = Path(f"/tmp/mmj-{uuid.uuid4().hex[:6]}")
     dash = free_port()
     env = ray_env(RAY_AUTH_MODE="disabled")
-    start = ["ray", "start", "--head", f"--port={free_port()}", f"--dashboard-port={dash}",
-             f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-             "--num-cpus=2", f"--temp-dir={temp}", "--dashboard-host=127.0.0.1", "--disable-usage-stats"]
+    start = [
+        "ray",
+        "start",
+        "--head",
+        f"--port={free_port()}",
+        f"--dashboard-port={dash}",
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        "--num-cpus=2",
+        f"--temp-dir={temp}",
+        "--dashboard-host=127.0.0.1",
+        "--disable-usage-stats",
+    ]
     try:
         subprocess.run(start, env=env, check=True, capture_output=True, timeout=180, start_new_session=True)
         res = subprocess.run(
-            ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO), "--",
-             "multimae-label", "pipelines/pseudolabel.yaml", f"input={data}", "actors=1"],
-            env=env, capture_output=True, text=True, timeout=400)
+            [
+                "ray",
+                "job",
+                "submit",
+                "--address",
+                f"http://127.0.0.1:{dash}",
+                "--working-dir",
+                str(REPO),
+                "--",
+                "multimae-label",
+                "pipelines/pseudolabel.yaml",
+                f"input={data}",
+                "actors=1",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
     finally:
         _kill_ray_of(str(temp))
         shutil.rmtree(temp, ignore_errors=True)
@@ -77,9 +103,25 @@ def ssh_ready() -> str | None:
     """None when root@127.0.0.1 accepts SSH_KEY, else why not."""
     if not SSH_KEY.is_file():
         return f"no SSH key at {SSH_KEY} (run .ci/setup_ssh.sh as root)"
-    res = subprocess.run(["ssh", "-i", str(SSH_KEY), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
-                          "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=5", "root@127.0.0.1", "true"],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            "ssh",
+            "-i",
+            str(SSH_KEY),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "ConnectTimeout=5",
+            "root@127.0.0.1",
+            "true",
+        ],
+        capture_output=True,
+        text=True,
+    )
     return None if res.returncode == 0 else f"ssh root@127.0.0.1 failed: {res.stderr.strip()[-300:]}"
 
 
@@ -94,27 +136,49 @@ def test_ray_up_submit_down_on_a_local_provider_cluster(tmp_path):
     temp, gcs, marker = Path(f"/tmp/mmc-{uuid.uuid4().hex[:6]}"), free_port(), "# multimae-ci-cluster-test"
     cfg["cluster_name"] = f"multimae-test-{temp.name}"
     cfg["auth"]["ssh_private_key"] = str(SSH_KEY)
-    cfg["setup_commands"] = [f"grep -q -- '{marker}' ~/.bashrc || echo 'export PATH={VENV_BIN}:$PATH {marker}' "
-                             ">> ~/.bashrc"]
+    cfg["setup_commands"] = [
+        f"grep -q -- '{marker}' ~/.bashrc || echo 'export PATH={VENV_BIN}:$PATH {marker}' >> ~/.bashrc"
+    ]
     cfg["head_start_ray_commands"] = [
         f"ray start --head --port={gcs} --dashboard-port={free_port()} --ray-client-server-port={free_port()} "
         f"--dashboard-agent-listen-port={free_port()} --num-cpus=2 --temp-dir={temp} --dashboard-host=127.0.0.1 "
-        "--disable-usage-stats --autoscaling-config=~/ray_bootstrap_config.yaml"]
+        "--disable-usage-stats --autoscaling-config=~/ray_bootstrap_config.yaml"
+    ]
     cfg["file_mounts"] = {"~/multimae-toolkit": str(REPO)}
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = ray_env()
     try:
-        up = subprocess.run(["ray", "up", "-y", "--no-config-cache", str(path)], env=env, capture_output=True,
-                            text=True, timeout=500, cwd=REPO)
+        up = subprocess.run(
+            ["ray", "up", "-y", "--no-config-cache", str(path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=500,
+            cwd=REPO,
+        )
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
-        sub = subprocess.run(["ray", "submit", str(path), "pipelines/pseudolabel.py", f"input={data}", "actors=1",
-                              f"ray.address=127.0.0.1:{gcs}"], env=env, capture_output=True, text=True,
-                             timeout=500, cwd=REPO)
+        sub = subprocess.run(
+            [
+                "ray",
+                "submit",
+                str(path),
+                "pipelines/pseudolabel.py",
+                f"input={data}",
+                "actors=1",
+                f"ray.address=127.0.0.1:{gcs}",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=500,
+            cwd=REPO,
+        )
         assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
         assert "2 labeled, 0 already complete, 0 failed (of 2)" in sub.stdout + sub.stderr
-        down = subprocess.run(["ray", "down", "-y", str(path)], env=env, capture_output=True, text=True,
-                              timeout=300, cwd=REPO)
+        down = subprocess.run(
+            ["ray", "down", "-y", str(path)], env=env, capture_output=True, text=True, timeout=300, cwd=REPO
+        )
         assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
     finally:
         _kill_ray_of(str(temp))  # `ray down` on the local provider leaves the head's Ray running

@@ -57,8 +57,12 @@ def write_set(root: str, counts=COUNTS, modalities=MODS) -> dict[str, dict]:
                 truth[key] = make_sample(1000 * s + i)
                 w.write(key, {m: members(m, truth[key]) for m in modalities})
     entries = {
-        m: F.modality_entry(m, {"name": "test"}, meaning="test",
-                            classes=[f"c{i}" for i in range(NUM_CLASSES)] if m == "semseg" else None)
+        m: F.modality_entry(
+            m,
+            {"name": "test"},
+            meaning="test",
+            classes=[f"c{i}" for i in range(NUM_CLASSES)] if m == "semseg" else None,
+        )
         for m in modalities
     }
     shards = [{"name": F.shard_name(s), "count": n} for s, n in enumerate(counts)]
@@ -127,8 +131,15 @@ def test_node_and_worker_split_reads_each_sample_once(dataset, world_size, shuff
     root, truth = dataset
     got = []
     for rank in range(world_size):
-        ds = ShardDataset(root, ["semseg"], rank=rank, world_size=world_size, shuffle_shards=shuffled,
-                          shuffle_buffer=5 if shuffled else 0, seed=3)
+        ds = ShardDataset(
+            root,
+            ["semseg"],
+            rank=rank,
+            world_size=world_size,
+            shuffle_shards=shuffled,
+            shuffle_buffer=5 if shuffled else 0,
+            seed=3,
+        )
         loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
         got += [s["__key__"] for s in loader]
     assert sorted(got) == sorted(truth) and len(got) == len(truth)
@@ -152,10 +163,10 @@ def test_shuffle_is_seeded_and_changes_with_epoch(dataset):
 def test_resampled_is_infinite_and_seeded(dataset):
     root, truth = dataset
 
-    def draw(seed, epoch=0, rank=0, n=3 * len(truth)):
+    def draw(seed, epoch=0, rank=0, n=None):
         ds = ShardDataset(root, ["semseg"], resampled=True, seed=seed, rank=rank, world_size=2)
         ds.set_epoch(epoch)
-        return [s["__key__"] for s in islice(iter(ds), n)]
+        return [s["__key__"] for s in islice(iter(ds), n or 3 * len(truth))]
 
     a = draw(0)
     assert len(a) == 3 * len(truth) and set(a) <= set(truth)  # more samples than the set holds: it goes on
@@ -172,8 +183,11 @@ def test_misaligned_keys_raise_naming_shard_and_keys(tmp_path, case):
     root = str(tmp_path)
     truth = write_set(root, counts=[3, 4])
     ks = [key_of(1, i) for i in range(4)]
-    bad = {"missing key": ks[:1] + ks[2:], "swapped order": [ks[1], ks[0], *ks[2:]],
-           "extra key at end": ks + [key_of(0, 0)]}[case]
+    bad = {
+        "missing key": ks[:1] + ks[2:],
+        "swapped order": [ks[1], ks[0], *ks[2:]],
+        "extra key at end": ks + [key_of(0, 0)],
+    }[case]
     rewrite(root, "depth", 1, bad, truth)
     with pytest.raises(AlignmentError, match="shard-000001") as e:
         list(ShardDataset(root, MODS, on_error="skip"))  # misalignment is never skipped
@@ -295,8 +309,9 @@ def test_plain_webdataset_and_tar_read_the_shards(dataset):
     depth = next(iter(wds.WebDataset(os.path.join(root, "depth", "shard-000000.tar"), shardshuffle=False)))
     png = Image.open(io.BytesIO(depth["depth.png"]))
     assert png.mode == "I;16" and png.size == (W, H)
-    listing = subprocess.run(["tar", "-tf", tar_path(root, "semseg", "shard-000003")],
-                             capture_output=True, text=True, check=True).stdout.split()
+    listing = subprocess.run(
+        ["tar", "-tf", tar_path(root, "semseg", "shard-000003")], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert listing == [f"{key_of(3, i)}.semseg.png" for i in range(COUNTS[3])]
 
 

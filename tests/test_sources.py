@@ -59,7 +59,7 @@ def halves(h: int = 32, w: int = 64) -> np.ndarray:
     """(h, w, 3): left half red, right half blue."""
     a = np.zeros((h, w, 3), np.uint8)
     a[:, : w // 2] = RED
-    a[:, w // 2:] = BLUE
+    a[:, w // 2 :] = BLUE
     return a
 
 
@@ -74,7 +74,7 @@ def huge_jpeg() -> bytes:
     """A small JPEG whose SOF header claims 60000 x 60000 px (a decompression bomb)."""
     data = bytearray(jpeg(halves(16, 16)))
     sof = data.index(b"\xff\xc0")
-    data[sof + 5: sof + 9] = struct.pack(">HH", 60000, 60000)
+    data[sof + 5 : sof + 9] = struct.pack(">HH", 60000, 60000)
     return bytes(data)
 
 
@@ -113,12 +113,15 @@ def test_pixel_limit_is_configurable():
 
 
 @pytest.mark.parametrize("size", [None, 16])
-@pytest.mark.parametrize("orientation, top_left, bottom_right, shape", [
-    (1, RED, BLUE, (32, 64)),
-    (3, BLUE, RED, (32, 64)),  # rotated 180
-    (6, RED, BLUE, (64, 32)),  # 90 clockwise: stored left (red) becomes the top
-    (8, BLUE, RED, (64, 32)),  # 90 counter-clockwise: stored left becomes the bottom
-])
+@pytest.mark.parametrize(
+    "orientation, top_left, bottom_right, shape",
+    [
+        (1, RED, BLUE, (32, 64)),
+        (3, BLUE, RED, (32, 64)),  # rotated 180
+        (6, RED, BLUE, (64, 32)),  # 90 clockwise: stored left (red) becomes the top
+        (8, BLUE, RED, (64, 32)),  # 90 counter-clockwise: stored left becomes the bottom
+    ],
+)
 def test_exif_orientation_is_applied(orientation, top_left, bottom_right, shape, size):
     exif = Image.Exif()
     exif[0x0112] = orientation
@@ -235,9 +238,17 @@ def test_folder_build_skips_each_bad_kind_and_converts_the_rest(tmp_path):
     assert json.loads(samples[2]["json"]) == {"source": "sub/good image.png", "orig_size": [300, 500]}
     stats = [json.loads((tmp_path / "out" / "rgb" / f"shard-00000{i}.json").read_text()) for i in (0, 1)]
     skipped = {s["ref"]: s["reason"].split(":")[0] for st in stats for s in st["skipped"]}
-    assert skipped == {"bomb.jpg": "too large", "bomb.png": "too large", "empty.jpg": "empty file",
-                       "text.jpg": "not an image", "truncated.jpg": "truncated"}
-    assert [st["count"] for st in stats] == [1, 2]  # sorted order: bomb.jpg bomb.png cmyk empty | rotated sub/ text trunc
+    assert skipped == {
+        "bomb.jpg": "too large",
+        "bomb.png": "too large",
+        "empty.jpg": "empty file",
+        "text.jpg": "not an image",
+        "truncated.jpg": "truncated",
+    }
+    assert [st["count"] for st in stats] == [
+        1,
+        2,
+    ]  # sorted order: bomb.jpg bomb.png cmyk empty | rotated sub/ text trunc
 
 
 def make_imagenet(root: Path, per_class: dict[str, int]) -> None:
@@ -256,7 +267,13 @@ def test_imagenet_source_classes_keys_and_meta(tmp_path):
     assert (summary.samples, summary.shards, sum(summary.skipped.values())) == (6, 2, 0)
     samples = read_rgb_shards(tmp_path / "out")
     assert [s["__key__"] for s in samples] == [
-        "n01-n01_0", "n01-n01_1", "n01-n01_2", "n02-n02_0", "n02-n02_1", "n03-n03_0"]
+        "n01-n01_0",
+        "n01-n01_1",
+        "n01-n01_2",
+        "n02-n02_0",
+        "n02-n02_1",
+        "n03-n03_0",
+    ]
     assert [int(s["cls"]) for s in samples] == [0, 0, 0, 1, 1, 2]
     meta = json.loads(samples[4]["json"])
     assert meta == {"source": "n02/n02_1.JPEG", "wnid": "n02", "orig_size": [310, 400]}
@@ -273,8 +290,11 @@ def test_folder_class_from_parent(tmp_path):
             (tmp_path / "in" / cls / f"{i}.png").write_bytes(png(Image.fromarray(textured(40, 40, seed=i))))
     source = open_source("folder", str(tmp_path / "in"), class_from_parent=True)
     assert source.cls_classes == ["cats", "dogs"]
-    assert [(it.key, it.cls, it.label) for it in source.items] == [("cats-0", 0, "cats"), ("dogs-0", 1, "dogs"),
-                                                                     ("dogs-1", 1, "dogs")]
+    assert [(it.key, it.cls, it.label) for it in source.items] == [
+        ("cats-0", 0, "cats"),
+        ("dogs-0", 1, "dogs"),
+        ("dogs-1", 1, "dogs"),
+    ]
     (tmp_path / "in" / "loose.png").write_bytes(png(Image.fromarray(textured(40, 40))))
     with pytest.raises(SourceError, match="loose.png has no parent folder"):
         open_source("folder", str(tmp_path / "in"), class_from_parent=True)
@@ -298,8 +318,13 @@ def test_webdataset_source_reshards_and_never_unpickles(tmp_path):
     for t in range(2):
         with wds.TarWriter(str(src / f"part-{t:05d}.tar")) as w:
             for i in range(5):
-                sample = {"__key__": f"{t:05d}{i:04d}", "jpg": jpeg(textured(60, 80, seed=n)), "cls": str(n % 3),
-                          "txt": f"caption {n}", "json": json.dumps({"url": f"http://x/{n}"})}
+                sample = {
+                    "__key__": f"{t:05d}{i:04d}",
+                    "jpg": jpeg(textured(60, 80, seed=n)),
+                    "cls": str(n % 3),
+                    "txt": f"caption {n}",
+                    "json": json.dumps({"url": f"http://x/{n}"}),
+                }
                 if n == 3:
                     sample["pyd"] = pickle.dumps(_Trap(str(sentinel)))
                 if n == 7:
@@ -308,13 +333,21 @@ def test_webdataset_source_reshards_and_never_unpickles(tmp_path):
                 n += 1
     summary = build(open_source("webdataset", str(src)), str(tmp_path / "out"), shard_size=4, progress=False)
     assert not sentinel.exists()
-    assert (summary.samples, summary.shards, dict(summary.skipped)) == (9, 3, {"no image member (has ['cls', 'json', 'txt'])": 1})
+    assert (summary.samples, summary.shards, dict(summary.skipped)) == (
+        9,
+        3,
+        {"no image member (has ['cls', 'json', 'txt'])": 1},
+    )
     samples = read_rgb_shards(tmp_path / "out")
     assert [s["__key__"] for s in samples] == [f"{t:05d}{i:04d}" for t in range(2) for i in range(5) if t * 5 + i != 7]
     assert all(sorted(k for k in s if not k.startswith("__")) == ["cls", "json", "rgb.jpg"] for s in samples)
     meta = json.loads(samples[3]["json"])
-    assert meta == {"source": "part-00000.tar:000000003", "caption": "caption 3", "meta": {"url": "http://x/3"},
-                    "orig_size": [60, 80]}
+    assert meta == {
+        "source": "part-00000.tar:000000003",
+        "caption": "caption 3",
+        "meta": {"url": "http://x/3"},
+        "orig_size": [60, 80],
+    }
     assert [int(s["cls"]) for s in samples] == [i % 3 for i in range(10) if i != 7]
     # the same input through a brace pattern gives the same items
     pattern = open_source("webdataset", str(src / "part-{00000..00001}.tar"))

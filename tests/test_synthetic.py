@@ -200,7 +200,9 @@ def test_objects_rest_on_the_floor_inside_the_room(rendered) -> None:
                 inside = _sdf(obj, (world - obj.center) @ obj.rotation) < 0
                 assert inside.any() == touches, (obj.kind, height)
             solid = world[inside]
-            assert (np.abs(solid[:, 0]) < scene.room.width / 2).all() and (np.abs(solid[:, 2]) < scene.room.depth / 2).all()
+            assert (np.abs(solid[:, 0]) < scene.room.width / 2).all() and (
+                np.abs(solid[:, 2]) < scene.room.depth / 2
+            ).all()
 
 
 def test_floor_depth_increases_toward_image_top(rendered) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import shutil
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -60,20 +59,34 @@ def teacher_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[st
     torch.manual_seed(0)
     segformer = root / "segformer"
     config = SegformerConfig(
-        depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 32, 64], num_attention_heads=[1, 1, 2, 2],
-        decoder_hidden_size=32, num_labels=5, id2label={i: f"c{i}" for i in range(5)},
+        depths=[1, 1, 1, 1],
+        hidden_sizes=[8, 16, 32, 64],
+        num_attention_heads=[1, 1, 2, 2],
+        decoder_hidden_size=32,
+        num_labels=5,
+        id2label={i: f"c{i}" for i in range(5)},
     )
     SegformerForSemanticSegmentation(config).save_pretrained(segformer)
     SegformerImageProcessor(size={"height": 64, "width": 64}).save_pretrained(segformer)
     # Depth Anything: its processor keeps the aspect ratio (multiple of 14) -> batches of different shapes
     depth_anything = root / "depth-anything"
     backbone = Dinov2Config(
-        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, patch_size=14,
-        image_size=56, out_features=["stage1", "stage2", "stage3", "stage4"], reshape_hidden_states=False,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=14,
+        image_size=56,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+        reshape_hidden_states=False,
     )
     config = DepthAnythingConfig(
-        backbone_config=backbone, neck_hidden_sizes=[16, 32, 64, 64], fusion_hidden_size=32, head_hidden_size=16,
-        reassemble_hidden_size=32, patch_size=14,
+        backbone_config=backbone,
+        neck_hidden_sizes=[16, 32, 64, 64],
+        fusion_hidden_size=32,
+        head_hidden_size=16,
+        reassemble_hidden_size=32,
+        patch_size=14,
     )
     DepthAnythingForDepthEstimation(config).save_pretrained(depth_anything)
     processor = DPTImageProcessor(size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14)
@@ -234,8 +247,12 @@ def test_sampled_mask_classification_scores_equal_dense(size):
     """Scores evaluated only where the final resize reads == upsample to 384 x 384, then resize (all sizes)."""
     torch.manual_seed(0)
     class_logits, mask_logits = torch.randn(2, 16, 10), 4 * torch.randn(2, 16, 32, 24)
-    dense = torch.nn.functional.interpolate(mask_classification_scores(class_logits, mask_logits, (384, 384)),
-                                            size=size, mode="bilinear", align_corners=False)
+    dense = torch.nn.functional.interpolate(
+        mask_classification_scores(class_logits, mask_logits, (384, 384)),
+        size=size,
+        mode="bilinear",
+        align_corners=False,
+    )
     got = mask_classification_scores_at(class_logits, mask_logits, (384, 384), size)
     torch.testing.assert_close(got, dense, rtol=0, atol=2e-5)
 

@@ -20,14 +20,23 @@ from shards.reader import iter_shard
 from shards.sources import synthetic_source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ("model.kwargs={dim_tokens: 64, depth: 2, num_heads: 2, decoder_dim: 64, decoder_depth: 1, "
-        "decoder_heads: 2}")
+TINY = "model.kwargs={dim_tokens: 64, depth: 2, num_heads: 2, decoder_dim: 64, decoder_depth: 1, decoder_heads: 2}"
 TINY_FT = "model.kwargs={dim_tokens: 64, depth: 2, num_heads: 2}"
 PRETRAIN = [
-    TINY, "model.patch_size=8", "model.num_encoded_tokens=16", "data.image_size=32",
-    "data.inputs={rgb: rgb, depth: depth_gt, semseg: semseg_gt}", "data.eval_num_shards=1",
-    "data.shuffle_buffer=16", "data.num_workers=0", "train.batch_size=8", "optim.blr=1e-3",
-    "train.warmup_steps=2", "log.every=1", "log.tensorboard=false", "log.num_images=2",
+    TINY,
+    "model.patch_size=8",
+    "model.num_encoded_tokens=16",
+    "data.image_size=32",
+    "data.inputs={rgb: rgb, depth: depth_gt, semseg: semseg_gt}",
+    "data.eval_num_shards=1",
+    "data.shuffle_buffer=16",
+    "data.num_workers=0",
+    "train.batch_size=8",
+    "optim.blr=1e-3",
+    "train.warmup_steps=2",
+    "log.every=1",
+    "log.tensorboard=false",
+    "log.num_images=2",
 ]
 
 
@@ -105,11 +114,27 @@ def test_resume_refuses_a_different_batch_size(data, tmp_path):
 
 def test_overfit_a_tiny_batch(data, tmp_path):
     # one shard of 8 samples, no crop/flip randomness: every batch holds the same 8 images
-    over = [TINY_FT, "model.patch_size=8", "data.image_size=32", "data.train_shards=[shard-000000]",
-            "data.eval_shards=[shard-000000]", "data.crop_scale=[1.0, 1.0]", "data.crop_ratio=[1.0, 1.0]",
-            "data.hflip=0.0", "data.num_workers=0", "data.shuffle_buffer=0", "train.batch_size=8",
-            "train.steps=60", "train.warmup_steps=5", "optim.lr=2e-3", "optim.layer_decay=null",
-            "optim.weight_decay=0.0", "optim.label_smoothing=0.0", "log.every=1", "log.tensorboard=false"]
+    over = [
+        TINY_FT,
+        "model.patch_size=8",
+        "data.image_size=32",
+        "data.train_shards=[shard-000000]",
+        "data.eval_shards=[shard-000000]",
+        "data.crop_scale=[1.0, 1.0]",
+        "data.crop_ratio=[1.0, 1.0]",
+        "data.hflip=0.0",
+        "data.num_workers=0",
+        "data.shuffle_buffer=0",
+        "train.batch_size=8",
+        "train.steps=60",
+        "train.warmup_steps=5",
+        "optim.lr=2e-3",
+        "optim.layer_decay=null",
+        "optim.weight_decay=0.0",
+        "optim.label_smoothing=0.0",
+        "log.every=1",
+        "log.tensorboard=false",
+    ]
     summary = run(cfg_of("finetune-demo-cls.yaml", over), data, str(tmp_path))
     losses = [m["loss/total"] for m in read_metrics(str(tmp_path))]
     assert losses[-1] * 10 <= losses[0], (losses[0], losses[-1])
@@ -120,13 +145,27 @@ def test_finetune_semseg_and_depth_from_pretrained_write_metrics_and_predictions
     pre = str(tmp_path / "pre")
     run(cfg_of("pretrain-demo.yaml", PRETRAIN + ["train.steps=2"]), data, pre)
     init = os.path.join(pre, "checkpoint.pt")
-    common = [TINY_FT, "model.patch_size=8", "data.image_size=32", "data.eval_num_shards=1", "data.num_workers=0",
-              "data.shuffle_buffer=8", "train.batch_size=4", "train.steps=3", "train.warmup_steps=1",
-              "log.tensorboard=false"]
+    common = [
+        TINY_FT,
+        "model.patch_size=8",
+        "data.image_size=32",
+        "data.eval_num_shards=1",
+        "data.num_workers=0",
+        "data.shuffle_buffer=8",
+        "train.batch_size=4",
+        "train.steps=3",
+        "train.warmup_steps=1",
+        "log.tensorboard=false",
+    ]
 
     seg_dir = str(tmp_path / "seg")
-    seg = run(cfg_of("finetune-demo-semseg.yaml", common + ["model.kwargs.head_kwargs={embed_dim: 64}"]),
-              data, seg_dir, init=init, save_predictions=True)
+    seg = run(
+        cfg_of("finetune-demo-semseg.yaml", common + ["model.kwargs.head_kwargs={embed_dim: 64}"]),
+        data,
+        seg_dir,
+        init=init,
+        save_predictions=True,
+    )
     record = json.load(open(os.path.join(seg_dir, "eval.json")))
     assert record["eval_shards"] == ["shard-000004"] and record["target"] == "semseg_gt"
     assert record["metrics"]["pixels"] == 8 * 32 * 32  # every pixel of the 8 held-out samples (no ignore label)
@@ -140,19 +179,32 @@ def test_finetune_semseg_and_depth_from_pretrained_write_metrics_and_predictions
     assert (pred == target).double().mean().item() * 100 == pytest.approx(record["metrics"]["pixel_acc"])
 
     # eval-only on the fine-tuned run reproduces its metrics
-    again = run(cfg_of("finetune-demo-semseg.yaml", common + ["model.kwargs.head_kwargs={embed_dim: 64}"]),
-                data, seg_dir, eval_only=True)
+    again = run(
+        cfg_of("finetune-demo-semseg.yaml", common + ["model.kwargs.head_kwargs={embed_dim: 64}"]),
+        data,
+        seg_dir,
+        eval_only=True,
+    )
     assert again == pytest.approx(seg["eval"])
     # ... and evaluating every shard of a set (a separate test set: no shard left to train on) works too
     every = [f"shard-{i:06d}" for i in range(5)]
-    full = run(cfg_of("finetune-demo-semseg.yaml", common + ["model.kwargs.head_kwargs={embed_dim: 64}",
-                                                             f"data.eval_shards={every}"]),
-               data, seg_dir, eval_only=True)
+    full = run(
+        cfg_of(
+            "finetune-demo-semseg.yaml",
+            common + ["model.kwargs.head_kwargs={embed_dim: 64}", f"data.eval_shards={every}"],
+        ),
+        data,
+        seg_dir,
+        eval_only=True,
+    )
     assert full["pixels"] == sum(1 for n in every for _ in iter_shard(data, n, ["rgb"])) * 32 * 32
 
     depth_dir = str(tmp_path / "depth")  # DPT works at patch 16: 64 px, fresh weights
-    depth_over = common + ["model.patch_size=16", "data.image_size=64", "model.kwargs.head_kwargs={feature_dim: 16, "
-                           "layer_dims: [16, 16, 16, 16], hooks: [0, 0, 1, 1]}"]
+    depth_over = common + [
+        "model.patch_size=16",
+        "data.image_size=64",
+        "model.kwargs.head_kwargs={feature_dim: 16, layer_dims: [16, 16, 16, 16], hooks: [0, 0, 1, 1]}",
+    ]
     depth = run(cfg_of("finetune-demo-depth.yaml", depth_over), data, depth_dir)
     m = depth["eval"]
     assert m["images"] == 8 and 0.0 <= m["delta1"] <= 100.0 and m["AbsRel"] > 0 and m["RMSE"] > 0
@@ -166,21 +218,55 @@ def test_non_finite_loss_stops_with_a_clear_message(data, tmp_path):
 
 def test_cli_rejects_unknown_config_key(data, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        cli_main(["--shards", data, "--config", os.path.join(ROOT, "pipelines", "pretrain-demo.yaml"),
-                  "--out", str(tmp_path), "optim.bogus=1"])
+        cli_main(
+            [
+                "--shards",
+                data,
+                "--config",
+                os.path.join(ROOT, "pipelines", "pretrain-demo.yaml"),
+                "--out",
+                str(tmp_path),
+                "optim.bogus=1",
+            ]
+        )
     assert "unknown config key optim.bogus" in str(e.value.code)
     with pytest.raises(SystemExit) as e:
-        cli_main(["--shards", str(tmp_path / "nowhere"), "--config",
-                  os.path.join(ROOT, "pipelines", "pretrain-demo.yaml"), "--out", str(tmp_path)])
+        cli_main(
+            [
+                "--shards",
+                str(tmp_path / "nowhere"),
+                "--config",
+                os.path.join(ROOT, "pipelines", "pretrain-demo.yaml"),
+                "--out",
+                str(tmp_path),
+            ]
+        )
     assert "manifest.json not found" in str(e.value.code)
 
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_on_cpu(data, tmp_path):
     out = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           "-m", "multimae.cli", "--shards", data, "--config", os.path.join(ROOT, "pipelines", "pretrain-demo.yaml"),
-           "--out", out, *PRETRAIN, "train.steps=4", "train.checkpoint_every=2", "log.sample_keys=true"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        "-m",
+        "multimae.cli",
+        "--shards",
+        data,
+        "--config",
+        os.path.join(ROOT, "pipelines", "pretrain-demo.yaml"),
+        "--out",
+        out,
+        *PRETRAIN,
+        "train.steps=4",
+        "train.checkpoint_every=2",
+        "log.sample_keys=true",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

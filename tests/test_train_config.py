@@ -10,8 +10,10 @@ from multimae.config import ConfigError, from_dict, load_config
 from multimae.train import make_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(glob.glob(os.path.join(ROOT, "pipelines", "pretrain-*.yaml"))
-                 + glob.glob(os.path.join(ROOT, "pipelines", "finetune-*.yaml")))
+CONFIGS = sorted(
+    glob.glob(os.path.join(ROOT, "pipelines", "pretrain-*.yaml"))
+    + glob.glob(os.path.join(ROOT, "pipelines", "finetune-*.yaml"))
+)
 
 
 def write(tmp_path, text: str) -> str:
@@ -49,16 +51,19 @@ def test_overrides_set_one_key_or_replace_a_mapping():
     assert cfg.data.inputs == {"rgb": "rgb"} and cfg.optim.clip_grad is None
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["optim.bogus=1"], "unknown config key optim.bogus"),
-    (["bogus=1"], "unknown config key bogus"),
-    (["train.steps=ten"], "train.steps: expected an integer"),
-    (["train.dtype=float16"], "train.dtype: 'float16' is not one of"),
-    (["optim.betas=[0.9]"], "optim.betas: two values expected"),
-    (["data.crop_scale=[0.5, 2.0]"], "data.crop_scale"),
-    (["optim"], "expected key=value"),
-    (["task=cls"], "data.target: required for task cls"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.bogus=1"], "unknown config key optim.bogus"),
+        (["bogus=1"], "unknown config key bogus"),
+        (["train.steps=ten"], "train.steps: expected an integer"),
+        (["train.dtype=float16"], "train.dtype: 'float16' is not one of"),
+        (["optim.betas=[0.9]"], "optim.betas: two values expected"),
+        (["data.crop_scale=[0.5, 2.0]"], "data.crop_scale"),
+        (["optim"], "expected key=value"),
+        (["task=cls"], "data.target: required for task cls"),
+    ],
+)
 def test_bad_keys_and_values_are_rejected_with_the_key_named(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(os.path.join(ROOT, "pipelines", "pretrain-demo.yaml"), overrides)
@@ -73,8 +78,9 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path):
 
 
 def test_batch_must_split_over_ranks_and_accumulation():
-    cfg = load_config(os.path.join(ROOT, "pipelines", "pretrain-demo.yaml"), ["train.batch_size=30",
-                                                                                 "train.accum_steps=4"])
+    cfg = load_config(
+        os.path.join(ROOT, "pipelines", "pretrain-demo.yaml"), ["train.batch_size=30", "train.accum_steps=4"]
+    )
     manifest = {"shards": [{"name": "shard-000000", "count": 64}, {"name": "shard-000001", "count": 64}]}
     with pytest.raises(ConfigError, match="not divisible"):
         make_plan(cfg, manifest, world=1)

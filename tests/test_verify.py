@@ -106,8 +106,12 @@ def test_bad_values_unexpected_members_and_count_mismatch(data):
     rgb0, sem0 = tar_path(root, "rgb", "shard-000000"), tar_path(root, "semseg", "shard-000000")
     assert found(problems) == [
         (os.path.join(root, "manifest.json"), None),
-        (rgb0, k0), (rgb0, k0), (rgb0, key_of(0, 1)), (rgb0, key_of(0, 2)),
-        (sem0, k0), (sem0, key_of(0, 2)),
+        (rgb0, k0),
+        (rgb0, k0),
+        (rgb0, key_of(0, 1)),
+        (rgb0, key_of(0, 2)),
+        (sem0, k0),
+        (sem0, key_of(0, 2)),
     ] + [(stats_path(root, m, S1), None) for m in sorted(MODS)]  # manifest json keys are sorted
     whats = [p.what for p in problems]
     assert "total 7 is not the sum" in whats[0]
