@@ -168,8 +168,8 @@ class _Interpolate(nn.Module):
 
 
 def default_hooks(depth: int) -> list[int]:
-    """The four encoder layers DPT reads: [2, 5, 8, 11] for depth 12, [5, 11, 17, 23] for 24."""
-    return [depth // 4 - 1, depth // 2 - 1, 3 * depth // 4 - 1, depth - 1]
+    """The four encoder layers DPT reads: [2, 5, 8, 11] for depth 12, [5, 11, 17, 23] for 24 ([0, 0, 0, 1] for 2)."""
+    return [max(0, depth // 4 - 1), max(0, depth // 2 - 1), max(0, 3 * depth // 4 - 1), depth - 1]
 
 
 class DPTHead(nn.Module):

@@ -18,6 +18,9 @@ import torch.nn as nn
 
 from .pos_embed import build_2d_sincos_pos_emb, resize_pos_emb
 
+#: Semantic maps enter the model at 1/4 of the image resolution (official); the one place this is set.
+SEMSEG_STRIDE = 4
+
 
 def to_pair(x: int | tuple[int, int]) -> tuple[int, int]:
     return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
@@ -102,7 +105,7 @@ class SemSegInputAdapter(_GridAdapter):
         self,
         num_classes: int,
         dim_tokens: int,
-        stride_level: int = 4,
+        stride_level: int = SEMSEG_STRIDE,
         patch_size_full: int | tuple[int, int] = 16,
         image_size: int | tuple[int, int] = 224,
         dim_class_emb: int = 64,

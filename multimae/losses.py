@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .input_adapters import SEMSEG_STRIDE
+
 
 def robust_standardize_depth(
     depth: torch.Tensor, mask: torch.Tensor | None = None, trim: float = 0.1, eps: float = 1e-6
@@ -146,7 +148,7 @@ TASK_LOSSES: dict[str, tuple[str, int]] = {
     "rgb": ("mse", 1),
     "norm_rgb": ("norm_mse", 1),
     "depth": ("l1", 1),
-    "semseg": ("ce", 4),
+    "semseg": ("ce", SEMSEG_STRIDE),
 }
 
 
@@ -192,3 +194,45 @@ def pretraining_loss(
         out.update({f"{t}_weighted": v for t, v in weighted.items()})
     out["total"] = torch.stack(list(weighted.values())).sum()
     return out
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+
+def berhu_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Reverse Huber on valid pixels; threshold c = 0.2 x max |error| of the batch (official depth fine-tuning)."""
+    err = (pred - target).abs()[valid]
+    c = (0.2 * err.max()).clamp_min(1e-6).detach()
+    return torch.where(err <= c, err, (err**2 + c**2) / (2 * c)).mean()
+
+
+def finetune_loss(
+    objective: str,
+    output: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    label_smoothing: float = 0.0,
+    ignore_index: int = 255,
+    depth_loss: str = "berhu",
+) -> torch.Tensor:
+    """The loss of one fine-tuning objective, in float32.
+
+    cls: logits (B, K), target (B,) int; semseg: logits (B, K, H, W), target (B, H, W) int (`ignore_index`
+    pixels left out); depth: prediction (B, 1, H, W) or (B, H, W), target the same, scored on valid pixels
+    (finite, > 0) with BerHu (official) or L1. A batch without a valid depth pixel gives a zero loss that
+    still reaches every parameter.
+    """
+    if objective == "cls":
+        return F.cross_entropy(output.float(), target, label_smoothing=label_smoothing)
+    if objective == "semseg":
+        return F.cross_entropy(output.float(), target, ignore_index=ignore_index)
+    if objective != "depth":
+        raise ValueError(f"unknown fine-tuning objective {objective!r} (known: cls, semseg, depth)")
+    pred = output.float()[:, 0] if output.dim() == 4 else output.float()  # (B, H, W)
+    tgt = target[:, 0] if target.dim() == 4 else target
+    valid = torch.isfinite(tgt) & (tgt > 0)
+    if not valid.any():
+        return pred.sum() * 0.0
+    if depth_loss == "berhu":
+        return berhu_loss(pred, tgt, valid)
+    return (pred - tgt).abs()[valid].mean()

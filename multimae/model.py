@@ -20,7 +20,7 @@ from huggingface_hub import PyTorchModelHubMixin
 
 from .attention import key_padding_mask, transformer_block
 from .heads import ConvNeXtHead, DPTHead, LinearHead, default_hooks
-from .input_adapters import PatchedInputAdapter, SemSegInputAdapter
+from .input_adapters import SEMSEG_STRIDE, PatchedInputAdapter, SemSegInputAdapter
 from .masking import mask_to_ids, random_masks
 from .output_adapters import SpatialOutputAdapter
 from .tokens import TokenLayout
@@ -186,7 +186,7 @@ class MultiMAE(_Backbone, PyTorchModelHubMixin, **HUB_TAGS):
         mlp_ratio: float = 4.0,
         num_global_tokens: int = 1,
         num_semseg_classes: int = 133,
-        semseg_stride: int = 4,
+        semseg_stride: int = SEMSEG_STRIDE,
         dim_class_emb: int = 64,
         emb_padding_idx: int | None = None,
         decoder_dim: int = 256,
@@ -313,15 +313,15 @@ class MultiMAE(_Backbone, PyTorchModelHubMixin, **HUB_TAGS):
         return masks
 
 
-#: Default head and number of outputs per fine-tuning task.
-TASK_DEFAULTS = {"cls": ("linear", 1000), "depth": ("dpt", 1), "semseg": ("convnext", 150)}
+#: Default head and number of outputs per fine-tuning objective.
+OBJECTIVE_DEFAULTS = {"cls": ("linear", 1000), "depth": ("dpt", 1), "semseg": ("convnext", 150)}
 
 
 class MultiViT(_Backbone, PyTorchModelHubMixin, **HUB_TAGS):
     """MultiMAE encoder without masking plus one fine-tuning head; `model(x) -> Tensor`.
 
     Args (beyond MultiMAE's encoder/input ones):
-        task: "cls" (logits (B, K)), "depth" ((B, 1, H, W)) or "semseg" (logits (B, K, H, W)).
+        objective: "cls" (logits (B, K)), "depth" ((B, 1, H, W)) or "semseg" (logits (B, K, H, W)).
         head: "linear" | "dpt" | "convnext" (default: linear for cls, dpt for depth, convnext for semseg).
         num_classes: outputs of the head (default 1000 / 1 / 150).
         main_tasks: input tasks whose tokens the dense heads read (default: all in_domains).
@@ -332,7 +332,7 @@ class MultiViT(_Backbone, PyTorchModelHubMixin, **HUB_TAGS):
     def __init__(
         self,
         in_domains: Sequence[str] = ("rgb",),
-        task: str = "cls",
+        objective: str = "cls",
         head: str | None = None,
         num_classes: int | None = None,
         image_size: int = 224,
@@ -343,7 +343,7 @@ class MultiViT(_Backbone, PyTorchModelHubMixin, **HUB_TAGS):
         mlp_ratio: float = 4.0,
         num_global_tokens: int = 1,
         num_semseg_classes: int = 133,
-        semseg_stride: int = 4,
+        semseg_stride: int = SEMSEG_STRIDE,
         dim_class_emb: int = 64,
         emb_padding_idx: int | None = None,
         drop_path: float = 0.0,
@@ -352,13 +352,13 @@ class MultiViT(_Backbone, PyTorchModelHubMixin, **HUB_TAGS):
         domain_channels: dict[str, int] | None = None,
     ) -> None:
         super().__init__()
-        if task not in TASK_DEFAULTS:
-            raise ValueError(f"unknown fine-tuning task '{task}' (known: {sorted(TASK_DEFAULTS)})")
-        head = head or TASK_DEFAULTS[task][0]
-        num_classes = num_classes if num_classes is not None else TASK_DEFAULTS[task][1]
+        if objective not in OBJECTIVE_DEFAULTS:
+            raise ValueError(f"unknown fine-tuning objective '{objective}' (known: {sorted(OBJECTIVE_DEFAULTS)})")
+        head = head or OBJECTIVE_DEFAULTS[objective][0]
+        num_classes = num_classes if num_classes is not None else OBJECTIVE_DEFAULTS[objective][1]
         in_domains = tuple(in_domains)
         main_tasks = tuple(main_tasks) if main_tasks else in_domains
-        self.task = task
+        self.objective = objective
         self._build_inputs(
             in_domains,
             dim_tokens,
@@ -376,13 +376,13 @@ class MultiViT(_Backbone, PyTorchModelHubMixin, **HUB_TAGS):
             module = LinearHead(num_classes, dim_tokens, **kw)
         elif head == "dpt":
             kw.setdefault("hooks", default_hooks(depth))
-            kw.setdefault("head_type", "regression" if task == "depth" else "semseg")
+            kw.setdefault("head_type", "regression" if objective == "depth" else "semseg")
             module = DPTHead(num_classes, dim_tokens, main_tasks=main_tasks, patch_size=patch_size, **kw)
         elif head == "convnext":
             module = ConvNeXtHead(num_classes, dim_tokens, main_tasks=main_tasks, patch_size=patch_size, **kw)
         else:
             raise ValueError(f"unknown head '{head}' (known: linear, dpt, convnext)")
-        self.output_adapters = nn.ModuleDict({task: module})
+        self.output_adapters = nn.ModuleDict({objective: module})  # official key: output_adapters.<objective>
         self._build_encoder(dim_tokens, depth, num_heads, mlp_ratio, drop_path)
         init_weights(self.input_adapters)
         init_weights(self.encoder)
@@ -390,7 +390,7 @@ class MultiViT(_Backbone, PyTorchModelHubMixin, **HUB_TAGS):
 
     @property
     def head(self) -> nn.Module:
-        return self.output_adapters[self.task]
+        return self.output_adapters[self.objective]
 
     def forward_features(
         self, x: dict[str, torch.Tensor] | torch.Tensor, return_all_layers: bool = False

@@ -51,8 +51,8 @@ def test_multimae_base_state_dict_equals_official_pretraining_model():
 @pytest.mark.parametrize(
     "section,kwargs,total,unique",
     [
-        (2, dict(task="depth", image_size=256), 115_937_857, 105_908_353),  # DPT head
-        (3, dict(task="semseg", image_size=512, num_classes=150), 96_020_886, 96_020_886),  # ConvNeXt head
+        (2, dict(objective="depth", image_size=256), 115_937_857, 105_908_353),  # DPT head
+        (3, dict(objective="semseg", image_size=512, num_classes=150), 96_020_886, 96_020_886),  # ConvNeXt head
     ],
 )
 def test_multivit_base_heads_equal_official_finetuning_models(section, kwargs, total, unique):
@@ -140,14 +140,14 @@ def test_output_shapes_on_rectangular_images_and_subsets_of_modalities():
 @pytest.mark.parametrize(
     "kwargs,shape",
     [
-        (dict(task="cls", num_classes=10), (2, 10)),
-        (dict(task="depth"), (2, 1, 32, 32)),
-        (dict(task="depth", patch_size=8), (2, 1, 32, 32)),  # DPT's reassembly assumes 16 px patches: resized back
+        (dict(objective="cls", num_classes=10), (2, 10)),
+        (dict(objective="depth"), (2, 1, 32, 32)),
+        (dict(objective="depth", patch_size=8), (2, 1, 32, 32)),  # DPT's reassembly assumes 16 px patches: resized back
         (
-            dict(task="semseg", num_classes=5, in_domains=("rgb", "depth"), head_kwargs={"embed_dim": 256}),
+            dict(objective="semseg", num_classes=5, in_domains=("rgb", "depth"), head_kwargs={"embed_dim": 256}),
             (2, 5, 32, 32),
         ),
-        (dict(task="semseg", head="dpt", num_classes=5), (2, 5, 32, 32)),
+        (dict(objective="semseg", head="dpt", num_classes=5), (2, 5, 32, 32)),
     ],
 )
 def test_finetuning_heads_shapes_and_gradients(kwargs, shape):

@@ -29,7 +29,7 @@ def test_official_style_checkpoint_loads_strictly(tmp_path):
 def test_pretrained_encoder_loads_into_finetuning_model_at_another_resolution(tmp_path):
     pre = multimae.create_model("multimae-tiny", depth=2, image_size=32)
     pre.save_pretrained(tmp_path)
-    vit = multimae.create_model("multivit-tiny", depth=2, image_size=64, task="depth")
+    vit = multimae.create_model("multivit-tiny", depth=2, image_size=64, objective="depth")
     result = multimae.load_checkpoint(vit, tmp_path, encoder_only=True)
     assert result.missing_keys == []
     assert {k.split(".")[1] for k in result.unexpected_keys} == {"depth", "semseg"}  # adapters vit lacks
@@ -93,7 +93,7 @@ def test_save_pretrained_round_trip_in_hub_layout(tmp_path):
 
 
 def test_dpt_aliases_survive_safetensors_round_trip(tmp_path):
-    model = multimae.create_model("multivit-tiny", depth=4, image_size=32, task="depth")
+    model = multimae.create_model("multivit-tiny", depth=4, image_size=32, objective="depth")
     model.save_pretrained(tmp_path)
     loaded = multimae.MultiViT.from_pretrained(tmp_path)
     head = loaded.head

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
@@ -31,6 +32,29 @@ class LoadResult(NamedTuple):
     unexpected_keys: list[str]
 
 
+class CheckpointError(ValueError):
+    """A weights file that cannot be loaded safely (pickled objects, truncated, not a torch file); names the file."""
+
+
+def load_torch_file(f, name: str | os.PathLike) -> dict:
+    """`torch.load(f, weights_only=True)`: tensors and primitives only, never unpickled Python objects.
+
+    f: a path or a binary file object; name: what the error messages call it.
+    """
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{name} is not a weights-only checkpoint: it holds pickled Python objects, which are never loaded "
+            "(they can run code); re-save it as a state dict of tensors (or safetensors) from a trusted environment"
+        ) from None
+    except (RuntimeError, EOFError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{name} is not a readable torch checkpoint (truncated or another format: {first})"
+        ) from None
+
+
 def read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Load a state dict from a file/directory or unwrap a checkpoint dict ("model"/"state_dict"/"module")."""
     if isinstance(source, Mapping):
@@ -42,11 +66,17 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> d
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")
         if path.suffix == ".safetensors":
+            from safetensors import SafetensorError
             from safetensors.torch import load_file
 
-            sd = load_file(str(path))
+            try:
+                sd = load_file(str(path))
+            except SafetensorError as e:
+                raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
         else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = load_torch_file(path, path)
+    if not isinstance(sd, Mapping):
+        raise CheckpointError(f"{source} holds a {type(sd).__name__}, not a state dict")
     for key in ("model", "state_dict", "module"):
         if key in sd and isinstance(sd[key], Mapping):
             sd = sd[key]
