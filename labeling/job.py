@@ -34,7 +34,7 @@ from shards import fs
 from shards.format import FormatError, decode_sample, encode_sample, modality_entry, read_manifest, update_manifest
 from shards.writer import ShardWriter, shard_is_complete, stats_path, tar_path
 
-from .config import ConfigError, LabelConfig, input_shards, resolve_model
+from .config import ConfigError, LabelConfig, check_inputs, input_shards, resolve_model
 
 Event = dict[str, Any]
 Sample = tuple[str, "torch.Tensor | None", "str | None"]  # (key, uint8 (H, W, 3) image or None, error or None)
@@ -425,6 +425,7 @@ def _dispatch(
 
 def run(cfg: LabelConfig, on_event: Callable[[Event], None] | None = None) -> dict:
     """Label every input shard not yet labeled; returns the summary (also the Python API of `multimae-label`)."""
+    check_inputs(cfg)  # teacher weights and input shards, before Ray starts
     emit = on_event or (print_event if cfg.progress else (lambda e: None))
     start = time.time()
     out = cfg.output_root
