@@ -1,17 +1,20 @@
-"""Training throughput: the full step (shard loader + augmentation + model) vs the model step alone.
+"""Training throughput: the full step (shard loader + augmentation + model) vs the model step alone, per dtype.
 
-Baseline, measured in the same run: forward + backward + AdamW step of MultiMAE pre-training on one batch
-kept in device memory. Full: the same step fed by the trainer's streaming loader (multimae/data.py:
-reader -> joint crop/flip -> normalization, `--workers` DataLoader workers). The ratio full / baseline says
-whether the data path keeps up (1.0 = the model is the only cost; target >= 0.9).
+For each dtype (float32 and bfloat16 autocast, in the same run): the baseline is forward + backward + fused AdamW
+of MultiMAE pre-training on one batch kept in device memory; "full" is the same step fed by the trainer's
+streaming loader (reader -> joint crop/flip -> normalization, `--workers` DataLoader workers). Both use the
+trainer's own setup (`multimae.train.main.setup`) and step (`engine.forward_loss`). Printed: samples/s, the
+ratio full / model (does the data path keep up? target >= 0.9) and the ratio bf16 / float32.
 
-    python benchmarks/train_throughput.py                                  # tiny demo config, CPU
-    python benchmarks/train_throughput.py --device cuda --dtype bf16 --size base --batch 64 --workers 12
+    python benchmarks/train_throughput.py                                   # tiny demo config, CPU
+    python benchmarks/train_throughput.py --size base --batch 8 --workers 2 # ViT-B/16 at 224 px, CPU
+    python benchmarks/train_throughput.py --device cuda --size base --batch 64 --workers 12 --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -21,13 +24,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import multimae  # noqa: E402
-from multimae import data as mdata  # noqa: E402
-from multimae.config import load_config  # noqa: E402
-from multimae.train import _transform_args, build_model, forward_loss, standardize_depth_inputs, to_device  # noqa: E402
-from shards import format as fmt  # noqa: E402
+from multimae.precision import cpu_bf16_units  # noqa: E402
+from multimae.train import data as mdata  # noqa: E402
+from multimae.train.config import load_run_config  # noqa: E402
+from multimae.train.distributed import Dist  # noqa: E402
+from multimae.train.engine import forward_loss, prepare_batch  # noqa: E402
+from multimae.train.main import setup  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DTYPES = {"float32": "float32", "bf16": "bfloat16"}
 
 
 def make_data(num: int, size: int) -> str:
@@ -53,7 +58,48 @@ def timed_steps(step, batches, n: int, warmup: int, sync) -> float:
     return time.perf_counter() - t
 
 
-def main() -> None:
+def measure(cfg, root: str, device: torch.device, args) -> dict[str, float]:
+    """samples/s of the model step on a fixed batch and of the full step, for one config (one dtype)."""
+    torch.manual_seed(0)
+    run, _ = setup(cfg, root, tempfile.mkdtemp(prefix="train-bench-run-"), Dist(device=device), resume=False)
+    run.model.train()
+
+    def step(batch):
+        with run.autocast():
+            losses, _ = forward_loss(run, run.model, prepare_batch(run, batch))
+        losses["total"].backward()
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    loader = mdata.train_loader(
+        root,
+        run.plan.train_shards,
+        run.transform_args,
+        micro_batch=args.batch,
+        num_workers=args.workers,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        seed=0,
+        chunk=0,
+        rank=0,
+    )
+    stream = iter(loader)
+    fixed = next(stream)
+
+    def repeat():
+        while True:
+            yield fixed
+
+    model_s = timed_steps(step, repeat(), args.steps, args.warmup, sync)
+    full_s = timed_steps(step, stream, args.steps, args.warmup, sync)
+    n = args.steps * args.batch
+    return {"model_samples_per_s": n / model_s, "full_samples_per_s": n / full_s, "dtype": str(run.dtype)}
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", help="shard set with rgb, depth_gt, semseg_gt (default: build a synthetic one)")
     p.add_argument("--num", type=int, default=256, help="samples of the synthetic set built when --shards is absent")
@@ -64,83 +110,58 @@ def main() -> None:
         help="tiny: pipelines/pretrain-demo.yaml; base: ViT-B/16 at 224 px (the paper's model)",
     )
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    args = p.parse_args()
+    p.add_argument("--json", help="also write the results as JSON here")
+    args = p.parse_args(argv)
 
     overrides = [
         "data.inputs={rgb: rgb, depth: depth_gt, semseg: semseg_gt}",
         f"train.batch_size={args.batch}",
         f"data.num_workers={args.workers}",
         "train.steps=1000000",
-        f"train.dtype={'bfloat16' if args.dtype == 'bf16' else 'float32'}",
+        f"train.device={args.device}",
+        "log.tensorboard=false",
     ]
     if args.size == "base":
         overrides += [
             "model.name=multimae-base",
-            "model.kwargs={}",
+            "model.num_blocks=null",
+            "model.decoder_blocks=2",
             "data.image_size=224",
             "model.num_encoded_tokens=98",
             "model.fp32_output_adapters=[semseg]",
         ]
-    cfg = load_config(os.path.join(ROOT, "pipelines", "pretrain-demo.yaml"), overrides)
     root = args.shards or make_data(args.num, 224 if args.size == "base" else 128)
-    manifest = fmt.read_manifest(root)
     device = torch.device(args.device)
-
-    torch.manual_seed(0)
-    model = build_model(cfg, manifest).to(device).train()
-    optimizer = torch.optim.AdamW(multimae.param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
-    use_bf16 = args.dtype == "bf16"
-
-    def step(batch):
-        batch = to_device(batch, device)
-        standardize_depth_inputs(batch, cfg)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            losses, _ = forward_loss(model, batch, cfg)
-        losses["total"].backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    names = [s["name"] for s in manifest["shards"]]
-    loader = mdata.train_loader(
-        root,
-        names,
-        _transform_args(cfg),
-        micro_batch=args.batch,
-        num_workers=args.workers,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        seed=0,
-        chunk=0,
-        rank=0,
-    )
-    stream = iter(loader)
-    fixed = next(stream)
-    fixed_dev = to_device(fixed, device)
-
-    def repeat():
-        while True:
-            yield fixed_dev
-
-    model_s = timed_steps(step, repeat(), args.steps, args.warmup, sync)
-    full_s = timed_steps(step, stream, args.steps, args.warmup, sync)
-    n = args.steps * args.batch
-    model_rate, full_rate = n / model_s, n / full_s
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU (bf16 units: {cpu_bf16_units()})"
     print(
-        f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
-        f"model {cfg.model.name} {cfg.data.image_size}px, batch {args.batch}, {args.dtype}, "
-        f"{args.workers} loader workers, {args.steps} timed steps, torch threads {torch.get_num_threads()}"
+        f"device {name}, {args.size} model, batch {args.batch}, {args.workers} loader workers, {args.steps} timed "
+        f"steps, torch threads {torch.get_num_threads()}"
     )
-    print(f"model step on an in-memory batch : {model_rate:8.1f} samples/s")
-    print(f"full step (shard loader + model) : {full_rate:8.1f} samples/s")
-    print(f"ratio full / model               : {full_rate / model_rate:8.3f}  (target >= 0.9)")
+    results = {}
+    for label in args.dtypes:
+        cfg = load_run_config(
+            os.path.join(ROOT, "pipelines", "pretrain-demo.yaml"), overrides + [f"train.dtype={DTYPES[label]}"]
+        )
+        r = results[label] = measure(cfg, root, device, args)
+        print(f"{label:8s} model step on an in-memory batch : {r['model_samples_per_s']:8.1f} samples/s")
+        print(f"{label:8s} full step (shard loader + model) : {r['full_samples_per_s']:8.1f} samples/s")
+        print(
+            f"{label:8s} ratio full / model               : "
+            f"{r['full_samples_per_s'] / r['model_samples_per_s']:8.3f}  (target >= 0.9)"
+        )
+    if {"float32", "bf16"} <= set(results):
+        speedup = results["bf16"]["model_samples_per_s"] / results["float32"]["model_samples_per_s"]
+        full = results["bf16"]["full_samples_per_s"] / results["float32"]["full_samples_per_s"]
+        results["bf16_over_float32"] = {"model": speedup, "full": full}
+        print(f"bf16 / float32: model step {speedup:.2f}x, full step {full:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"size": args.size, "batch": args.batch, "device": name, **results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -11,35 +11,38 @@ FINETUNE_METRICS = {"depth": ["delta1", "AbsRel", "RMSE"], "semseg": ["mIoU", "p
 
 
 def pseudo_label_quality(root: Path, max_samples: int = 256) -> dict[str, float]:
-    """Pseudo labels against the synthetic ground truth of the same scenes (never used for training)."""
+    """Pseudo labels against the synthetic ground truth of the same scenes (never used for training).
+
+    Depth delta1 after per-image scale-and-shift alignment, averaged over images; semseg mIoU pooled over
+    pixels (the definitions of `multimae.metrics`).
+    """
+    import torch
+
+    from multimae import metrics
     from shards.format import read_manifest
     from shards.reader import iter_shard
 
     manifest = read_manifest(str(root))
-    classes = manifest["modalities"]["semseg_gt"]["classes"]
-    inter, union = np.zeros(len(classes)), np.zeros(len(classes))
-    delta1, n = [], 0
+    num_classes = len(manifest["modalities"]["semseg_gt"]["classes"])
+    preds, gts = [], []
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     for shard in manifest["shards"]:
         for s in iter_shard(str(root), shard["name"], ["depth", "depth_gt", "semseg", "semseg_gt"]):
-            gt, pred = s["depth_gt"].ravel().astype(np.float64), s["depth"].ravel().astype(np.float64)
-            a, b = np.linalg.lstsq(np.stack([pred, np.ones_like(pred)], 1), gt, rcond=None)[0]  # scale and shift
-            aligned = np.clip(a * pred + b, 1e-3, None)
-            delta1.append(np.mean(np.maximum(aligned / gt, gt / aligned) < 1.25))
-            for c in range(len(classes)):
-                p, t = s["semseg"] == c, s["semseg_gt"] == c
-                inter[c] += np.sum(p & t)
-                union[c] += np.sum(p | t)
-            n += 1
-            if n >= max_samples:
+            preds.append(torch.from_numpy(s["depth"]))
+            gts.append(torch.from_numpy(s["depth_gt"]))
+            confusion += metrics.confusion_matrix(
+                torch.from_numpy(s["semseg"]), torch.from_numpy(s["semseg_gt"]), num_classes
+            )
+            if len(preds) >= max_samples:
                 break
-        if n >= max_samples:
+        if len(preds) >= max_samples:
             break
-    present = union > 0
+    depth = metrics.mean_depth_errors(preds, gts, align=True)
     # percentages, like the trainer's eval.json
     return {
-        "samples": n,
-        "depth_delta1": 100 * float(np.mean(delta1)),
-        "semseg_miou": 100 * float(np.mean(inter[present] / union[present])),
+        "samples": len(preds),
+        "depth_delta1": 100 * depth["delta1"],
+        "semseg_miou": 100 * metrics.segmentation_scores(confusion)["mIoU"],
     }
 
 
@@ -51,6 +54,8 @@ def prediction_picture(run_dir: Path, task: str, out_png: Path, n: int = 4) -> b
     import matplotlib.pyplot as plt
     import zarr
 
+    from shards.show import DEPTH_CMAP, palette
+
     store = run_dir / "predictions.zarr"
     if not store.exists():
         return False
@@ -60,11 +65,11 @@ def prediction_picture(run_dir: Path, task: str, out_png: Path, n: int = 4) -> b
     fig, axes = plt.subplots(n, 2, figsize=(4, 2 * n), squeeze=False)
     for i in range(n):
         p, t = np.asarray(pred[i]), np.asarray(target[i])
-        kw = (
-            {"cmap": "magma", "vmin": float(t.min()), "vmax": float(t.max())}
-            if task == "depth"
-            else {"cmap": "tab10", "vmin": 0, "vmax": 9, "interpolation": "nearest"}
-        )
+        if task == "depth":
+            kw = {"cmap": DEPTH_CMAP, "vmin": float(t.min()), "vmax": float(t.max())}
+        else:  # class ids in the colours of `multimae-shard show`
+            colours = palette(int(max(p.max(), t.max())) + 1)
+            p, t, kw = colours[p], colours[t], {"interpolation": "nearest"}
         for j, (img, title) in enumerate([(p, "prediction"), (t, "ground truth")]):
             axes[i, j].imshow(img, **kw)
             axes[i, j].set_title(f"{title}" if i == 0 else "", fontsize=8)

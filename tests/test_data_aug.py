@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from multimae.data import SampleTransform, crop_params, denormalize_rgb, map_semseg_labels, normalize_rgb
+from multimae.train.data import SampleTransform, crop_params, denormalize_rgb, map_semseg_labels, normalize_rgb
 
 
 def block_sample(seed: int, size: int = 128, block: int = 16) -> dict:

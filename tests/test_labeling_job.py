@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 import ray
 
-from labeling.config import ConfigError, LabelConfig, RayConfig, load_config
+from labeling.config import ConfigError, LabelConfig, RayConfig, check_inputs
+from labeling.config import load_label_config as load_config
 from labeling.job import run
 from shards.format import encode_sample, read_manifest, shard_name, update_manifest
 from shards.reader import iter_shard, iter_shard_members
@@ -286,32 +287,70 @@ def test_shipped_config_loads_with_overrides(rgb_set):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["colour=red"], "metadata.colour: unknown key"),
-        (["teachers.depth.weights=x"], "metadata.teachers.depth.weights: unknown key"),
-        (["teachers.depth.model=/nonexistent/dpt"], "metadata.teachers.depth.model: weights folder /nonexistent/dpt"),
-        (["teachers.semseg.model=nobody/no-such-model"], "not in the local Hugging Face cache"),
+        (["colour=red"], "override 'colour=red': colour: unknown key"),
+        (["teachers.depth.weights=x"], "teachers.depth.weights: unknown key"),
         (["teachers.depth.kind=semseg"], "output modality 'depth' is of kind 'depth'"),
-        (["batch_size=0"], "metadata.batch_size: must be >= 1"),
-        (["batch_size=many"], "metadata.batch_size: expected int"),
-        (["device=tpu"], "metadata.device: must be one of"),
-        (["shards=[shard-000099]"], "shards: shard-000099 is not in"),
-        (["batch_size"], "is not key=value"),
+        (["batch_size=0"], "override 'batch_size=0': batch_size: must be >= 1"),
+        (["batch_size=many"], "batch_size: expected an integer, got 'many'"),
+        (["device=tpu"], "device: must be one of"),
+        (["teachers.depth.model.path=x"], "teachers.depth.model is 'default', not a section"),
+        (["teachers.depth.resolution=[0, 3]"], "teachers.depth.resolution: a positive size or [height, width]"),
+        (["batch_size"], "expected key=value"),
     ],
 )
 def test_bad_config_names_the_key(rgb_set, overrides, message):
     data, _ = rgb_set
-    with pytest.raises(ConfigError, match=None) as err:
+    with pytest.raises(ConfigError) as err:
         load_config(str(REPO / "pipelines" / "pseudolabel.yaml"), [f"input={data}", *overrides])
     assert message in str(err.value)
 
 
+def test_config_types_follow_the_schema(rgb_set):
+    data, _ = rgb_set
+    cfg = load_config(
+        str(REPO / "pipelines" / "pseudolabel.yaml"),
+        [f"input={data}", "teachers.depth.resolution=[384, 384]", "cpus_per_actor=1e-1", "ray.num_cpus=2"],
+    )
+    assert cfg.teachers["depth"].resolution == [384, 384] and cfg.cpus_per_actor == 0.1
+    assert load_config(str(REPO / "pipelines" / "pseudolabel.yaml"), ["cpus_per_actor='2.5e0'"]).cpus_per_actor == 2.5
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["teachers.depth.model=/nonexistent/dpt"], "teachers.depth.model: weights folder /nonexistent/dpt"),
+        (["teachers.semseg.model=nobody/no-such-model"], "not in the local Hugging Face cache"),
+        (["shards=[shard-000099]"], "shards: shard-000099 is not in"),
+    ],
+)
+def test_checks_that_read_files_run_when_the_job_starts(rgb_set, overrides, message):
+    data, _ = rgb_set
+    cfg = load_config(str(REPO / "pipelines" / "pseudolabel.yaml"), [f"input={data}", *overrides])  # no I/O here
+    with pytest.raises(ConfigError) as err:
+        check_inputs(cfg)
+    assert message in str(err.value)
+
+
+def test_a_semseg_model_as_depth_teacher_is_refused_before_ray_starts(rgb_set):
+    data, _ = rgb_set
+    from labeling.teachers import DEFAULT_TEACHERS
+
+    cfg = load_config(
+        str(REPO / "pipelines" / "pseudolabel.yaml"),
+        [f"input={data}", f"teachers.depth.model={DEFAULT_TEACHERS['semseg']}"],
+    )
+    with pytest.raises(ConfigError, match="'mask2former' model .* is not a depth model"):
+        check_inputs(cfg)
+
+
 def test_missing_input_shards(rgb_set, tmp_path):
-    with pytest.raises(ConfigError, match=r"metadata\.input: .*manifest\.json not found.*multimae-shard build"):
-        load_config(str(REPO / "pipelines" / "pseudolabel.yaml"), [f"input={tmp_path / 'nothing'}"])
+    cfg = load_config(str(REPO / "pipelines" / "pseudolabel.yaml"), [f"input={tmp_path / 'nothing'}"])
+    with pytest.raises(ConfigError, match=r"input: .*manifest\.json not found.*multimae-shard build"):
+        check_inputs(cfg)
     data = copy_input(rgb_set[0], tmp_path / "data")
     (data / "rgb" / "shard-000001.json").unlink()
     with pytest.raises(ConfigError, match=r"rgb/shard-000001\.tar is missing or incomplete"):
-        load_config(str(REPO / "pipelines" / "pseudolabel.yaml"), [f"input={data}"])
+        check_inputs(load_config(str(REPO / "pipelines" / "pseudolabel.yaml"), [f"input={data}"]))
 
 
 def test_cli_reports_bad_config_in_one_line(tmp_path):
@@ -319,6 +358,6 @@ def test_cli_reports_bad_config_in_one_line(tmp_path):
     res = subprocess.run([str(BIN / "multimae-label"), cfg], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert (
-        res.stderr.strip() == f"multimae-label: error: {cfg}: batchsize: unknown key (known: "
+        res.stderr.strip() == f"multimae-label: error: config: {cfg}: batchsize: unknown key (known: "
         f"{', '.join(LabelConfig.__dataclass_fields__)})"
     )

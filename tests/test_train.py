@@ -12,18 +12,19 @@ import pytest
 import torch
 import zarr
 
-from multimae.cli import main as cli_main
-from multimae.config import load_config
-from multimae.train import TrainingError, lr_at, run
+from multimae.train.cli import main as cli_main
+from multimae.train.config import load_run_config
+from multimae.train.engine import TrainingError, lr_at
+from multimae.train.main import run
 from shards.build import build
 from shards.reader import iter_shard
 from shards.sources import synthetic_source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = "model.kwargs={dim_tokens: 64, depth: 2, num_heads: 2, decoder_dim: 64, decoder_depth: 1, decoder_heads: 2}"
-TINY_FT = "model.kwargs={dim_tokens: 64, depth: 2, num_heads: 2}"
+TINY_FT = ["model.dim_tokens=64", "model.num_blocks=2", "model.num_heads=2"]
+TINY = TINY_FT + ["model.decoder_dim=64", "model.decoder_blocks=1", "model.decoder_heads=2"]
 PRETRAIN = [
-    TINY,
+    *TINY,
     "model.patch_size=8",
     "model.num_encoded_tokens=16",
     "data.image_size=32",
@@ -58,7 +59,7 @@ def data(tmp_path_factory) -> str:
 
 
 def cfg_of(name: str, overrides: list[str]):
-    return load_config(os.path.join(ROOT, "pipelines", name), overrides)
+    return load_run_config(os.path.join(ROOT, "pipelines", name), overrides)
 
 
 def final_weights(run_dir: str) -> dict[str, torch.Tensor]:
@@ -115,7 +116,7 @@ def test_resume_refuses_a_different_batch_size(data, tmp_path):
 def test_overfit_a_tiny_batch(data, tmp_path):
     # one shard of 8 samples, no crop/flip randomness: every batch holds the same 8 images
     over = [
-        TINY_FT,
+        *TINY_FT,
         "model.patch_size=8",
         "data.image_size=32",
         "data.train_shards=[shard-000000]",
@@ -146,7 +147,7 @@ def test_finetune_semseg_and_depth_from_pretrained_write_metrics_and_predictions
     run(cfg_of("pretrain-demo.yaml", PRETRAIN + ["train.steps=2"]), data, pre)
     init = os.path.join(pre, "checkpoint.pt")
     common = [
-        TINY_FT,
+        *TINY_FT,
         "model.patch_size=8",
         "data.image_size=32",
         "data.eval_num_shards=1",
@@ -160,7 +161,7 @@ def test_finetune_semseg_and_depth_from_pretrained_write_metrics_and_predictions
 
     seg_dir = str(tmp_path / "seg")
     seg = run(
-        cfg_of("finetune-demo-semseg.yaml", common + ["model.kwargs.head_kwargs={embed_dim: 64}"]),
+        cfg_of("finetune-demo-semseg.yaml", common + ["model.head_dim=64"]),
         data,
         seg_dir,
         init=init,
@@ -180,7 +181,7 @@ def test_finetune_semseg_and_depth_from_pretrained_write_metrics_and_predictions
 
     # eval-only on the fine-tuned run reproduces its metrics
     again = run(
-        cfg_of("finetune-demo-semseg.yaml", common + ["model.kwargs.head_kwargs={embed_dim: 64}"]),
+        cfg_of("finetune-demo-semseg.yaml", common + ["model.head_dim=64"]),
         data,
         seg_dir,
         eval_only=True,
@@ -191,7 +192,7 @@ def test_finetune_semseg_and_depth_from_pretrained_write_metrics_and_predictions
     full = run(
         cfg_of(
             "finetune-demo-semseg.yaml",
-            common + ["model.kwargs.head_kwargs={embed_dim: 64}", f"data.eval_shards={every}"],
+            common + ["model.head_dim=64", f"data.eval_shards={every}"],
         ),
         data,
         seg_dir,
@@ -203,7 +204,8 @@ def test_finetune_semseg_and_depth_from_pretrained_write_metrics_and_predictions
     depth_over = common + [
         "model.patch_size=16",
         "data.image_size=64",
-        "model.kwargs.head_kwargs={feature_dim: 16, layer_dims: [16, 16, 16, 16], hooks: [0, 0, 1, 1]}",
+        "model.head_dim=16",
+        "model.head_layer_dims=[16, 16, 16, 16]",
     ]
     depth = run(cfg_of("finetune-demo-depth.yaml", depth_over), data, depth_dir)
     m = depth["eval"]
@@ -217,31 +219,15 @@ def test_non_finite_loss_stops_with_a_clear_message(data, tmp_path):
 
 
 def test_cli_rejects_unknown_config_key(data, tmp_path, capsys):
+    config = os.path.join(ROOT, "pipelines", "pretrain-demo.yaml")
     with pytest.raises(SystemExit) as e:
-        cli_main(
-            [
-                "--shards",
-                data,
-                "--config",
-                os.path.join(ROOT, "pipelines", "pretrain-demo.yaml"),
-                "--out",
-                str(tmp_path),
-                "optim.bogus=1",
-            ]
-        )
-    assert "unknown config key optim.bogus" in str(e.value.code)
+        cli_main(["--shards", data, "--config", config, "--out", str(tmp_path), "optim.bogus=1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "override 'optim.bogus=1': optim.bogus: unknown key" in err
+    assert len(err.strip().splitlines()) == 1
     with pytest.raises(SystemExit) as e:
-        cli_main(
-            [
-                "--shards",
-                str(tmp_path / "nowhere"),
-                "--config",
-                os.path.join(ROOT, "pipelines", "pretrain-demo.yaml"),
-                "--out",
-                str(tmp_path),
-            ]
-        )
-    assert "manifest.json not found" in str(e.value.code)
+        cli_main(["--shards", str(tmp_path / "nowhere"), "--config", config, "--out", str(tmp_path)])
+    assert e.value.code == 2 and "manifest.json not found" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -255,7 +241,7 @@ def test_torchrun_two_ranks_on_cpu(data, tmp_path):
         "2",
         "--standalone",
         "-m",
-        "multimae.cli",
+        "multimae.train",
         "--shards",
         data,
         "--config",

@@ -1,4 +1,4 @@
-"""Trainer configs: YAML + dotted overrides, unknown keys and bad values rejected (multimae/config.py)."""
+"""Trainer configs: YAML + dotted overrides, unknown keys and bad values rejected (multimae/train/config.py)."""
 
 import glob
 import os
@@ -6,8 +6,9 @@ import os
 import pytest
 import torch
 
-from multimae.config import ConfigError, from_dict, load_config
-from multimae.train import make_plan
+from multimae.train.config import ConfigError, from_dict
+from multimae.train.config import load_run_config as load_config
+from multimae.train.main import make_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(
@@ -26,7 +27,7 @@ def write(tmp_path, text: str) -> str:
 def test_every_shipped_config_loads_and_round_trips(path):
     cfg = load_config(path)
     assert from_dict(cfg.to_dict()) == cfg  # what a checkpoint stores rebuilds the same config
-    if cfg.task != "pretrain":
+    if cfg.objective != "pretrain":
         assert cfg.data.target is not None
 
 
@@ -47,21 +48,26 @@ def test_overrides_set_one_key_or_replace_a_mapping():
     cfg = load_config(base, ["data.inputs.depth=depth_gt", "optim.blr=3e-4", "train.steps=7"])
     assert cfg.data.inputs == {"rgb": "rgb", "depth": "depth_gt", "semseg": "semseg"}
     assert cfg.optim.blr == 3e-4 and cfg.train.steps == 7
-    cfg = load_config(base, ["data.inputs={rgb: rgb}", "optim.clip_grad=null"])
+    cfg = load_config(base, ["data.inputs={rgb: rgb}", "model.out_domains=null", "optim.clip_grad=null"])
     assert cfg.data.inputs == {"rgb": "rgb"} and cfg.optim.clip_grad is None
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["optim.bogus=1"], "unknown config key optim.bogus"),
-        (["bogus=1"], "unknown config key bogus"),
+        (["optim.bogus=1"], "override 'optim.bogus=1': optim.bogus: unknown key"),
+        (["bogus=1"], "bogus: unknown key"),
         (["train.steps=ten"], "train.steps: expected an integer"),
         (["train.dtype=float16"], "train.dtype: 'float16' is not one of"),
         (["optim.betas=[0.9]"], "optim.betas: two values expected"),
         (["data.crop_scale=[0.5, 2.0]"], "data.crop_scale"),
         (["optim"], "expected key=value"),
-        (["task=cls"], "data.target: required for task cls"),
+        (["objective=cls"], "override 'objective=cls': model.name: objective cls needs a multivit"),
+        (["objective=cls", "model.name=multivit-tiny"], "data.target: required for objective cls"),
+        (["data.inputs.depht=depth"], "override 'data.inputs.depht=depth': data.inputs.depht: unknown input domain"),
+        (["model.name=multimae-huge"], "model.name: unknown model 'multimae-huge'"),
+        (["train.steps.x=1"], "train.steps is 300, not a section"),
+        (["model.kwargs={depth: 4}"], "model.kwargs: unknown key"),
     ],
 )
 def test_bad_keys_and_values_are_rejected_with_the_key_named(overrides, message):
@@ -70,8 +76,8 @@ def test_bad_keys_and_values_are_rejected_with_the_key_named(overrides, message)
 
 
 def test_unknown_key_in_yaml_names_the_file(tmp_path):
-    path = write(tmp_path, "task: pretrain\ntrain: {steps: 3, stepz: 4}\n")
-    with pytest.raises(ConfigError, match=r"c\.yaml: unknown config key train\.stepz"):
+    path = write(tmp_path, "objective: pretrain\ntrain: {steps: 3, stepz: 4}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: train\.stepz: unknown key"):
         load_config(path)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(str(tmp_path / "missing.yaml"))

@@ -1,4 +1,4 @@
-"""The trainer's streaming data path (DESIGN.md section 6): reader -> joint augmentation -> normalization -> batches.
+"""The trainer's streaming data path: reader -> joint augmentation -> normalization -> batches.
 
 Stages, in order:
   1. `shards.reader.ShardDataset` streams the aligned shard set (resampled shards, shuffle buffer, split by
@@ -27,11 +27,12 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, default_collate, get_worker_info
 
+from multimae.input_adapters import SEMSEG_STRIDE
+from multimae.losses import robust_standardize_depth
 from shards import format as fmt
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-SEMSEG_STRIDE = 4  # semseg input adapter works at 1/4 of the image resolution
 
 
 def crop_params(
@@ -176,6 +177,21 @@ class SampleTransform:
         return out
 
 
+def transform_args(cfg: Any) -> dict[str, Any]:
+    """SampleTransform arguments of a RunConfig (inputs, fine-tuning target, size, augmentation, labels)."""
+    d = cfg.data
+    return dict(
+        inputs=dict(d.inputs),
+        target=None if cfg.objective == "pretrain" else d.target,
+        image_size=d.image_size,
+        crop_scale=tuple(d.crop_scale),
+        crop_ratio=tuple(d.crop_ratio),
+        hflip=d.hflip,
+        reduce_zero_label=d.reduce_zero_label,
+        ignore_index=d.ignore_index,
+    )
+
+
 def modalities_needed(inputs: dict[str, str], target: str | None) -> list[str]:
     """Shard modalities to read for these inputs/target ('cls' rides along with the rgb shards)."""
     mods = list(dict.fromkeys(inputs.values()))
@@ -278,3 +294,16 @@ def batched(samples: Iterator[dict[str, Any]], batch_size: int) -> Iterator[dict
             buf = []
     if buf:
         yield default_collate(buf)
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move the tensors of a collated batch to `device` (keys and other values stay)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def standardize_depth_inputs(batch: dict[str, Any], inputs: dict[str, str], enabled: bool = True) -> None:
+    """Robust (10-90 % trimmed) per-sample standardization of the depth inputs, in place, on the batch's device."""
+    if enabled:
+        for domain, modality in inputs.items():
+            if fmt.modality_kind(modality) == "depth":
+                batch[domain] = robust_standardize_depth(batch[domain])

@@ -1,10 +1,10 @@
 """The transfer experiment (the paper's Table 1 at small scale): does MultiMAE pre-training on pseudo-labeled
 data transfer better than RGB-only MAE and than no pre-training?
 
-    python benchmarks/transfer.py [--out runs/transfer] [--seeds 0 1 2]      # full run, about 1 hour on 2 CPUs
-    python benchmarks/transfer.py --quick                                     # smoke check, a few minutes
-    python benchmarks/transfer.py --arms multimae-gt --seeds 0                # ablation: exact labels
-    python benchmarks/transfer.py --finetune-steps 300 --finetune-overrides optim.layer_decay=0.1 --out ...
+    python pipelines/experiments/transfer.py [--out runs/transfer] [--seeds 0 1 2]   # full run, about 1 hour on 2 CPUs
+    python pipelines/experiments/transfer.py --quick                                  # smoke check, a few minutes
+    python pipelines/experiments/transfer.py --arms multimae-gt --seeds 0             # ablation: exact labels
+    python pipelines/experiments/transfer.py --finetune-steps 300 --finetune-overrides optim.layer_decay=0.1
 
 Stages, each reused when its outputs exist (a killed run picks up where it stopped):
   1. build     three synthetic shard sets with different scene seeds (`multimae-shard build`):
@@ -29,15 +29,15 @@ import argparse
 import contextlib
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(REPO), str(REPO / "pipelines")]
+
+from stages import PipelineError, build_synthetic, claim_folder, manifest, pseudo_label  # noqa: E402
 
 # Sizes of the full experiment and of the smoke check. Scene seeds differ per set, so no scene is shared.
 FULL = dict(
@@ -94,25 +94,6 @@ COLUMNS = [
 ]
 
 
-def tool(name: str) -> str:
-    path = BIN / name
-    return str(path) if path.exists() else name
-
-
-def run_cli(cmd: list[str], log: Path) -> None:
-    """Run one CLI with its output appended to `log`; a failure stops the experiment naming the log."""
-    print("$", " ".join(cmd), flush=True)
-    with open(log, "ab") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
-    if proc.returncode != 0:
-        raise SystemExit(f"transfer: `{' '.join(cmd)}` failed with exit code {proc.returncode}; log: {log}")
-
-
-def manifest(root: Path) -> dict[str, Any] | None:
-    path = root / "manifest.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def train(
     config: str, overrides: list[str], shards: Path, out: Path, *, init: Path | None = None, eval_only: bool = False
 ) -> dict[str, Any] | None:
@@ -120,10 +101,11 @@ def train(
 
     Returns the run's summary, or None when the trainer stopped it (TrainingError: e.g. a non-finite loss).
     """
-    from multimae.config import load_config
-    from multimae.train import TrainingError, run
+    from multimae.train.config import load_run_config
+    from multimae.train.engine import TrainingError
+    from multimae.train.main import run
 
-    cfg = load_config(str(REPO / config), overrides)
+    cfg = load_run_config(str(REPO / config), overrides)
     out.mkdir(parents=True, exist_ok=True)
     log = out / ("eval.log" if eval_only else "train.log")
     with open(log, "a") as f, contextlib.redirect_stdout(f):
@@ -233,53 +215,28 @@ def main(argv: list[str] | None = None) -> None:
     }
     if args.finetune_overrides:
         settings["finetune_overrides"] = args.finetune_overrides
-    settings_file = out / "settings.json"
-    if settings_file.exists():
-        old, new = json.loads(settings_file.read_text()), json.loads(json.dumps(settings))
-        old_arms, new_arms = old.pop("arms"), new.pop("arms")
-        if old != new or any(old_arms[a] != new_arms[a] for a in old_arms.keys() & new_arms.keys()):
-            raise SystemExit(
-                f"transfer: {out} holds runs made with other settings ({settings_file}); use another --out or delete it"
-            )
-        settings["arms"] = old_arms | new_arms
-    settings_file.write_text(json.dumps(settings, indent=1))
+    try:
+        settings = claim_folder(out, settings, "transfer", extend=("arms", "tasks"))
+    except PipelineError as e:
+        raise SystemExit(f"transfer: {e}") from None
 
     # 1. build -------------------------------------------------------------------------------------
     t = time.time()
     for name in ("pretrain", "finetune", "test"):
-        root = data / name
-        if manifest(root) is None:
-            run_cli(
-                [
-                    tool("multimae-shard"),
-                    "build",
-                    "--src",
-                    "synthetic",
-                    "--out",
-                    str(root),
-                    "--num",
-                    str(size[f"{name}_num"]),
-                    "--size",
-                    str(size["image_px"]),
-                    "--shard-size",
-                    str(size["shard_size"]),
-                    "--seed",
-                    str(SCENE_SEEDS[name]),
-                    "--workers",
-                    "2",
-                    "--no-progress",
-                ],
-                logs / "build.log",
-            )
+        build_synthetic(
+            data / name,
+            size[f"{name}_num"],
+            size=size["image_px"],
+            shard_size=size["shard_size"],
+            seed=SCENE_SEEDS[name],
+            log=logs / "build.log",
+        )
     timings["build"] = time.time() - t
 
     # 2. label -------------------------------------------------------------------------------------
     t = time.time()
     if not {"depth", "semseg"} <= set(manifest(data / "pretrain")["modalities"]):
-        run_cli(
-            [tool("multimae-label"), "pipelines/pseudolabel.yaml", f"input={data / 'pretrain'}", "progress=false"],
-            logs / "label.log",
-        )
+        pseudo_label(data / "pretrain", logs / "label.log", "progress=false")
     timings["label"] = time.time() - t
 
     test_shards = [s["name"] for s in manifest(data / "test")["shards"]]

@@ -3,7 +3,7 @@
 One row per sample; columns: the masked input of every input modality (masked patches greyed out), then the
 prediction and the target of every predicted modality (`norm_rgb` is left out: its per-patch normalized
 pixels are not a picture). RGB is de-normalized, depth is colour-mapped with the target's range, semseg ids
-use a fixed palette.
+use the palette of `multimae-shard show`.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from multimae.data import SEMSEG_STRIDE, denormalize_rgb  # noqa: E402
+from multimae.input_adapters import SEMSEG_STRIDE  # noqa: E402
+from shards.show import DEPTH_CMAP, palette  # noqa: E402
 
-_PALETTE = np.random.default_rng(0).integers(0, 256, size=(4096, 3)).astype(np.uint8)
+from .data import denormalize_rgb  # noqa: E402
 
 
 def _pixel_mask(mask: torch.Tensor, size: tuple[int, int], grid: tuple[int, int]) -> np.ndarray:
@@ -37,11 +38,12 @@ def _picture(domain: str, x: torch.Tensor, lo: float | None = None, hi: float | 
     if x.dim() == 3 and x.shape[0] > 1:  # semseg logits (K, H, W)
         x = x.argmax(0)
     if x.dtype in (torch.int64, torch.int32):
-        return _PALETTE[x.cpu().numpy() % len(_PALETTE)] / 255.0
+        ids = x.cpu().numpy()
+        return palette(int(ids.max()) + 1)[ids]  # the colours of `multimae-shard show`
     d = x.float().squeeze(0).cpu().numpy()  # depth (H, W)
     lo = float(np.min(d)) if lo is None else lo
     hi = float(np.max(d)) if hi is None else hi
-    return plt.get_cmap("viridis")(np.clip((d - lo) / max(hi - lo, 1e-6), 0, 1))[..., :3]
+    return plt.get_cmap(DEPTH_CMAP)(np.clip((d - lo) / max(hi - lo, 1e-6), 0, 1))[..., :3]
 
 
 def save_reconstruction_png(

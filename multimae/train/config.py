@@ -1,0 +1,205 @@
+"""The typed run configuration of `multimae-train` (the config reference is docs/training.md).
+
+A run is one `RunConfig`: a YAML file (`pipelines/pretrain-*.yaml`, `pipelines/finetune-*.yaml`) overlaid with
+dotted command-line overrides such as `optim.blr=3e-4 data.inputs.depth=depth_gt`, loaded by the toolkit's
+one config loader (`shards.config`). The config travels into checkpoints as a plain dict (`to_dict`), so
+`torch.load(weights_only=True)` reads it back. Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from multimae.sizes import MODEL_NAMES
+from shards.config import ConfigError, build, load_config
+from shards.format import FormatError, modality_kind
+
+__all__ = ["ConfigError", "RunConfig", "from_dict", "load_run_config"]
+
+Objective = Literal["pretrain", "cls", "semseg", "depth"]
+#: Model input domains the trainer can feed (each reads a shard modality of the same kind).
+DOMAINS = ("rgb", "depth", "semseg")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "multimae-tiny"  # multimae-{tiny,small,base,large} (pre-training) or multivit-* (fine-tuning)
+    patch_size: int = 16
+    # encoder size; null = the named size's (tiny: 192-d, 12 blocks, 3 heads)
+    dim_tokens: int | None = None
+    num_blocks: int | None = None
+    num_heads: int | None = None
+    num_global_tokens: int = 1
+    drop_path: float = 0.0
+    compile: bool = False  # torch.compile the model
+    # pre-training: masking and decoders
+    num_encoded_tokens: int = 98  # visible-token budget shared by all input tasks
+    alphas: float = 1.0  # Dirichlet concentration of the budget split
+    sample_tasks_uniformly: bool = False  # first draw a random non-empty subset of input tasks per sample
+    out_domains: list[str] | None = None  # tasks to reconstruct; null: every input
+    extra_norm_pix_loss: bool = True  # adds the `norm_rgb` output (official default)
+    fp32_output_adapters: list[str] = field(default_factory=list)  # decoders run without autocast (official: semseg)
+    num_semseg_classes: int | None = None  # null: from the manifest's class list
+    decoder_dim: int = 256
+    decoder_blocks: int = 2
+    decoder_heads: int = 8
+    # fine-tuning head; null = the objective's default (cls: linear, depth: dpt, semseg: convnext)
+    head: Literal["linear", "dpt", "convnext"] | None = None
+    head_dim: int | None = None  # DPT feature width (256) / ConvNeXt embedding width (6144)
+    head_layer_dims: list[int] | None = None  # DPT reassembly widths (96, 192, 384, 768)
+    head_blocks: int | None = None  # ConvNeXt blocks (4)
+
+
+@dataclass
+class DataConfig:
+    inputs: dict[str, str] = field(default_factory=lambda: {"rgb": "rgb"})  # model domain -> shard modality
+    target: str | None = None  # fine-tuning target modality (semseg_gt, depth_gt, ...) or `cls`
+    image_size: int = 224
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    hflip: float = 0.5
+    standardize_depth: bool = True  # robust (10-90% trimmed) standardization of depth inputs
+    train_shards: list[str] | None = None  # null: every shard not held out
+    eval_shards: list[str] | None = None  # held-out shard names
+    eval_num_shards: int = 0  # when eval_shards is null: hold out the last N shards
+    shuffle_buffer: int = 500
+    num_workers: int = 2
+    chunk_steps: int = 0  # the stream is re-seeded every chunk_steps steps (0: checkpoint_every)
+    ignore_index: int = 255  # semseg label ignored by loss and metrics
+    reduce_zero_label: bool = False  # ADE20K-style: class 0 is "unlabeled" -> ignore, others shift by -1
+
+    def check(self) -> None:
+        if not self.inputs:
+            raise ConfigError("inputs: at least one input modality is needed")
+        for domain, modality in self.inputs.items():
+            if domain not in DOMAINS:
+                raise ConfigError(f"inputs.{domain}: unknown input domain (known: {', '.join(DOMAINS)})")
+            kind = _kind(f"inputs.{domain}", modality)
+            if kind != domain:
+                raise ConfigError(f"inputs.{domain}: modality {modality!r} is {kind}, not {domain}")
+        if self.target not in (None, "cls"):
+            _kind("target", self.target)
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ConfigError(f"crop_scale: need [lo, hi] with 0 < lo <= hi <= 1, got {self.crop_scale}")
+        if len(self.crop_ratio) != 2 or not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ConfigError(f"crop_ratio: need [lo, hi] with 0 < lo <= hi, got {self.crop_ratio}")
+        for key in ("image_size", "shuffle_buffer", "num_workers", "chunk_steps", "eval_num_shards"):
+            if getattr(self, key) < (1 if key == "image_size" else 0):
+                raise ConfigError(f"{key}: must not be negative{' or zero' if key == 'image_size' else ''}")
+
+
+@dataclass
+class OptimConfig:
+    blr: float = 1e-4  # base lr: lr = blr * batch_size / 256
+    lr: float | None = None  # absolute lr (overrides blr scaling)
+    warmup_lr: float = 1e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    decay_everything: bool = False  # official pre-training decays norms/biases/tokens too
+    layer_decay: float | None = None  # fine-tuning layer-wise lr decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    clip_grad: float | None = None  # max global grad norm
+    label_smoothing: float = 0.0  # classification
+    depth_loss: Literal["berhu", "l1"] = "berhu"  # depth fine-tuning
+
+    def check(self) -> None:
+        if len(self.betas) != 2:
+            raise ConfigError(f"betas: two values expected, got {self.betas}")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 256  # global batch per optimizer step (all ranks, all accumulation micro-steps)
+    accum_steps: int = 1
+    steps: int | None = None  # total optimizer steps; or give epochs (converted with the manifest count)
+    epochs: float | None = None
+    warmup_steps: int | None = None
+    warmup_epochs: float = 0.0
+    seed: int = 0
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 where matrix units run it fast
+    device: str = "auto"  # auto | cpu | cuda
+    checkpoint_every: int = 1000
+    keep_checkpoints: bool = False  # also keep checkpoint-<step>.pt files besides checkpoint.pt
+    eval_every: int = 0  # fine-tuning: evaluate every N steps (0: at the end only)
+
+    def check(self) -> None:
+        if self.steps is None and self.epochs is None:
+            raise ConfigError("steps: set train.steps or train.epochs")
+        if self.batch_size <= 0 or self.accum_steps <= 0 or self.checkpoint_every <= 0:
+            raise ConfigError("batch_size, accum_steps and checkpoint_every must be positive")
+        if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ConfigError(f"device: {self.device!r} is not auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class LogConfig:
+    every: int = 10  # periodic line / metrics.jsonl / TensorBoard every N steps
+    image_every: int = 0  # reconstruction PNG every N steps (0: at the end only); pre-training
+    num_images: int = 4
+    tensorboard: bool = True
+    sample_keys: bool = False  # write keys-rank<r>.txt: the step and key of every sample each rank consumed
+
+    def check(self) -> None:
+        if self.every <= 0:
+            raise ConfigError("every: must be positive")
+
+
+@dataclass
+class RunConfig:
+    objective: Objective = "pretrain"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def pretraining(self) -> bool:
+        return self.objective == "pretrain"
+
+    def check(self) -> None:
+        """Rules across sections (each section checked its own fields already)."""
+        m, d = self.model, self.data
+        family = "multimae" if self.pretraining else "multivit"
+        if m.name not in MODEL_NAMES:
+            raise ConfigError(f"model.name: unknown model {m.name!r} (known: {', '.join(MODEL_NAMES)})")
+        if not m.name.startswith(family + "-"):
+            raise ConfigError(f"model.name: objective {self.objective} needs a {family}-* model, got {m.name!r}")
+        if self.pretraining:
+            unknown = [o for o in m.out_domains or [] if o not in DOMAINS + ("norm_rgb",)]
+            if unknown:
+                raise ConfigError(f"model.out_domains: unknown {unknown} (known: {', '.join(DOMAINS)}, norm_rgb)")
+            missing = [o for o in m.out_domains or [] if ("rgb" if o == "norm_rgb" else o) not in d.inputs]
+            if missing:
+                raise ConfigError(f"model.out_domains: {missing} need an input modality in data.inputs")
+        elif d.target is None:
+            raise ConfigError(f"data.target: required for objective {self.objective} (e.g. semseg_gt, depth_gt, cls)")
+        elif (d.target == "cls") != (self.objective == "cls") or (
+            d.target != "cls" and modality_kind(d.target) != self.objective
+        ):
+            raise ConfigError(f"data.target: {d.target!r} is not a target for objective {self.objective}")
+        if self.train.steps is None and self.train.epochs is None:
+            raise ConfigError("train.steps: set train.steps or train.epochs")
+
+
+def _kind(key: str, modality: str) -> str:
+    try:
+        return modality_kind(modality)
+    except FormatError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    """Validate plain data (e.g. a checkpoint's saved config) into a RunConfig."""
+    return build(RunConfig, data)
+
+
+def load_run_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML run config (defaults when `path` is None) and apply dotted overrides."""
+    return load_config(RunConfig, path, overrides)

@@ -1,0 +1,223 @@
+"""The training step loop (MultiMAE pre-training and fine-tuning), readable top to bottom.
+
+Per optimizer step: lr from the schedule (a pure function of the step) -> torch seeded from (seed, step, rank)
+-> `accum_steps` micro-batches of forward (under autocast) + backward -> losses averaged over ranks, a
+non-finite loss stops every rank with a clear message -> optional clipping -> AdamW step. Rank 0 logs every
+`log.every` steps, saves reconstruction pictures (pre-training) and writes checkpoints. The data stream is cut
+into chunks of `chunk_steps` steps, each a fresh loader seeded from (seed, chunk, rank) (see data.py), so a run
+resumed from a checkpoint continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from multimae.losses import finetune_loss, pretraining_loss
+
+from . import data as mdata
+from .distributed import all_reduce_sum
+from .logger import fmt_eta
+
+if TYPE_CHECKING:
+    from .main import Run
+
+
+class TrainingError(RuntimeError):
+    """A run cannot start or go on (incompatible checkpoint, another run in OUT); says why and what to do."""
+
+
+class NonFiniteLoss(TrainingError):
+    """The loss became NaN or inf: the run stops on every rank, its last checkpoint stays."""
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, warmup_lr: float, min_lr: float) -> float:
+    """Linear warmup from warmup_lr to base_lr over warmup_steps, then cosine to min_lr at total_steps."""
+    if step < warmup_steps:
+        return warmup_lr + (base_lr - warmup_lr) * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The torch seed of one optimizer step on one rank (masking, drop-path)."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+def forward_loss(run: Run, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], Any]:
+    """One micro-batch: per-task losses (+ "total") and the model output ((preds, masks) or the head's output)."""
+    cfg = run.cfg
+    inputs = {d: batch[d] for d in cfg.data.inputs}
+    if cfg.pretraining:
+        m = cfg.model
+        preds, masks = model(
+            inputs,
+            num_encoded_tokens=m.num_encoded_tokens,
+            alphas=m.alphas,
+            sample_tasks_uniformly=m.sample_tasks_uniformly,
+            fp32_output_adapters=tuple(m.fp32_output_adapters),
+        )
+        targets = {d: inputs[d] for d in preds if d in inputs}
+        if "norm_rgb" in preds:
+            targets["norm_rgb"] = inputs["rgb"]
+        return pretraining_loss(preds, targets, masks, patch_size=m.patch_size), (preds, masks)
+    output = model(inputs)
+    o = cfg.optim
+    loss = finetune_loss(
+        cfg.objective,
+        output,
+        batch["target"],
+        label_smoothing=o.label_smoothing,
+        ignore_index=cfg.data.ignore_index,
+        depth_loss=o.depth_loss,
+    )
+    return {cfg.objective: loss, "total": loss}, output
+
+
+def prepare_batch(run: Run, batch: dict[str, Any]) -> dict[str, Any]:
+    """A collated batch on the run's device, depth inputs standardized."""
+    batch = mdata.to_device(batch, run.dist.device)
+    mdata.standardize_depth_inputs(batch, run.cfg.data.inputs, run.cfg.data.standardize_depth)
+    return batch
+
+
+def save(run: Run, step: int) -> None:
+    """Rank 0 writes OUT/checkpoint.pt (and checkpoint-<step>.pt with train.keep_checkpoints)."""
+    if not run.dist.main:
+        return
+    urls = [run.ckpt_url]
+    if run.cfg.train.keep_checkpoints:
+        urls.append(os.path.join(run.out_dir, f"checkpoint-{step:08d}.pt"))
+    for url in urls:
+        run.save_checkpoint(url, step)
+
+
+def train_steps(run: Run, end: int) -> dict[str, float]:
+    """Train from run.step up to step `end`; returns the last logged losses."""
+    cfg, d, plan = run.cfg, run.dist, run.plan
+    accum = cfg.train.accum_steps
+    keys_file = None
+    if cfg.log.sample_keys:
+        os.makedirs(run.out_dir, exist_ok=True)
+        keys_file = open(os.path.join(run.out_dir, f"keys-rank{d.rank}.txt"), "a")
+    t0 = last_t = time.time()
+    start = last_step = run.step
+    last: dict[str, float] = {}
+    run.module.train()
+    while run.step < end:
+        chunk = run.step // plan.chunk_steps
+        loader = mdata.train_loader(
+            run.shards_root,
+            run.rank_shards,
+            run.transform_args,
+            micro_batch=plan.micro_batch,
+            num_workers=cfg.data.num_workers,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            seed=cfg.train.seed,
+            chunk=chunk,
+            rank=d.rank,
+        )
+        batches = iter(loader)
+        for _ in range((run.step - chunk * plan.chunk_steps) * accum):
+            next(batches)  # resume inside a chunk: replay the consumed batches
+        chunk_end = min(end, (chunk + 1) * plan.chunk_steps)
+        while run.step < chunk_end:
+            step = run.step
+            lr = lr_at(step, **run.schedule)
+            for g in run.optimizer.param_groups:
+                g["lr"] = lr * g["lr_scale"]
+            torch.manual_seed(step_seed(cfg.train.seed, step, d.rank))
+            sums: dict[str, torch.Tensor] = {}
+            for micro in range(accum):
+                batch = prepare_batch(run, next(batches))
+                if keys_file is not None:
+                    keys_file.write("".join(f"{step}\t{k}\n" for k in batch["__key__"]))
+                sync = micro == accum - 1 or not d.enabled
+                with contextlib.nullcontext() if sync else run.module.no_sync(), run.autocast():
+                    losses, _ = forward_loss(run, run.module, batch)
+                (losses["total"] / accum).backward()
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
+            names = sorted(sums)
+            values = all_reduce_sum(torch.stack([sums[k] for k in names]).cpu(), d) / d.world
+            if not torch.isfinite(values).all():
+                bad = {k: float(v) for k, v in zip(names, values)}
+                raise NonFiniteLoss(
+                    f"non-finite loss at step {step}: {bad}; lower optim.blr, set optim.clip_grad, "
+                    f"or use train.dtype=float32 (last good checkpoint: {run.ckpt_url})"
+                )
+            grad_norm = None
+            if cfg.optim.clip_grad is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.clip_grad))
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.step = step = step + 1
+            last = {f"loss/{k}": float(v) for k, v in zip(names, values)}
+
+            if step % cfg.log.every == 0 or step == plan.total_steps:
+                now = time.time()
+                rate = (step - last_step) * cfg.train.batch_size / max(now - last_t, 1e-9)
+                eta = (plan.total_steps - step) * (now - t0) / max(step - start, 1)
+                scalars = {**last, "lr": lr, "samples_per_s": rate}
+                if grad_norm is not None:
+                    scalars["grad_norm"] = grad_norm
+                parts = " ".join(f"{k[5:]} {v:.4f}" for k, v in last.items() if k != "loss/total")
+                run.logger.log(
+                    step,
+                    scalars,
+                    f"step {step}/{plan.total_steps} loss {last['loss/total']:.4f} "
+                    f"({parts}) lr {lr:.3g} {rate:.1f} samples/s ETA {fmt_eta(eta)}",
+                )
+                last_t, last_step = now, step
+            if cfg.pretraining and cfg.log.image_every and step % cfg.log.image_every == 0 and d.main:
+                save_reconstructions(run, step)
+            if step % cfg.train.checkpoint_every == 0 and step != plan.total_steps:
+                save(run, step)
+            if (
+                not cfg.pretraining
+                and cfg.train.eval_every
+                and step % cfg.train.eval_every == 0
+                and step != plan.total_steps
+                and plan.eval_shards
+            ):
+                from .main import evaluate_run
+
+                results = evaluate_run(run)
+                run.logger.log(
+                    step,
+                    {f"eval/{k}": float(v) for k, v in results.items()},
+                    "eval " + " ".join(f"{k} {v:.4f}" for k, v in results.items()),
+                )
+                run.module.train()
+        del batches, loader  # stops this chunk's workers
+    if keys_file is not None:
+        keys_file.close()
+    return last
+
+
+def save_reconstructions(run: Run, step: int) -> str:
+    """OUT/reconstructions/step-<step>.png: fixed samples, masked inputs, predictions and targets."""
+    from .visualize import save_reconstruction_png
+
+    cfg, plan = run.cfg, run.plan
+    shards = plan.eval_shards or plan.train_shards[:1]
+    samples = mdata.eval_samples(run.eval_root, shards, run.transform_args)
+    batch = prepare_batch(run, next(mdata.batched(samples, cfg.log.num_images)))
+    model = run.model
+    was_training = model.training
+    model.eval()
+    device = run.dist.device
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.train.seed)  # the same masks at every step: pictures are comparable
+        with run.autocast():
+            _, (preds, masks) = forward_loss(run, model, batch)
+    model.train(was_training)
+    path = os.path.join(run.out_dir, "reconstructions", f"step-{step:08d}.png")
+    save_reconstruction_png(path, batch, preds, masks, cfg.data.inputs, cfg.model.patch_size)
+    return path

@@ -1,0 +1,138 @@
+"""Fine-tuning evaluation: metric sums over the evaluation shards, the zarr prediction dump, eval.json.
+
+Scores come from `multimae.metrics` (its docstring defines each one). Here they are kept as sums in one
+float64 tensor per objective, so ranks add their parts with a single all_reduce:
+  - cls: correct@1, correct@5 (with at least 5 classes), samples -> top1, top5 (%);
+  - semseg: the confusion matrix -> mIoU, pixel_acc (%), pooled over every pixel of the set;
+  - depth: per-image delta1 (%), AbsRel, RMSE summed over images -> their mean over images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+
+from multimae import metrics
+from shards import fs
+
+
+class MetricSums:
+    """Running sums of one objective's metrics (`sums` is the tensor ranks all_reduce)."""
+
+    def __init__(self, objective: str, num_classes: int | None = None, ignore_index: int = 255):
+        if objective not in ("cls", "semseg", "depth"):
+            raise ValueError(f"no metric for objective {objective!r}")
+        self.objective, self.ignore_index = objective, ignore_index
+        self.num_classes = num_classes or 1
+        size = {"cls": 3, "semseg": self.num_classes**2, "depth": 4}[objective]
+        self.sums = torch.zeros(size, dtype=torch.float64)
+
+    def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        """cls: logits (B, K), target (B,); semseg: class ids (B, H, W) x2; depth: (B, H, W) x2."""
+        output, target = output.detach().cpu(), target.cpu()
+        if self.objective == "cls":
+            k5 = metrics.topk_correct(output, target, 5) if self.num_classes >= 5 else 0
+            self.sums += torch.tensor([metrics.topk_correct(output, target, 1), k5, len(target)], dtype=torch.float64)
+        elif self.objective == "semseg":
+            cm = metrics.confusion_matrix(output, target, self.num_classes, self.ignore_index)
+            self.sums += cm.flatten().double()
+        else:
+            for p, t in zip(output.float(), target.float()):
+                errors = metrics.depth_errors(p, t)
+                if errors is not None:
+                    self.sums += torch.tensor([errors["delta1"], errors["AbsRel"], errors["RMSE"], 1.0])
+
+    def compute(self) -> dict[str, float]:
+        s = self.sums
+        if self.objective == "cls":
+            n = max(s[2].item(), 1.0)
+            out = {"top1": 100.0 * s[0].item() / n}
+            if self.num_classes >= 5:
+                out["top5"] = 100.0 * s[1].item() / n
+            return {**out, "count": int(s[2].item())}
+        if self.objective == "semseg":
+            cm = s.view(self.num_classes, self.num_classes)
+            scores = metrics.segmentation_scores(cm)
+            return {"mIoU": 100.0 * scores["mIoU"], "pixel_acc": 100.0 * scores["pixel_acc"], "pixels": int(cm.sum())}
+        n = max(s[3].item(), 1.0)
+        return {
+            "delta1": 100.0 * s[0].item() / n,
+            "AbsRel": s[1].item() / n,
+            "RMSE": s[2].item() / n,
+            "images": int(s[3].item()),
+        }
+
+
+def to_prediction(objective: str, output: torch.Tensor) -> torch.Tensor:
+    """Model output -> stored prediction: class ids (cls: (B,), semseg: (B, H, W)) or depth (B, H, W)."""
+    if objective in ("cls", "semseg"):
+        return output.argmax(1)
+    return output[:, 0] if output.dim() == 4 else output
+
+
+class PredictionStore:
+    """predictions.zarr: arrays `pred` and `target` (one sample per chunk) and `keys`, appended batch by batch."""
+
+    def __init__(self, url: str, objective: str, attrs: dict[str, Any] | None = None):
+        import zarr
+
+        self.group = zarr.open_group(url, mode="w")
+        self.group.attrs.update({"objective": objective, **(attrs or {})})
+        self.arrays: dict[str, Any] = {}
+
+    def append(self, keys: list[str], pred: torch.Tensor, target: torch.Tensor) -> None:
+        for name, x in (("pred", pred), ("target", target)):
+            a = x.detach().cpu().numpy()
+            if a.dtype == np.int64:
+                a = a.astype(np.int32)
+            if name not in self.arrays:
+                self.arrays[name] = self.group.create_array(
+                    name, shape=(0, *a.shape[1:]), chunks=(1, *a.shape[1:]), dtype=a.dtype
+                )
+            self.arrays[name].append(a)
+        if "keys" not in self.arrays:
+            self.arrays["keys"] = self.group.create_array("keys", shape=(0,), chunks=(4096,), dtype=str)
+        self.arrays["keys"].append(np.asarray(keys, dtype=str))
+
+
+@torch.no_grad()
+def evaluate(
+    predict: Callable[[dict[str, Any]], torch.Tensor],
+    batches: Iterable[dict[str, Any]],
+    objective: str,
+    num_classes: int | None,
+    *,
+    ignore_index: int = 255,
+    store: PredictionStore | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Run `predict` over `batches` and return the objective's metrics (summed across ranks with `reduce`)."""
+    sums = MetricSums(objective, num_classes, ignore_index)
+    for batch in batches:
+        output = predict(batch)
+        target = batch["target"]
+        if objective == "depth" and target.dim() == 4:
+            target = target[:, 0]  # (B, 1, H, W) -> (B, H, W)
+        pred = to_prediction(objective, output)
+        sums.update(output if objective == "cls" else pred, target)
+        if store is not None:
+            store.append(list(batch["__key__"]), pred, target)
+    if reduce is not None:
+        sums.sums = reduce(sums.sums)
+    return sums.compute()
+
+
+def write_eval(url: str, record: dict[str, Any]) -> None:
+    fs.write_json_atomic(url, record)
+
+
+def format_table(results: dict[str, float]) -> str:
+    """A two-column text table of the metrics, values right-aligned."""
+    cells = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in results.items()]
+    width = max(len("metric"), *(len(k) for k, _ in cells))
+    vwidth = max(len("value"), *(len(v) for _, v in cells))
+    lines = [f"{'metric':<{width}}  {'value':>{vwidth}}", f"{'-' * width}  {'-' * vwidth}"]
+    return "\n".join(lines + [f"{k:<{width}}  {v:>{vwidth}}" for k, v in cells])
