@@ -1,16 +1,18 @@
-"""Labeling throughput: the job end to end vs bare teacher forwards vs a naive transformers-pipeline loop.
+"""Labeling throughput: the job end to end vs bare teacher forwards vs a naive transformers-pipeline loop,
+in float32 and in bfloat16 (teacher autocast), all in the same run.
 
     python benchmarks/labeling.py                      # CPU, shipped small teachers, through Ray
-    python benchmarks/labeling.py --device cuda --dtype bfloat16 --real-size --no-ray
+    python benchmarks/labeling.py --device cuda --real-size --no-ray --json out.json
 
-Three numbers, measured in the same run on the same synthetic shards:
+Per dtype, measured in the same run on the same synthetic shards:
 - job:      samples/s of the labeling job (read, decode, all teachers, encode, commit shards); Ray startup
             and teacher loading excluded (the job's own `labeling_s`). `--no-ray` runs the same per-shard
             code (`ShardLabeler.label_shard`, the body of each actor) in this process, for machines without Ray.
 - bare:     the same teachers on the same batches of pre-decoded tensors, nothing else (the ceiling).
 - naive:    a per-image loop of `transformers.pipeline("depth-estimation")` and
             `pipeline("image-segmentation", subtask="semantic")` on PIL images.
-Prints efficiency = job / bare (target >= 0.85) and speedup = job / naive (target >= 3).
+Prints efficiency = job / bare (target >= 0.85), speedup = job / naive (target >= 3; the naive loop runs in
+float32) and the job's bfloat16 / float32 ratio.
 `--real-size` uses random-weight DPT-Hybrid and Mask2Former Swin-S (COCO panoptic, 133 classes) models
 built from config objects (no download), saved with save_pretrained and loaded like any checkpoint.
 """
@@ -174,23 +176,39 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def main() -> None:
+def job_rate(cfg: LabelConfig, names: list[str], args) -> float:
+    """Samples/s of the labeling job, through Ray or (--no-ray) the actor's code in this process."""
+    if not args.no_ray:
+        cfg.ray.address, cfg.ray.num_cpus = "local", args.actors
+        return run(cfg)["samples_per_s"]
+    labeler = ShardLabeler(cfg, args.device)
+    labeler.label_shard(names[0], ["depth", "semseg"])  # warm-up (rewrites shard 0)
+    sync(args.device)
+    start = time.perf_counter()
+    for n in names:
+        labeler.label_shard(n, ["depth", "semseg"])
+    sync(args.device)
+    return args.num / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num", type=int, default=256, help="synthetic scenes to label")
     p.add_argument("--shard-size", type=int, default=64)
     p.add_argument("--size", type=int, default=128, help="stored rgb size")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument(
-        "--actors", type=int, default=2, help="CPU actors of the job (the bare baseline runs as many processes)"
-    )
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--actors", type=int, default=2, help="CPU actors of the job (the bare baseline: as many processes)")
     p.add_argument("--real-size", action="store_true", help="random-weight DPT-Hybrid + Mask2Former Swin-S")
     p.add_argument("--no-ray", action="store_true", help="run the actor's per-shard code in this process")
-    p.add_argument("--naive-num", type=int, default=32, help="images for the naive pipeline loop")
-    args = p.parse_args()
+    p.add_argument("--naive-num", type=int, default=32, help="images for the naive pipeline loop (0: skip it)")
+    p.add_argument("--json", help="also write the results as JSON here")
+    args = p.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="bench-label-"))
+    results: dict = {}
+    threads = 1 if args.device.startswith("cuda") else args.actors
     try:
         names = make_input(work / "data", args.num, args.shard_size, args.size)
         models = (
@@ -198,36 +216,29 @@ def main() -> None:
             if args.real_size
             else {k: str(v) for k, v in DEFAULT_TEACHERS.items()}
         )
-        cfg = LabelConfig(
-            input=str(work / "data"),
-            batch_size=args.batch_size,
-            progress=False,
-            device=args.device,
-            actors=1 if args.no_ray else args.actors,
-            teachers={m: TeacherConfig(m, model=models[m], dtype=args.dtype) for m in ("depth", "semseg")},
-        )
-        threads = 1 if args.device.startswith("cuda") else args.actors
-        if args.no_ray:
-            cfg.threads_per_actor = threads
-            labeler = ShardLabeler(cfg, args.device)
-            labeler.label_shard(names[0], ["depth", "semseg"])  # warm-up (rewrites shard 0)
-            sync(args.device)
-            start = time.perf_counter()
-            for n in names:
-                labeler.label_shard(n, ["depth", "semseg"])
-            sync(args.device)
-            job = args.num / (time.perf_counter() - start)
-            del labeler
-        else:
-            cfg.ray.address, cfg.ray.num_cpus = "local", args.actors
-            summary = run(cfg)
-            job = summary["samples_per_s"]
-        if args.no_ray or args.device.startswith("cuda"):  # one process, like the in-process job
-            base = bare(cfg, names, args.device, 1, threads)
-        else:  # the job's layout: `actors` processes with threads_per_actor threads each
-            base = bare(cfg, names, args.device, args.actors, cfg.threads_per_actor)
-        torch.set_num_threads(threads)  # the naive loop gets the whole machine
-        slow = naive(cfg, names, args.device, args.naive_num)
+        for dtype in args.dtypes:
+            cfg = LabelConfig(
+                input=str(work / "data"),
+                batch_size=args.batch_size,
+                progress=False,
+                device=args.device,
+                actors=1 if args.no_ray else args.actors,
+                teachers={m: TeacherConfig(m, model=models[m], dtype=dtype) for m in ("depth", "semseg")},
+            )
+            if args.no_ray:
+                cfg.threads_per_actor = threads
+            for m in ("depth", "semseg"):  # each dtype labels from scratch
+                shutil.rmtree(work / "data" / m, ignore_errors=True)
+            job = job_rate(cfg, names, args)
+            if args.no_ray or args.device.startswith("cuda"):  # one process, like the in-process job
+                base = bare(cfg, names, args.device, 1, threads)
+            else:  # the job's layout: `actors` processes with threads_per_actor threads each
+                base = bare(cfg, names, args.device, args.actors, cfg.threads_per_actor)
+            results[dtype] = {"job_samples_per_s": job, "bare_samples_per_s": base, "efficiency": job / base}
+        if args.naive_num:
+            torch.set_num_threads(threads)  # the naive loop gets the whole machine
+            cfg.teachers = {m: TeacherConfig(m, model=models[m], dtype="float32") for m in ("depth", "semseg")}
+            results["naive_float32_samples_per_s"] = naive(cfg, names, args.device, args.naive_num)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU x{torch.get_num_threads()}"
@@ -235,9 +246,31 @@ def main() -> None:
         f"device {dev} | teachers {'real-size (random weights)' if args.real_size else 'shipped small'} | "
         f"{args.num} images {args.size}px | batch {args.batch_size} | {'in-process' if args.no_ray else 'Ray'}"
     )
-    print(f"job (end to end)        {job:8.1f} samples/s")
-    print(f"bare teacher forwards   {base:8.1f} samples/s   efficiency job/bare = {job / base:.2f}  (target >= 0.85)")
-    print(f"naive pipeline loop     {slow:8.1f} samples/s   speedup job/naive   = {job / slow:.1f}x (target >= 3x)")
+    slow = results.get("naive_float32_samples_per_s")
+    for dtype in args.dtypes:
+        r = results[dtype]
+        print(f"{dtype:9s} job (end to end)      {r['job_samples_per_s']:8.1f} samples/s")
+        print(
+            f"{dtype:9s} bare teacher forwards {r['bare_samples_per_s']:8.1f} samples/s   "
+            f"efficiency job/bare = {r['efficiency']:.2f}  (target >= 0.85)"
+        )
+        if slow:
+            r["speedup_over_naive"] = r["job_samples_per_s"] / slow
+            print(f"{dtype:9s} speedup job/naive     {r['speedup_over_naive']:8.1f}x (target >= 3x)")
+    if slow:
+        print(f"naive float32 pipeline loop     {slow:8.1f} samples/s")
+    if {"float32", "bfloat16"} <= set(results):
+        results["bf16_over_float32_job"] = (
+            results["bfloat16"]["job_samples_per_s"] / results["float32"]["job_samples_per_s"]
+        )
+        print(
+            f"job bfloat16 / float32: {results['bf16_over_float32_job']:.2f}x (target >= 1.5x on CPUs with bf16 units)"
+        )
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"device": dev, "real_size": args.real_size, "num": args.num, **results}, f, indent=1)
 
 
 if __name__ == "__main__":

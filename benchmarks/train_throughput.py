@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--image-size", type=int, help="training crop size (default: the config's)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
@@ -135,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
             "model.num_encoded_tokens=98",
             "model.fp32_output_adapters=[semseg]",
         ]
+    if args.image_size:
+        overrides.append(f"data.image_size={args.image_size}")
     root = args.shards or make_data(args.num, 224 if args.size == "base" else 128)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU (bf16 units: {cpu_bf16_units()})"

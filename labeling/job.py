@@ -142,7 +142,8 @@ class ShardLabeler:
             )
             for mod, t in self.teachers.items()
         }
-        return {"pid": os.getpid(), "device": self.device, "modalities": entries}
+        dtypes = {f"{t.producer['dtype']} ({t.dtype_reason})" for t in self.teachers.values()}
+        return {"pid": os.getpid(), "device": self.device, "dtype": "; ".join(sorted(dtypes)), "modalities": entries}
 
     def _label(self, mods: list[str], images: list[torch.Tensor]) -> tuple[dict[str, list], dict[int, str]]:
         """Run each teacher on the batch; a failing batch is redone per image to isolate the bad samples."""
@@ -328,7 +329,8 @@ def print_event(event: Event) -> None:
         print(f"[multimae-label] {event['shard']}: FAILED: {event['error']}", file=sys.stderr, flush=True)
     elif kind == "actors_ready":
         print(
-            f"[multimae-label] {len(event['actors'])} teacher actor(s) on {event['actors'][0]['device']}; "
+            f"[multimae-label] {len(event['actors'])} teacher actor(s) on {event['actors'][0]['device']}, "
+            f"{event['actors'][0]['dtype']}; "
             f"{event['todo']} shard(s) to label, {event['already']} already complete",
             file=sys.stderr,
             flush=True,
@@ -464,7 +466,7 @@ def run(cfg: LabelConfig, on_event: Callable[[Event], None] | None = None) -> di
         emit(
             {
                 "event": "actors_ready",
-                "actors": [{"pid": i["pid"], "device": i["device"]} for i in infos],
+                "actors": [{"pid": i["pid"], "device": i["device"], "dtype": i["dtype"]} for i in infos],
                 "todo": len(todo),
                 "already": len(entries) - len(todo),
             }

@@ -298,7 +298,8 @@ def load_teacher(
         kind: "depth" or "semseg".
         model: local folder or Hugging Face model id (resolved from the local cache only).
         device: torch device string, e.g. "cpu", "cuda", "cuda:1".
-        dtype: "float32" | "bfloat16" | "float16" (autocast); default bfloat16 on a GPU, float32 on the CPU.
+        dtype: "float32" | "bfloat16" | "float16" (autocast); default (None): bfloat16 where the device has bf16
+            matrix units (GPUs, CPUs with AMX / AVX512-BF16; see multimae.precision), float32 elsewhere.
         resolution: working resolution (h, w) or a square side, overriding the processor's size.
         modality: output modality name; defaults to ``kind``.
 
@@ -309,7 +310,7 @@ def load_teacher(
     if kind not in KINDS:
         raise ValueError(f"unknown teacher kind {kind!r}; expected one of {KINDS}")
     torch_device = torch.device(device)
-    torch_dtype = _resolve_dtype(dtype, torch_device)
+    torch_dtype, dtype_reason = _resolve_dtype(dtype, torch_device)
     source, provenance = _locate(kind, model)
 
     config = AutoConfig.from_pretrained(source, local_files_only=True)
@@ -355,7 +356,7 @@ def load_teacher(
         "library": f"transformers {transformers.__version__}",
         "architecture": type(net).__name__,
     }
-    return Teacher(
+    teacher = Teacher(
         kind,
         net,
         processor,
@@ -365,6 +366,8 @@ def load_teacher(
         meaning=meaning,
         producer=producer,
     )
+    teacher.dtype_reason = dtype_reason
+    return teacher
 
 
 _HOW_TO_GET_WEIGHTS = (
@@ -410,12 +413,15 @@ def _sha256(files: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def _resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+def _resolve_dtype(dtype: str | None, device: torch.device) -> tuple[torch.dtype, str]:
+    """(autocast dtype, why): an explicit choice, or bf16 where the device runs it natively (multimae.precision)."""
     if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        from multimae.precision import autocast_dtype
+
+        return autocast_dtype(device, "auto")
     if dtype not in DTYPES:
         raise ValueError(f"unknown teacher dtype {dtype!r}; expected one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
+    return DTYPES[dtype], f"{dtype} requested"
 
 
 def _size_override(resolution: int | tuple[int, int] | None) -> dict:

@@ -16,6 +16,7 @@ majority-class baseline.
 
     python -m labeling.train_teachers --only depth --steps 1200 --scenes 1024      # the shipped synthetic-dpt
     python -m labeling.train_teachers --only semseg --semseg-steps 3000 --scenes 2048  # shipped synthetic-mask2former
+    python -m labeling.train_teachers --evaluate-only    # re-score both (quality.json, with bf16 vs float32 agreement)
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from transformers import (
 )
 
 from labeling.teachers import load_teacher
+from multimae import metrics
 from shards.synthetic import SEMSEG_CLASSES, render_scene
 
 TRAIN_SEED = 1001  # training scenes: render_scene(TRAIN_SEED, i)
@@ -218,54 +220,57 @@ def train_semseg(
 # evaluation
 
 
-def align_scale_shift(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """Least-squares s, t with s * pred + t ~ gt over one image; pred, gt (H, W) -> aligned (H, W)."""
-    a = torch.stack([pred.flatten().double(), torch.ones(pred.numel(), dtype=torch.float64)], dim=1)  # (HW, 2)
-    sol = torch.linalg.lstsq(a, gt.flatten().double()[:, None]).solution  # (2, 1)
-    return (a @ sol).reshape(gt.shape).float()
-
-
-def depth_metrics(preds: list[torch.Tensor], gts: list[torch.Tensor], align: bool = True) -> dict[str, float]:
-    """AbsRel and delta1 (max(p/g, g/p) < 1.25) over all pixels, after per-image scale-and-shift alignment."""
-    abs_rel, delta1, n = 0.0, 0.0, 0
-    for pred, gt in zip(preds, gts):
-        pred = (align_scale_shift(pred, gt) if align else pred).clamp_min(1e-3)
-        abs_rel += ((pred - gt).abs() / gt).sum().item()
-        delta1 += (torch.maximum(pred / gt, gt / pred) < 1.25).sum().item()
-        n += gt.numel()
-    return {"abs_rel": abs_rel / n, "delta1": delta1 / n}
+def depth_scores(preds: list[torch.Tensor], gts: list[torch.Tensor], align: bool = True) -> dict[str, float]:
+    """AbsRel and delta1 per image (after scale-and-shift alignment), averaged over images (multimae.metrics)."""
+    m = metrics.mean_depth_errors(preds, gts, align=align)
+    return {"abs_rel": m["AbsRel"], "delta1": m["delta1"]}
 
 
 def miou(preds: list[torch.Tensor], gts: list[torch.Tensor], num_classes: int) -> float:
-    """Mean over classes (present in prediction or ground truth) of IoU accumulated over all images."""
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)  # (gt, pred)
-    for pred, gt in zip(preds, gts):
-        conf += torch.bincount(gt.flatten() * num_classes + pred.flatten(), minlength=num_classes**2).reshape(
-            num_classes, num_classes
-        )
-    inter = conf.diagonal()
-    union = conf.sum(0) + conf.sum(1) - inter
-    return (inter[union > 0] / union[union > 0]).mean().item()
+    """mIoU pooled over every pixel of the images (multimae.metrics)."""
+    confusion = sum(metrics.confusion_matrix(p, g, num_classes) for p, g in zip(preds, gts))
+    return metrics.segmentation_scores(confusion)["mIoU"]
+
+
+def label_all(teacher, images: list[torch.Tensor], batch: int = 32) -> list[torch.Tensor]:
+    return [out for i in range(0, len(images), batch) for out in teacher(images[i : i + batch])]
+
+
+def bf16_agreement(teachers_dir: Path, images: list[torch.Tensor]) -> dict[str, float]:
+    """How far the teachers' bfloat16 labels are from their float32 labels on the same images.
+
+    depth: median over images of mean |bf16 - fp32| / mean |fp32| (relative difference); semseg: the share of
+    pixels with the same class.
+    """
+    labels = {}
+    for dtype in ("float32", "bfloat16"):
+        depth = load_teacher("depth", str(teachers_dir / DEPTH_DIR), dtype=dtype)
+        seg = load_teacher("semseg", str(teachers_dir / SEMSEG_DIR), dtype=dtype)
+        labels[dtype] = (label_all(depth, images), label_all(seg, images))
+    (d32, s32), (d16, s16) = labels["float32"], labels["bfloat16"]
+    rel = torch.tensor([((a - b).abs().mean() / a.abs().mean()).item() for a, b in zip(d32, d16)])
+    same = torch.cat([(a == b).flatten() for a, b in zip(s32, s16)]).double().mean().item()
+    return {"depth_relative_difference_median": rel.median().item(), "depth_relative_difference_max": rel.max().item(),
+            "semseg_pixel_agreement": same, "images": len(images)}  # fmt: skip
 
 
 def evaluate(teachers_dir: Path, eval_data: dict[str, torch.Tensor], majority_class: int) -> dict:
-    """Score the saved teachers (loaded with load_teacher) and the trivial baselines on held-out scenes."""
+    """Score the saved teachers (loaded with load_teacher, float32) and the trivial baselines on held-out scenes."""
     images = list(eval_data["rgb"])
     gt_depth, gt_seg = list(eval_data["depth"]), list(eval_data["semseg"])
-    depth_teacher = load_teacher("depth", str(teachers_dir / DEPTH_DIR))
-    seg_teacher = load_teacher("semseg", str(teachers_dir / SEMSEG_DIR))
-    pred_depth = [d for i in range(0, len(images), 32) for d in depth_teacher(images[i : i + 32])]
-    pred_seg = [s for i in range(0, len(images), 32) for s in seg_teacher(images[i : i + 32])]
+    pred_depth = label_all(load_teacher("depth", str(teachers_dir / DEPTH_DIR), dtype="float32"), images)
+    pred_seg = label_all(load_teacher("semseg", str(teachers_dir / SEMSEG_DIR), dtype="float32"), images)
     mean_depth = [torch.full_like(g, g.mean().item()) for g in gt_depth]  # best constant after alignment
     majority = [torch.full_like(g, majority_class) for g in gt_seg]
     k = len(SEMSEG_CLASSES)
     return {
         "eval_seed": EVAL_SEED,
         "eval_scenes": len(images),
+        "metrics": "per image, then averaged over images (depth); pooled over pixels (semseg)",
         "depth": {
-            "teacher": depth_metrics(pred_depth, gt_depth),
-            "teacher_unaligned": depth_metrics(pred_depth, gt_depth, align=False),
-            "mean_depth_baseline": depth_metrics(mean_depth, gt_depth, align=False),
+            "teacher": depth_scores(pred_depth, gt_depth),
+            "teacher_unaligned": depth_scores(pred_depth, gt_depth, align=False),
+            "mean_depth_baseline": depth_scores(mean_depth, gt_depth, align=False),
         },
         "semseg": {
             "teacher_miou": miou(pred_seg, gt_seg, k),
@@ -273,6 +278,7 @@ def evaluate(teachers_dir: Path, eval_data: dict[str, torch.Tensor], majority_cl
             "teacher_pixel_acc": float(np.mean([(p == g).float().mean().item() for p, g in zip(pred_seg, gt_seg)])),
             "majority_class": SEMSEG_CLASSES[majority_class],
         },
+        "bf16_agreement": bf16_agreement(teachers_dir, images),
     }
 
 
@@ -292,6 +298,13 @@ def print_quality(q: dict) -> None:
     print(f"{'model':<34}{'mIoU':>8}")
     print(f"{'semseg teacher':<34}{s['teacher_miou']:8.3f}")
     print(f"{'majority-class baseline (' + s['majority_class'] + ')':<34}{s['majority_baseline_miou']:8.3f}")
+    b = q.get("bf16_agreement")
+    if b:
+        print(
+            f"bfloat16 vs float32 on the same scenes: depth relative difference {b['depth_relative_difference_median']:.4f}"
+            f" (median; max {b['depth_relative_difference_max']:.4f}), semseg pixel agreement "
+            f"{b['semseg_pixel_agreement']:.4f}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -311,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--depth-steps", type=int, default=None, help="steps for the depth teacher (default --steps)")
     p.add_argument("--semseg-steps", type=int, default=3000, help="steps for the semseg teacher (0: --steps)")
     p.add_argument("--only", choices=("depth", "semseg"), help="train one teacher; evaluate both from --out")
+    p.add_argument("--evaluate-only", action="store_true", help="train nothing: score the teachers in --out")
     p.add_argument("--scenes", type=int, default=1024, help="training scenes rendered")
     p.add_argument("--eval-scenes", type=int, default=64, help="held-out scenes for the quality report")
     p.add_argument("--batch", type=int, default=8)
@@ -326,14 +340,15 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     t0 = time.time()
 
-    print(f"rendering {args.scenes} training + {args.eval_scenes} held-out scenes (seeds {TRAIN_SEED}, {EVAL_SEED})")
-    train = render_scenes(TRAIN_SEED, args.scenes, args.workers)
+    scenes = 64 if args.evaluate_only else args.scenes  # for the majority class only
+    print(f"rendering {scenes} training + {args.eval_scenes} held-out scenes (seeds {TRAIN_SEED}, {EVAL_SEED})")
+    train = render_scenes(TRAIN_SEED, scenes, args.workers)
     held_out = render_scenes(EVAL_SEED, args.eval_scenes, args.workers)
     majority_class = int(torch.bincount(train["semseg"].flatten(), minlength=len(SEMSEG_CLASSES)).argmax())
     print(f"rendered in {time.time() - t0:.0f} s")
     common = {"train_seed": TRAIN_SEED, "train_scenes": args.scenes, "batch": args.batch, "device": str(device)}
 
-    if args.only in (None, "depth"):
+    if args.only in (None, "depth") and not args.evaluate_only:
         steps, t = args.depth_steps or args.steps, time.time()
         print(f"training depth teacher ({steps} steps)")
         model, processor = train_depth(
@@ -349,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
         recipe["hidden"] = args.depth_hidden
         recipe["loss"] = "L1 on metric depth (m)"
         _save(model, processor, args.out / DEPTH_DIR, {**common, **recipe, "train_s": round(time.time() - t)})
-    if args.only in (None, "semseg"):
+    if args.only in (None, "semseg") and not args.evaluate_only:
         steps, t = args.semseg_steps or args.steps, time.time()
         print(f"training semseg teacher ({steps} steps)")
         model, processor = train_semseg(

@@ -17,9 +17,14 @@ import torch
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
+def bf16_feature(flags: list[str]) -> str | None:
+    """The first bf16 matrix feature among CPU flags (AMX before AVX512-BF16), or None."""
+    return next((flag for flag in BF16_CPU_FLAGS if flag in flags), None)
+
+
 @functools.cache
 def cpu_bf16_units() -> str | None:
-    """The CPU's bf16 matrix feature (e.g. "amx_bf16"), or None when it has none (or cannot tell)."""
+    """This CPU's bf16 matrix feature (e.g. "amx_bf16"), or None when it has none (or cannot tell)."""
     if platform.system() != "Linux":
         return None
     try:
@@ -27,7 +32,7 @@ def cpu_bf16_units() -> str | None:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
         return None
-    return next((flag for flag in BF16_CPU_FLAGS if flag in flags), None)
+    return bf16_feature(flags)
 
 
 def autocast_dtype(device: torch.device | str, requested: str = "auto") -> tuple[torch.dtype, str]:

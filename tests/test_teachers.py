@@ -32,7 +32,8 @@ from labeling.teachers import (
     mask_classification_scores,
     mask_classification_scores_at,
 )
-from labeling.train_teachers import EVAL_SEED, depth_metrics, miou, render_scenes
+from labeling.train_teachers import EVAL_SEED, depth_scores, miou, render_scenes
+from multimae.precision import autocast_dtype, dtype_name
 from shards.synthetic import SEMSEG_CLASSES, render_scene
 
 SIZES = [(128, 128), (96, 128), (128, 128), (160, 200), (64, 80)]  # mixed sizes, two share a size
@@ -101,7 +102,8 @@ def teacher_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[st
 
 @pytest.fixture(scope="module")
 def loaded(teacher_dirs):
-    return {name: load_teacher(kind, folder) for name, (kind, folder, _) in teacher_dirs.items()}
+    # float32: these tests compare against the processors' float32 reference
+    return {name: load_teacher(kind, folder, dtype="float32") for name, (kind, folder, _) in teacher_dirs.items()}
 
 
 def test_shipped_teachers_load(loaded):
@@ -180,29 +182,26 @@ def test_shipped_teachers_beat_trivial_baselines(loaded):
     """On held-out scenes: depth beats the per-image mean depth, semseg beats the majority class (floor)."""
     held_out = render_scenes(EVAL_SEED, 8)
     images, gt_depth, gt_seg = list(held_out["rgb"]), list(held_out["depth"]), list(held_out["semseg"])
-    depth = depth_metrics(loaded["dpt"](images), gt_depth)
-    mean_depth = depth_metrics([torch.full_like(g, g.mean().item()) for g in gt_depth], gt_depth, align=False)
+    depth = depth_scores(loaded["dpt"](images), gt_depth)
+    mean_depth = depth_scores([torch.full_like(g, g.mean().item()) for g in gt_depth], gt_depth, align=False)
     assert depth["abs_rel"] < 0.75 * mean_depth["abs_rel"] and depth["delta1"] > mean_depth["delta1"] + 0.2
     seg = miou(loaded["mask2former"](images), gt_seg, len(SEMSEG_CLASSES))
     majority = miou([torch.zeros_like(g) for g in gt_seg], gt_seg, len(SEMSEG_CLASSES))
     assert SEMSEG_CLASSES[0] == "floor" and seg > 2 * majority
 
 
-def test_metrics_exact_values():
-    gt = torch.tensor([[1.0, 2.0], [4.0, 8.0]])
-    assert depth_metrics([2 * gt + 3], [gt]) == pytest.approx({"abs_rel": 0.0, "delta1": 1.0}, abs=1e-6)
-    unaligned = depth_metrics([torch.full_like(gt, 2.0)], [gt], align=False)
-    assert unaligned == pytest.approx({"abs_rel": (1 + 0 + 0.5 + 0.75) / 4, "delta1": 0.25})
-    pred, target = torch.tensor([[0, 0], [1, 2]]), torch.tensor([[0, 1], [1, 1]])
-    # class 0: 1/2, class 1: 1/3, class 2: 0/1 -> mean over the three classes present
-    assert miou([pred], [target], 4) == pytest.approx((1 / 2 + 1 / 3 + 0) / 3)
+def test_default_dtype_follows_the_hardware():
+    teacher = load_teacher("depth", DEFAULT_TEACHERS["depth"])
+    expected, why = autocast_dtype("cpu")
+    assert teacher.producer["dtype"] == dtype_name(expected) and teacher.dtype_reason == why
+    assert load_teacher("depth", DEFAULT_TEACHERS["depth"], dtype="float32").producer["dtype"] == "float32"
 
 
 def test_resolution_and_dtype_options(images):
     teacher = load_teacher("depth", DEFAULT_TEACHERS["depth"], resolution=48)
     assert teacher.producer["resolution"] == [48, 48]
     assert [tuple(o.shape) for o in teacher(images[:2])] == SIZES[:2]
-    fp32 = load_teacher("semseg", DEFAULT_TEACHERS["semseg"])(images[:2])
+    fp32 = load_teacher("semseg", DEFAULT_TEACHERS["semseg"], dtype="float32")(images[:2])
     bf16_teacher = load_teacher("semseg", DEFAULT_TEACHERS["semseg"], dtype="bfloat16")
     assert bf16_teacher.producer["dtype"] == "bfloat16"
     bf16 = bf16_teacher(images[:2])

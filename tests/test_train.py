@@ -80,9 +80,11 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(110, **kw) == pytest.approx(0.1)
 
 
-def test_exact_resume_equals_straight_run(data, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_exact_resume_equals_straight_run(data, tmp_path, dtype):
     # chunks of 3 steps, checkpoints every 2: the resume at step 4 lands inside a chunk (replays a batch)
     over = PRETRAIN + ["train.steps=6", "train.checkpoint_every=2", "data.chunk_steps=3", "data.num_workers=1"]
+    over.append(f"train.dtype={dtype}")
     cfg = cfg_of("pretrain-demo.yaml", over)
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     s = run(cfg, data, straight)

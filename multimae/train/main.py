@@ -324,7 +324,8 @@ def setup(
         _identity(cfg, shards_root, init),
     )
     if d.main:
-        print(f"precision: {dtype_name(dtype)} ({why}); train.dtype=float32 forces float32", flush=True)
+        hint = "; train.dtype=float32 forces float32" if dtype != torch.float32 else ""
+        print(f"precision: {dtype_name(dtype)} ({why}){hint}", flush=True)
 
     url = resume if isinstance(resume, str) else run.ckpt_url
     state = None
