@@ -301,8 +301,9 @@ def print_quality(q: dict) -> None:
     b = q.get("bf16_agreement")
     if b:
         print(
-            f"bfloat16 vs float32 on the same scenes: depth relative difference {b['depth_relative_difference_median']:.4f}"
-            f" (median; max {b['depth_relative_difference_max']:.4f}), semseg pixel agreement "
+            "bfloat16 vs float32 on the same scenes: depth relative difference "
+            f"{b['depth_relative_difference_median']:.4f} (median; max {b['depth_relative_difference_max']:.4f}), "
+            "semseg pixel agreement "
             f"{b['semseg_pixel_agreement']:.4f}"
         )
 
