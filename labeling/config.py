@@ -184,20 +184,36 @@ def input_shards(cfg: LabelConfig) -> list[dict]:
     return entries
 
 
-def check_inputs(cfg: LabelConfig) -> None:
-    """Teacher weights exist and fit their kind; every input shard is complete. Raises ConfigError."""
-    for mod, t in cfg.teachers.items():
-        where = f"teachers.{mod}.model"
-        _check_teacher_kind(_config_json(resolve_model(t), where), t.kind, where)
+def check_inputs(cfg: LabelConfig) -> list[str]:
+    """Teacher weights exist and fit their kind; every input shard is complete. Raises ConfigError.
+
+    Returns warnings: a teacher that declares a narrow training domain (`trained_on` in its config, e.g. the
+    shipped synthetic teachers) run on data of another source.
+    """
     try:
         entries = input_shards(cfg)
+        manifest = read_manifest(cfg.input)
     except FormatError as e:
         raise ConfigError(
             f"input: {e} (make one with `multimae-shard build --src synthetic --out {cfg.input}`)"
         ) from None
+    source = (manifest["modalities"].get(cfg.rgb, {}).get("producer") or {}).get("source")
+    warnings = []
+    for mod, t in cfg.teachers.items():
+        where = f"teachers.{mod}.model"
+        config = _config_json(resolve_model(t), where)
+        _check_teacher_kind(config, t.kind, where)
+        domain = config.get("trained_on")
+        if domain and source != domain:
+            warnings.append(
+                f"teachers.{mod}: {resolve_model(t)} was trained on {domain} data only and the input is "
+                f"{source or 'of unknown source'}: expect poor labels (set teachers.{mod}.model to a real teacher, "
+                "e.g. the paper's)"
+            )
     for e in entries:
         if not shard_is_complete(cfg.input, cfg.rgb, e["name"]):
             raise ConfigError(
                 f"input: shard {fs.join(cfg.input, cfg.rgb, e['name'] + '.tar')} is missing or "
                 "incomplete (no stats json)"
             )
+    return warnings

@@ -427,7 +427,9 @@ def _dispatch(
 
 def run(cfg: LabelConfig, on_event: Callable[[Event], None] | None = None) -> dict:
     """Label every input shard not yet labeled; returns the summary (also the Python API of `multimae-label`)."""
-    check_inputs(cfg)  # teacher weights and input shards, before Ray starts
+    warnings = check_inputs(cfg)  # teacher weights and input shards, before Ray starts
+    for warning in warnings:
+        print(f"[multimae-label] warning: {warning}", file=sys.stderr, flush=True)
     emit = on_event or (print_event if cfg.progress else (lambda e: None))
     start = time.time()
     out = cfg.output_root
@@ -435,6 +437,7 @@ def run(cfg: LabelConfig, on_event: Callable[[Event], None] | None = None) -> di
     counts = {e["name"]: e["count"] for e in entries}
     manifest_mods = read_manifest(out)["modalities"] if fs.exists(fs.join(out, "manifest.json")) else {}
     summary: dict[str, Any] = {
+        "warnings": warnings,
         "input": cfg.input,
         "output": out,
         "modalities": list(cfg.teachers),

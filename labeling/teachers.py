@@ -355,6 +355,7 @@ def load_teacher(
         "meaning": meaning,
         "library": f"transformers {transformers.__version__}",
         "architecture": type(net).__name__,
+        "trained_on": getattr(config, "trained_on", None),  # a narrow training domain, when the model declares one
     }
     teacher = Teacher(
         kind,

@@ -48,6 +48,7 @@ TRAIN_SEED = 1001  # training scenes: render_scene(TRAIN_SEED, i)
 EVAL_SEED = 7  # held-out scenes: render_scene(EVAL_SEED, i); never used for training
 SCENE_SIZE = 128
 DEPTH_MEANING = "metric_m"
+TRAINED_ON = "synthetic"  # the shard source the teachers learned from
 DEPTH_DIR, SEMSEG_DIR = "synthetic-dpt", "synthetic-mask2former"
 
 
@@ -71,13 +72,14 @@ def dpt_config(resolution: int, hidden: int = 64, layers: int = 4) -> DPTConfig:
         head_hidden_size=16,
     )
     config.depth_meaning = DEPTH_MEANING
+    config.trained_on = TRAINED_ON  # the data domain: the labeling job warns on other data
     return config
 
 
 def mask2former_config(classes: list[str], resolution: int, embed: int = 16) -> Mask2FormerConfig:
     """A small Mask2Former (tiny Swin backbone); masks are predicted at 1/4 of the input resolution."""
     hidden = 2 * embed
-    return Mask2FormerConfig(
+    config = Mask2FormerConfig(
         num_labels=len(classes),
         id2label=dict(enumerate(classes)),
         label2id={name: i for i, name in enumerate(classes)},
@@ -100,6 +102,8 @@ def mask2former_config(classes: list[str], resolution: int, embed: int = 16) -> 
             "out_features": ["stage1", "stage2", "stage3", "stage4"],
         },
     )
+    config.trained_on = TRAINED_ON  # the data domain: the labeling job warns on other data
+    return config
 
 
 # ---------------------------------------------------------------------------------------------------------------------

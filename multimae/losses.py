@@ -217,13 +217,15 @@ def finetune_loss(
 ) -> torch.Tensor:
     """The loss of one fine-tuning objective, in float32.
 
-    cls: logits (B, K), target (B,) int; semseg: logits (B, K, H, W), target (B, H, W) int (`ignore_index`
-    pixels left out); depth: prediction (B, 1, H, W) or (B, H, W), target the same, scored on valid pixels
-    (finite, > 0) with BerHu (official) or L1. A batch without a valid depth pixel gives a zero loss that
+    cls: logits (B, K), target (B,) int or (B, K) probabilities (mixed targets carry their own smoothing);
+    semseg: logits (B, K, H, W), target (B, H, W) int (`ignore_index` pixels left out);
+    depth: prediction (B, 1, H, W) or (B, H, W), target the same, scored on valid pixels (finite, > 0) with
+    BerHu (official) or L1. A batch without a valid depth pixel gives a zero loss that
     still reaches every parameter.
     """
-    if objective == "cls":
-        return F.cross_entropy(output.float(), target, label_smoothing=label_smoothing)
+    if objective == "cls":  # target: class ids (B,), or class probabilities (B, K) after Mixup / CutMix
+        smoothing = 0.0 if target.is_floating_point() else label_smoothing
+        return F.cross_entropy(output.float(), target, label_smoothing=smoothing)
     if objective == "semseg":
         return F.cross_entropy(output.float(), target, ignore_index=ignore_index)
     if objective != "depth":

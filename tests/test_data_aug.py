@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from multimae.train.data import SampleTransform, crop_params, denormalize_rgb, map_semseg_labels, normalize_rgb
+from multimae.train.augment import crop_params
+from multimae.train.data import SampleTransform, denormalize_rgb, map_semseg_labels, normalize_rgb
 
 
 def block_sample(seed: int, size: int = 128, block: int = 16) -> dict:
@@ -119,3 +120,110 @@ def test_reduce_zero_label():
     ids = torch.tensor([[0, 1, 2], [5, 0, 3]])
     assert map_semseg_labels(ids, True, 255).tolist() == [[255, 0, 1], [4, 255, 2]]
     assert torch.equal(map_semseg_labels(ids, False, 255), ids)
+
+
+# --- the official fine-tuning recipes (multimae/train/augment.py) ---------------------------------
+
+
+def check_aligned(out: dict, pad_rgb: float | None = None) -> np.ndarray:
+    """The semseg target agrees with the depth input (a function of the source's red channel; colour jitter
+    leaves depth alone) wherever both are inside the image; returns the pad mask."""
+    red = (out["depth"][0].numpy() - 1.0) * 255.0
+    target = out["target"].numpy()
+    pad = target == 255
+    cls_from_depth = np.clip(np.round((red - 16) / 32), 0, 7)
+    inner = interior(target) & ~pad
+    assert (cls_from_depth == target)[inner].all()
+    assert np.isnan(out["depth"][0].numpy()[pad]).all() and not np.isnan(out["depth"][0].numpy()[~pad]).any()
+    if pad_rgb is not None and pad.any():
+        assert np.abs(red_of(out)[pad] - pad_rgb).max() < 1.0  # padding is grey in rgb exactly where labels are ignored
+    return pad
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_semseg_recipe_large_scale_jitter_pads_and_stays_aligned(seed):
+    sample = block_sample(seed, size=96)
+    t = make(seed=(seed, 1, 0), augment="semseg", inputs={"rgb": "rgb", "depth": "depth_gt"}, image_size=64)
+    out = t(sample)
+    assert out["rgb"].shape == (3, 64, 64) and out["target"].shape == (64, 64)
+    check_aligned(out, pad_rgb=128)
+
+
+def test_semseg_recipe_pads_when_scaled_down_and_eval_keeps_aspect():
+    sample = block_sample(1, size=96)
+    sample = {k: (v[:48] if k != "__key__" else v) for k, v in sample.items()}  # 48 x 96: wide image
+    inputs = {"rgb": "rgb", "depth": "depth_gt"}
+    pads = [check_aligned(make(seed=(s, 0, 0), augment="semseg", inputs=inputs)(sample), 128) for s in range(6)]
+    assert any(p.any() for p in pads)  # LSJ below 1 and a wide image leave padding
+    out = make(train=False, augment="semseg", inputs=inputs, image_size=64)(sample)
+    pad = check_aligned(out, pad_rgb=128)
+    assert pad[:32].sum() == 0 and pad[32:].all()  # longest side to 64 -> 32 x 64, padded below
+
+
+def test_depth_recipe_crops_the_shorter_side_and_color_touches_rgb_only():
+    sample = block_sample(2, size=96)
+    sample = {k: (v[:, :80] if k != "__key__" else v) for k, v in sample.items()}  # 96 x 80
+    args = dict(augment="depth", inputs={"rgb": "rgb"}, target="depth_gt", image_size=64, color_augs=True)
+    plain = make(seed=(3, 0, 0), **{**args, "color_augs": False})(sample)
+    colored = make(seed=(3, 0, 0), **args)(sample)
+    assert plain["target"].shape == (1, 64, 64) and torch.equal(plain["target"], colored["target"])
+    depth_from_red = 1.0 + red_of(plain) / 255.0
+    inner = interior((plain["target"][0].numpy() * 255).round())
+    assert np.abs(plain["target"][0].numpy() - depth_from_red)[inner].max() < 0.01
+    assert make(train=False, **args)(sample)["target"].shape == (1, 64, 64)
+
+
+def test_cls_recipe_rand_augment_is_seeded_and_eval_center_crops():
+    sample = {**block_sample(6, size=96), "cls": 2}
+    args = dict(augment="cls", inputs={"rgb": "rgb"}, target="cls", image_size=64, rand_augment="rand-m9-mstd0.5-inc1")
+    a, b = make(seed=(1, 0, 0), **args)(sample), make(seed=(1, 0, 0), **args)(sample)
+    assert torch.equal(a["rgb"], b["rgb"]) and a["target"] == 2
+    changed = [
+        not torch.equal(
+            make(seed=(s, 0, 0), **args)(sample)["rgb"],
+            make(seed=(s, 0, 0), **{**args, "rand_augment": ""})(sample)["rgb"],
+        )
+        for s in range(8)
+    ]  # each of RandAugment's 2 ops applies with p = 0.5 (same crop: the geometry draws come first)
+    assert sum(changed) >= 4
+    ev = make(train=False, **args)(sample)
+    assert ev["rgb"].shape == (3, 64, 64)
+
+
+def test_mixup_and_cutmix_give_soft_targets_from_timm():
+    from timm.data import Mixup
+
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=5)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    _, soft = mixup(x, y)
+    assert soft.shape == (4, 5) and torch.allclose(soft.sum(1), torch.ones(4))
+
+
+# --- depth meaning: one depth space for every depth modality --------------------------------------
+
+
+def test_inverse_relative_depth_is_inverted_with_a_clip():
+    from multimae.train.data import DISPARITY_CLIP, to_depth_space
+
+    disparity = np.array([[4.0, 2.0], [1.0, 0.0]], dtype=np.float32)  # near = large
+    depth = to_depth_space(disparity, "inverse_relative", "depth")
+    assert depth[0, 0] < depth[0, 1] < depth[1, 0] < depth[1, 1]  # near = small now
+    assert depth[1, 1] == pytest.approx(1 / (DISPARITY_CLIP * 4.0))  # zero disparity: clipped, not infinite
+    metric = np.array([[1.0, 2.0]], dtype=np.float32)
+    assert to_depth_space(metric, "metric_m", "depth") is metric
+    assert (
+        to_depth_space(metric, "metric_m", "inverse_depth")[0, 0]
+        > to_depth_space(metric, "metric_m", "inverse_depth")[0, 1]
+    )
+    assert not to_depth_space(np.zeros((2, 2), np.float32), "inverse_relative").any()  # no signal: all missing
+    with pytest.raises(Exception, match="unknown depth meaning"):
+        to_depth_space(metric, "furlongs")
+
+
+def test_sample_transform_reads_the_manifest_meaning():
+    sample = block_sample(7, size=64)
+    sample["depth"] = 1.0 / sample["depth_gt"]  # a teacher's disparity of the same scene
+    common = dict(inputs={"rgb": "rgb", "depth": "depth"}, target="depth_gt", train=False, image_size=64)
+    out = make(**common, depth_meanings={"depth": "inverse_relative", "depth_gt": "metric_m"})(sample)
+    ratio = out["depth"][0] / out["target"][0]  # both depth-like now: equal up to the unknown scale
+    assert torch.allclose(ratio, ratio.mean(), rtol=1e-3)

@@ -343,6 +343,18 @@ def test_a_semseg_model_as_depth_teacher_is_refused_before_ray_starts(rgb_set):
         check_inputs(cfg)
 
 
+def test_synthetic_teachers_on_other_data_warn_in_one_line(rgb_set, tmp_path):
+    data = copy_input(rgb_set[0], tmp_path / "data")
+    cfg = load_config(str(REPO / "pipelines" / "pseudolabel.yaml"), [f"input={data}"])
+    assert check_inputs(cfg) == []  # synthetic teachers on synthetic scenes
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["modalities"]["rgb"]["producer"]["source"] = "imagenet"
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    warnings = check_inputs(cfg)
+    assert len(warnings) == 2 and all("trained on synthetic data only and the input is imagenet" in w for w in warnings)
+    assert "\n" not in warnings[0]
+
+
 def test_missing_input_shards(rgb_set, tmp_path):
     cfg = load_config(str(REPO / "pipelines" / "pseudolabel.yaml"), [f"input={tmp_path / 'nothing'}"])
     with pytest.raises(ConfigError, match=r"input: .*manifest\.json not found.*multimae-shard build"):

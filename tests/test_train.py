@@ -269,3 +269,85 @@ def test_torchrun_two_ranks_on_cpu(data, tmp_path):
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["steps"] == 4 and len(summary["weights_digest"]) == 2
     assert summary["weights_digest"][0] == summary["weights_digest"][1]
+
+
+def test_evaluate_on_a_separate_shard_set_with_the_same_classes(data, tmp_path):
+    other = str(tmp_path / "val")
+    build(synthetic_source(8, size=64, seed=9), other, shard_size=8, progress=False)
+    over = [
+        *TINY_FT,
+        "model.patch_size=8",
+        "data.image_size=32",
+        "data.num_workers=0",
+        "data.shuffle_buffer=8",
+        "train.batch_size=4",
+        "train.steps=2",
+        "train.warmup_steps=1",
+        "log.tensorboard=false",
+        "model.head_dim=64",
+        "data.eval_num_shards=0",
+        f"data.eval_root={other}",
+    ]
+    out = str(tmp_path / "ft")
+    summary = run(cfg_of("finetune-demo-semseg.yaml", over), data, out)
+    record = json.load(open(os.path.join(out, "eval.json")))
+    assert record["eval_shards"] == ["shard-000000"] and summary["eval"]["pixels"] == 8 * 32 * 32
+    # every shard of --shards trains (none held out)
+    assert summary["eval"] == record["metrics"]
+    manifest = json.load(open(os.path.join(other, "manifest.json")))
+    manifest["modalities"]["semseg_gt"]["classes"][0] = "ground"
+    json.dump(manifest, open(os.path.join(other, "manifest.json"), "w"))
+    with pytest.raises(Exception, match="classes of 'semseg_gt' differ from the training set's"):
+        run(cfg_of("finetune-demo-semseg.yaml", over), data, str(tmp_path / "ft2"))
+
+
+def test_classification_with_mixup_cutmix_and_rand_augment_resumes_exactly(data, tmp_path):
+    over = [
+        *TINY_FT,
+        "model.patch_size=8",
+        "data.image_size=32",
+        "data.num_workers=0",
+        "data.shuffle_buffer=8",
+        "train.batch_size=4",
+        "train.steps=4",
+        "train.warmup_steps=1",
+        "train.checkpoint_every=2",
+        "log.tensorboard=false",
+        "data.eval_num_shards=1",
+        "data.augment=cls",
+        "data.mixup=0.8",
+        "data.cutmix=1.0",
+        "optim.label_smoothing=0.1",
+    ]
+    cfg = cfg_of("finetune-demo-cls.yaml", over)
+    straight = run(cfg, data, str(tmp_path / "a"))
+    run(cfg, data, str(tmp_path / "b"), stop_at=2)
+    resumed = run(cfg, data, str(tmp_path / "b"))
+    assert straight["weights_digest"] == resumed["weights_digest"]
+    assert 0.0 <= straight["eval"]["top1"] <= 100.0
+
+
+def test_init_from_another_depth_space_is_refused(data, tmp_path):
+    pre = str(tmp_path / "pre")
+    run(cfg_of("pretrain-demo.yaml", PRETRAIN + ["train.steps=1"]), data, pre)
+    over = [
+        *TINY_FT,
+        "model.patch_size=8",
+        "data.image_size=32",
+        "data.num_workers=0",
+        "train.batch_size=4",
+        "train.steps=1",
+        "train.warmup_steps=1",
+        "log.tensorboard=false",
+        "model.head_dim=64",
+        "data.eval_num_shards=1",
+        "data.inputs={rgb: rgb, depth: depth_gt}",
+        "data.depth_space=inverse_depth",
+    ]
+    with pytest.raises(TrainingError, match="depth inputs in space 'depth'.*data.depth_space=depth"):
+        run(
+            cfg_of("finetune-demo-semseg.yaml", over),
+            data,
+            str(tmp_path / "ft"),
+            init=os.path.join(pre, "checkpoint.pt"),
+        )

@@ -26,6 +26,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", help="shard set root (local path or fsspec URL) with manifest.json")
     p.add_argument("--config", help="YAML run config (pipelines/pretrain-*.yaml, pipelines/finetune-*.yaml)")
+    p.add_argument(
+        "--eval-shards",
+        metavar="EVAL_DATA",
+        help="evaluate on this separate shard set (data.eval_root), e.g. ImageNet's val split",
+    )
     p.add_argument("--out", help="run folder (default: runs/<config name>)")
     p.add_argument(
         "--init",
@@ -86,8 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["export"]:
         return export_main(argv[1:])
     args = parse_args(argv)
+    overrides = args.overrides + ([f"data.eval_root={args.eval_shards}"] if args.eval_shards else [])
     try:
-        cfg = load_run_config(args.config, args.overrides)
+        cfg = load_run_config(args.config, overrides)
     except ConfigError as e:
         fail(f"config: {e}")
     if args.print_config:

@@ -57,13 +57,21 @@ class DataConfig:
     inputs: dict[str, str] = field(default_factory=lambda: {"rgb": "rgb"})  # model domain -> shard modality
     target: str | None = None  # fine-tuning target modality (semseg_gt, depth_gt, ...) or `cls`
     image_size: int = 224
-    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    # augmentation recipe (multimae/train/augment.py): crop (pre-training), cls, semseg, depth (official fine-tuning)
+    augment: Literal["crop", "cls", "semseg", "depth"] = "crop"
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # crop and cls recipes
     crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
     hflip: float = 0.5
+    rand_augment: str = "rand-m9-mstd0.5-inc1"  # cls recipe: timm RandAugment policy ("" = off)
+    mixup: float = 0.0  # cls: timm Mixup alpha (official 0.8; 0 = off)
+    cutmix: float = 0.0  # cls: timm CutMix alpha (official 1.0; 0 = off)
+    color_augs: bool = False  # depth recipe: BYOL colour jitter + grayscale
+    depth_space: Literal["depth", "inverse_depth"] = "depth"  # every depth modality is brought to this space
     standardize_depth: bool = True  # robust (10-90% trimmed) standardization of depth inputs
     train_shards: list[str] | None = None  # null: every shard not held out
     eval_shards: list[str] | None = None  # held-out shard names
     eval_num_shards: int = 0  # when eval_shards is null: hold out the last N shards
+    eval_root: str | None = None  # a separate evaluation shard set (its shards, or eval_shards of it)
     shuffle_buffer: int = 500
     num_workers: int = 2
     chunk_steps: int = 0  # the stream is re-seeded every chunk_steps steps (0: checkpoint_every)
@@ -83,6 +91,10 @@ class DataConfig:
             _kind("target", self.target)
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError(f"crop_scale: need [lo, hi] with 0 < lo <= hi <= 1, got {self.crop_scale}")
+        if (self.mixup or self.cutmix) and len(self.inputs) != 1:
+            raise ConfigError("mixup / cutmix: only with a single input modality")
+        if self.eval_root is not None and self.eval_num_shards:
+            raise ConfigError("eval_num_shards: holds out shards of --shards; with eval_root, use eval_shards or none")
         if len(self.crop_ratio) != 2 or not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
             raise ConfigError(f"crop_ratio: need [lo, hi] with 0 < lo <= hi, got {self.crop_ratio}")
         for key in ("image_size", "shuffle_buffer", "num_workers", "chunk_steps", "eval_num_shards"):
@@ -178,12 +190,18 @@ class RunConfig:
             missing = [o for o in m.out_domains or [] if ("rgb" if o == "norm_rgb" else o) not in d.inputs]
             if missing:
                 raise ConfigError(f"model.out_domains: {missing} need an input modality in data.inputs")
-        elif d.target is None:
-            raise ConfigError(f"data.target: required for objective {self.objective} (e.g. semseg_gt, depth_gt, cls)")
-        elif (d.target == "cls") != (self.objective == "cls") or (
-            d.target != "cls" and modality_kind(d.target) != self.objective
-        ):
-            raise ConfigError(f"data.target: {d.target!r} is not a target for objective {self.objective}")
+        else:
+            if d.target is None:
+                raise ConfigError(
+                    f"data.target: required for objective {self.objective} (e.g. semseg_gt, depth_gt, cls)"
+                )
+            if (d.target == "cls") != (self.objective == "cls") or (
+                d.target != "cls" and modality_kind(d.target) != self.objective
+            ):
+                raise ConfigError(f"data.target: {d.target!r} is not a target for objective {self.objective}")
+        if (d.mixup or d.cutmix or d.augment == "cls") and self.objective != "cls":
+            # RandAugment's rotations and shears touch rgb only: they would misalign dense targets
+            raise ConfigError("data.augment=cls, data.mixup and data.cutmix are for objective cls only")
         if self.train.steps is None and self.train.epochs is None:
             raise ConfigError("train.steps: set train.steps or train.epochs")
 

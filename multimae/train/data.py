@@ -1,12 +1,12 @@
-"""The trainer's streaming data path: reader -> joint augmentation -> normalization -> batches.
+"""The trainer's streaming data path: reader -> depth space -> joint augmentation -> normalization -> batches.
 
 Stages, in order:
   1. `shards.reader.ShardDataset` streams the aligned shard set (resampled shards, shuffle buffer, split by
      worker; the split by rank is explicit here: rank r reads train shards r, r+W, r+2W, ...).
-  2. `SampleTransform` (run inside the DataLoader workers) applies ONE random-resized-crop (scale 0.2-1.0,
-     ratio 3/4-4/3, as MultiMAE/MAE) and ONE horizontal flip to every modality of a sample: bicubic for rgb,
-     bilinear for depth, nearest for semseg; semseg *inputs* are produced at stride 4 (image_size / 4), as the
-     semseg input adapter expects. RGB is normalized with the ImageNet mean/std.
+  2. `SampleTransform` (run inside the DataLoader workers) brings every depth modality to one space
+     (`data.depth_space`, from the `meaning` the manifest records), then applies ONE geometry of the
+     augmentation recipe (augment.py) to every modality of the sample, colour augmentation to rgb, and
+     normalizes rgb with the ImageNet mean/std; semseg *inputs* come out at 1/SEMSEG_STRIDE resolution.
   3. `default_collate` builds the batch: {domain: (B, C, H, W) or (B, H, W), "target": ..., "__key__": [...]}.
 
 Exact resume: the stream is cut into chunks of `chunk_steps` optimizer steps. Chunk c is a fresh DataLoader
@@ -17,9 +17,8 @@ resumes from a checkpoint taken on a chunk boundary, the default).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,54 +30,10 @@ from multimae.input_adapters import SEMSEG_STRIDE
 from multimae.losses import robust_standardize_depth
 from shards import format as fmt
 
+from .augment import RGB_PAD, ColorAugment, apply_plan, eval_plan, pad_to, train_plan
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def crop_params(
-    height: int, width: int, scale: Sequence[float], ratio: Sequence[float], rng: np.random.Generator
-) -> tuple[float, float, float, float]:
-    """RandomResizedCrop box as fractions (top, left, h, w) of the image; torchvision's rule, seeded by `rng`."""
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            i = int(rng.integers(0, height - h + 1))
-            j = int(rng.integers(0, width - w + 1))
-            return i / height, j / width, h / height, w / width
-    # fallback: central crop clamped to the ratio range
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2 / height, (width - w) // 2 / width, h / height, w / width
-
-
-def _interp(kind: str) -> TF.InterpolationMode:
-    return {
-        "rgb": TF.InterpolationMode.BICUBIC,
-        "depth": TF.InterpolationMode.BILINEAR,
-        "semseg": TF.InterpolationMode.NEAREST_EXACT,
-    }[kind]
-
-
-def resized_crop(
-    x: torch.Tensor, kind: str, box: tuple[float, float, float, float], size: int, flip: bool
-) -> torch.Tensor:
-    """Crop `box` (fractions) out of x (C, H, W) and resize to (size, size) with the kind's interpolation."""
-    h_img, w_img = x.shape[-2:]
-    top, left = int(round(box[0] * h_img)), int(round(box[1] * w_img))
-    h, w = max(1, int(round(box[2] * h_img))), max(1, int(round(box[3] * w_img)))
-    antialias = kind != "semseg"
-    out = TF.resized_crop(x, top, left, h, w, [size, size], interpolation=_interp(kind), antialias=antialias)
-    return out.flip(-1) if flip else out
 
 
 def to_tensor(kind: str, value: np.ndarray) -> torch.Tensor:
@@ -111,28 +66,60 @@ def map_semseg_labels(ids: torch.Tensor, reduce_zero_label: bool, ignore_index: 
     return torch.where(ids == 0, torch.full_like(ids, ignore_index), ids - 1)
 
 
+#: Depth meanings (manifest) that grow with distance; `inverse_relative` (MiDaS / DPT disparity) shrinks.
+DEPTH_LIKE = ("metric_m", "relative")
+DEPTH_SPACES = ("depth", "inverse_depth")
+#: Inverting disparity: values under this share of the image's largest one are clipped first, so the farthest
+#: pixels come out at 1 / DISPARITY_CLIP = 100x the nearest depth instead of infinity.
+DISPARITY_CLIP = 0.01
+
+
+def to_depth_space(depth: np.ndarray, meaning: str, space: str = "depth") -> np.ndarray:
+    """A depth map (H, W) whose manifest meaning is `meaning`, in `space` ("depth": larger = farther).
+
+    A map already in the space is returned as is (missing pixels, stored as 0, stay 0). Otherwise it is
+    inverted: 1 / max(v, DISPARITY_CLIP * max(v)) per image, up to the unknown scale of relative depth; a map
+    without a positive value becomes all 0 (missing).
+    """
+    if meaning not in DEPTH_LIKE + ("inverse_relative",):
+        raise fmt.FormatError(f"unknown depth meaning {meaning!r} (known: {', '.join(DEPTH_LIKE)}, inverse_relative)")
+    if (meaning in DEPTH_LIKE) == (space == "depth"):
+        return depth
+    top = float(np.max(depth)) if depth.size else 0.0
+    if not top > 0:
+        return np.zeros_like(depth, dtype=np.float32)
+    return (1.0 / np.maximum(depth, DISPARITY_CLIP * top)).astype(np.float32)
+
+
 @dataclass
 class SampleTransform:
-    """Per-sample stage: joint crop/flip (train) or plain resize (eval), normalization, renaming to domains.
+    """Per-sample stage: depth space, the recipe's joint geometry and colour, normalization, renaming to domains.
 
     inputs: model domain -> shard modality (e.g. {"rgb": "rgb", "depth": "depth_gt"}); target: the shard
-    modality of the fine-tuning target or "cls" (None for pre-training). The output dict holds one tensor
-    per domain, "target" when fine-tuning, and "__key__".
+    modality of the fine-tuning target or "cls" (None for pre-training); depth_meanings: manifest meaning of
+    each depth modality read. The output dict holds one tensor per domain, "target" when fine-tuning, and
+    "__key__".
     """
 
     inputs: dict[str, str]
     target: str | None
     image_size: int
     train: bool
+    augment: str = "crop"
     crop_scale: tuple[float, float] = (0.2, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
+    rand_augment: str = ""
+    color_augs: bool = False
     seed: Sequence[int] = (0,)
     reduce_zero_label: bool = False
     ignore_index: int = 255
+    depth_space: str = "depth"
+    depth_meanings: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._rng: np.random.Generator | None = None
+        self.color = ColorAugment(self.augment, self.image_size, self.rand_augment, self.color_augs)
 
     def rng(self) -> np.random.Generator:
         # created lazily inside each DataLoader worker, so every worker has its own reproducible stream
@@ -141,35 +128,39 @@ class SampleTransform:
             self._rng = np.random.default_rng([*self.seed, info.id if info is not None else 0])
         return self._rng
 
-    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        size = self.image_size
-        items: list[tuple[str, str, torch.Tensor]] = []  # (output name, kind, tensor (C,H,W))
-        for domain, modality in self.inputs.items():
-            kind = fmt.modality_kind(modality)
-            items.append((domain, kind, to_tensor(kind, sample[modality])))
-        if self.target is not None and self.target != "cls":
-            kind = fmt.modality_kind(self.target)
-            items.append(("target", kind, to_tensor(kind, sample[self.target])))
+    def _tensor(self, modality: str, value: np.ndarray) -> tuple[str, torch.Tensor]:
+        kind = fmt.modality_kind(modality)
+        if kind == "depth":
+            value = to_depth_space(value, self.depth_meanings.get(modality, "metric_m"), self.depth_space)
+        return kind, to_tensor(kind, value)
 
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        items = [(domain, *self._tensor(modality, sample[modality])) for domain, modality in self.inputs.items()]
+        if self.target is not None and self.target != "cls":
+            items.append(("target", *self._tensor(self.target, sample[self.target])))
+        h, w = items[0][2].shape[-2:]
         if self.train:
-            ref_h, ref_w = items[0][2].shape[-2:]
-            box = crop_params(ref_h, ref_w, self.crop_scale, self.crop_ratio, self.rng())
-            flip = bool(self.rng().random() < self.hflip)
+            plan = train_plan(self.augment, h, w, self.image_size, self.rng(), scale=self.crop_scale,
+                              ratio=self.crop_ratio, hflip=self.hflip)  # fmt: skip
         else:
-            box, flip = (0.0, 0.0, 1.0, 1.0), False
+            plan = eval_plan(self.augment, h, w, self.image_size)
 
         out: dict[str, Any] = {"__key__": sample["__key__"]}
         for name, kind, x in items:
-            # semseg inputs at stride 4 (adapter resolution); a semseg fine-tuning target at full resolution
-            out_size = size // SEMSEG_STRIDE if (kind == "semseg" and name != "target") else size
-            y = resized_crop(x, kind, box, out_size, flip)
+            target = name == "target"
+            # semseg inputs at the adapter's resolution; a semseg fine-tuning target at full resolution
+            stride = SEMSEG_STRIDE if kind == "semseg" and not target else 1
             if kind == "rgb":
-                y = normalize_rgb(y)  # (3, S, S)
+                y = apply_plan(x, kind, plan, pad=False)
+                y = self.color(y, self.rng()) if self.train else y
+                y = normalize_rgb(pad_to(y, plan, fill=RGB_PAD))  # (3, S, S)
             elif kind == "semseg":
-                y = y[0]  # (S', S') int64
-                if name == "target":
-                    y = map_semseg_labels(y, self.reduce_zero_label, self.ignore_index)
-            out[name] = y  # depth stays (1, S, S) float32
+                ids = map_semseg_labels(x, self.reduce_zero_label, self.ignore_index) if target else x
+                y = apply_plan(ids, kind, plan, stride=stride, fill=self.ignore_index)[0]  # (S', S') int64
+            else:  # depth (1, S, S) float32; padding is invalid: 0 for targets, NaN for inputs (left out of
+                # the standardization statistics, then 0)
+                y = apply_plan(x, kind, plan, fill=0.0 if target else float("nan"))
+            out[name] = y
         if self.target == "cls":
             if "cls" not in sample:
                 raise fmt.FormatError(f"sample {sample['__key__']} in shard {sample.get('__shard__')} has no cls label")
@@ -177,18 +168,28 @@ class SampleTransform:
         return out
 
 
-def transform_args(cfg: Any) -> dict[str, Any]:
-    """SampleTransform arguments of a RunConfig (inputs, fine-tuning target, size, augmentation, labels)."""
+def depth_meanings(manifest: dict) -> dict[str, str]:
+    """The manifest meaning of every depth modality of a shard set."""
+    return {m: e.get("meaning", "metric_m") for m, e in manifest["modalities"].items() if e.get("kind") == "depth"}
+
+
+def transform_args(cfg: Any, manifest: dict | None = None) -> dict[str, Any]:
+    """SampleTransform arguments of a RunConfig (and the manifest of the shard set it reads)."""
     d = cfg.data
     return dict(
         inputs=dict(d.inputs),
         target=None if cfg.objective == "pretrain" else d.target,
         image_size=d.image_size,
+        augment=d.augment,
         crop_scale=tuple(d.crop_scale),
         crop_ratio=tuple(d.crop_ratio),
         hflip=d.hflip,
+        rand_augment=d.rand_augment,
+        color_augs=d.color_augs,
         reduce_zero_label=d.reduce_zero_label,
         ignore_index=d.ignore_index,
+        depth_space=d.depth_space,
+        depth_meanings=depth_meanings(manifest) if manifest is not None else {},
     )
 
 
@@ -209,16 +210,28 @@ def split_shards(
     eval_num_shards: int,
     *,
     need_train: bool = True,
+    eval_manifest: dict | None = None,
 ) -> tuple[list[str], list[str]]:
-    """(train, eval) shard names from the manifest and the config's choice (an eval-only run needs no train shard)."""
+    """(train, eval) shard names from the manifest(s) and the config's choice.
+
+    Without `eval_manifest` the eval shards are held out of the training set (`eval_shards`, or its last
+    `eval_num_shards`); with it they come from that separate set (`eval_shards`, default all of them).
+    An eval-only run needs no training shard.
+    """
     names = [s["name"] for s in manifest["shards"]]
-    unknown = sorted((set(train_shards or []) | set(eval_shards or [])) - set(names))
-    if unknown:
-        raise fmt.FormatError(f"shards {unknown} are not in the manifest (it lists {names[0]} .. {names[-1]})")
+    eval_names = names if eval_manifest is None else [s["name"] for s in eval_manifest["shards"]]
+    for wanted, listed, what in ((train_shards, names, "training"), (eval_shards, eval_names, "evaluation")):
+        unknown = sorted(set(wanted or []) - set(listed))
+        if unknown:
+            span = f"{listed[0]} .. {listed[-1]}" if listed else "no shard"
+            raise fmt.FormatError(f"{what} shards {unknown} are not in its manifest (it lists {span})")
     if eval_shards is None:
-        eval_shards = names[len(names) - eval_num_shards :] if eval_num_shards > 0 else []
+        if eval_manifest is not None:
+            eval_shards = eval_names
+        else:
+            eval_shards = names[max(0, len(names) - eval_num_shards) :] if eval_num_shards > 0 else []
     if train_shards is None:
-        held_out = set(eval_shards)
+        held_out = set(eval_shards) if eval_manifest is None else set()
         train_shards = [n for n in names if n not in held_out]
     if not train_shards and need_train:
         raise fmt.FormatError("no training shards left after holding out the eval shards")
@@ -302,8 +315,12 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def standardize_depth_inputs(batch: dict[str, Any], inputs: dict[str, str], enabled: bool = True) -> None:
-    """Robust (10-90 % trimmed) per-sample standardization of the depth inputs, in place, on the batch's device."""
-    if enabled:
-        for domain, modality in inputs.items():
-            if fmt.modality_kind(modality) == "depth":
-                batch[domain] = robust_standardize_depth(batch[domain])
+    """Depth inputs, in place: robust (10-90 % trimmed) per-sample standardization over the valid (finite)
+    pixels when `enabled`; invalid pixels (padding) become 0 either way."""
+    for domain, modality in inputs.items():
+        if fmt.modality_kind(modality) == "depth":
+            x = batch[domain]
+            valid = torch.isfinite(x)
+            if enabled:
+                x = robust_standardize_depth(x, None if bool(valid.all()) else valid)
+            batch[domain] = torch.nan_to_num(x, nan=0.0)

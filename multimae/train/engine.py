@@ -87,6 +87,33 @@ def prepare_batch(run: Run, batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
+def make_mixup(run: Run) -> Any:
+    """timm's Mixup / CutMix with label smoothing for classification (None when both alphas are 0)."""
+    d = run.cfg.data
+    if run.cfg.objective != "cls" or not (d.mixup or d.cutmix):
+        return None
+    from timm.data import Mixup
+
+    return Mixup(
+        mixup_alpha=d.mixup,
+        cutmix_alpha=d.cutmix,
+        label_smoothing=run.cfg.optim.label_smoothing,
+        num_classes=len(run.labels["cls"]),
+    )
+
+
+def mix(run: Run, mixup: Any, batch: dict[str, Any], seed: int) -> None:
+    """Mix the batch's (single) input and its labels in place; timm draws from numpy's global generator, which
+    is seeded here from the step so that a resumed run mixes the same way."""
+    domain = next(iter(run.cfg.data.inputs))
+    state = np.random.get_state()
+    np.random.seed(seed % 2**32)
+    try:
+        batch[domain], batch["target"] = mixup(batch[domain], batch["target"])
+    finally:
+        np.random.set_state(state)
+
+
 def save(run: Run, step: int) -> None:
     """Rank 0 writes OUT/checkpoint.pt (and checkpoint-<step>.pt with train.keep_checkpoints)."""
     if not run.dist.main:
@@ -106,6 +133,7 @@ def train_steps(run: Run, end: int) -> dict[str, float]:
     if cfg.log.sample_keys:
         os.makedirs(run.out_dir, exist_ok=True)
         keys_file = open(os.path.join(run.out_dir, f"keys-rank{d.rank}.txt"), "a")
+    mixup = make_mixup(run)
     t0 = last_t = time.time()
     start = last_step = run.step
     last: dict[str, float] = {}
@@ -136,6 +164,8 @@ def train_steps(run: Run, end: int) -> dict[str, float]:
             sums: dict[str, torch.Tensor] = {}
             for micro in range(accum):
                 batch = prepare_batch(run, next(batches))
+                if mixup is not None:
+                    mix(run, mixup, batch, step_seed(cfg.train.seed, step, d.rank) + micro)
                 if keys_file is not None:
                     keys_file.write("".join(f"{step}\t{k}\n" for k in batch["__key__"]))
                 sync = micro == accum - 1 or not d.enabled
@@ -207,7 +237,8 @@ def save_reconstructions(run: Run, step: int) -> str:
 
     cfg, plan = run.cfg, run.plan
     shards = plan.eval_shards or plan.train_shards[:1]
-    samples = mdata.eval_samples(run.eval_root, shards, run.transform_args)
+    root, args = (run.eval_root, run.eval_transform_args) if plan.eval_shards else (run.shards_root, run.transform_args)
+    samples = mdata.eval_samples(root, shards, args)
     batch = prepare_batch(run, next(mdata.batched(samples, cfg.log.num_images)))
     model = run.model
     was_training = model.training

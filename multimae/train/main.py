@@ -52,7 +52,9 @@ class Plan:
     num_train_samples: int
 
 
-def make_plan(cfg: RunConfig, manifest: dict, world: int, eval_only: bool = False) -> Plan:
+def make_plan(
+    cfg: RunConfig, manifest: dict, world: int, eval_only: bool = False, eval_manifest: dict | None = None
+) -> Plan:
     t = cfg.train
     per_step = t.batch_size // (world * t.accum_steps)
     if per_step * world * t.accum_steps != t.batch_size:
@@ -61,7 +63,12 @@ def make_plan(cfg: RunConfig, manifest: dict, world: int, eval_only: bool = Fals
             f"train.accum_steps {t.accum_steps}"
         )
     train_shards, eval_shards = mdata.split_shards(
-        manifest, cfg.data.train_shards, cfg.data.eval_shards, cfg.data.eval_num_shards, need_train=not eval_only
+        manifest,
+        cfg.data.train_shards,
+        cfg.data.eval_shards,
+        cfg.data.eval_num_shards,
+        need_train=not eval_only,
+        eval_manifest=eval_manifest,
     )
     counts = {s["name"]: s["count"] for s in manifest["shards"]}
     n_train = sum(counts[n] for n in train_shards)
@@ -138,6 +145,21 @@ def model_spec(cfg: RunConfig, manifest: dict) -> dict[str, Any]:
     return {"name": m.name, "kwargs": kwargs}
 
 
+def uses_depth_input(config: dict) -> bool:
+    return any(m.split("_", 1)[0] == "depth" for m in config["data"]["inputs"].values())
+
+
+def check_depth_space(state: dict[str, Any], cfg: RunConfig, init: str) -> None:
+    """A depth input adapter trained on one depth space must not be fed the other."""
+    saved = state["config"]
+    space = saved["data"].get("depth_space", "depth")
+    if uses_depth_input(saved) and uses_depth_input(cfg.to_dict()) and space != cfg.data.depth_space:
+        raise TrainingError(
+            f"--init {init} was trained with depth inputs in space {space!r}, this run feeds "
+            f"{cfg.data.depth_space!r}: set data.depth_space={space} (the data is converted)"
+        )
+
+
 def load_init(model: torch.nn.Module, init: str, cfg: RunConfig, main: bool) -> None:
     """Initialise from a multimae-train checkpoint or an official / timm / Hub checkpoint.
 
@@ -150,6 +172,8 @@ def load_init(model: torch.nn.Module, init: str, cfg: RunConfig, main: bool) -> 
     else:
         state = ckpt.load_checkpoint_file(init)
     ours = ckpt.is_training_checkpoint(state)
+    if ours:
+        check_depth_space(state, cfg, init)
     sd = multimae.read_state_dict(state["model"] if ours else state)
     same = ours and state["config"].get("objective", state["config"].get("task")) == cfg.objective
     try:
@@ -171,6 +195,34 @@ def load_init(model: torch.nn.Module, init: str, cfg: RunConfig, main: bool) -> 
         )
 
 
+def read_shard_set(root: str, cfg: RunConfig) -> dict:
+    """The manifest of a shard set, checked to hold every modality the config reads."""
+    manifest = fmt.read_manifest(root)
+    for m in mdata.modalities_needed(cfg.data.inputs, None if cfg.pretraining else cfg.data.target):
+        if m not in manifest["modalities"]:
+            raise fmt.FormatError(
+                f"{root}: modality {m!r} (from data.inputs/data.target) is not in the manifest; "
+                f"it has {sorted(manifest['modalities'])}"
+            )
+    return manifest
+
+
+def check_same_labels(cfg: RunConfig, train: dict, evaluation: dict) -> None:
+    """A separate evaluation set must use the training set's class lists (same names, same order)."""
+    lists = [("cls_classes", train.get("cls_classes"), evaluation.get("cls_classes"))] if cfg.objective == "cls" else []
+    for m in mdata.modalities_needed(cfg.data.inputs, None if cfg.pretraining else cfg.data.target):
+        if train["modalities"][m].get("kind") == "semseg":
+            lists.append(
+                (f"classes of {m!r}", train["modalities"][m].get("classes"), evaluation["modalities"][m].get("classes"))
+            )
+    for what, a, b in lists:
+        if a != b:
+            raise fmt.FormatError(
+                f"{cfg.data.eval_root}: its {what} differ from the training set's: build it with "
+                "the same class list (multimae-shard build --classes-from TRAIN_DATA)"
+            )
+
+
 # ---------------------------------------------------------------- the run object
 
 
@@ -184,6 +236,7 @@ class Run:
     out_dir: str
     manifest: dict
     plan: Plan
+    eval_manifest: dict  # the manifest of the evaluation shard set (the same as `manifest` without data.eval_root)
     model: torch.nn.Module  # the plain module (saved, evaluated)
     spec: dict[str, Any]
     labels: dict[str, list[str]]
@@ -201,7 +254,7 @@ class Run:
 
     @property
     def eval_root(self) -> str:
-        return self.shards_root
+        return self.cfg.data.eval_root or self.shards_root
 
     @property
     def rank_shards(self) -> list[str]:
@@ -209,7 +262,13 @@ class Run:
 
     @property
     def transform_args(self) -> dict[str, Any]:
-        return mdata.transform_args(self.cfg)
+        """SampleTransform arguments for the training shards."""
+        return mdata.transform_args(self.cfg, self.manifest)
+
+    @property
+    def eval_transform_args(self) -> dict[str, Any]:
+        """SampleTransform arguments for the evaluation shards (their manifest's depth meanings)."""
+        return mdata.transform_args(self.cfg, self.eval_manifest)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         device = self.dist.device.type
@@ -288,17 +347,18 @@ def setup(
     eval_only: bool = False,
 ) -> tuple[Run, dict[str, Any] | None]:
     """Build the Run; also returns the checkpoint it resumes from (None for a fresh start)."""
-    manifest = fmt.read_manifest(shards_root)
-    needed = mdata.modalities_needed(cfg.data.inputs, None if cfg.pretraining else cfg.data.target)
-    for m in needed:
-        if m not in manifest["modalities"]:
-            raise fmt.FormatError(
-                f"{shards_root}: modality {m!r} (from data.inputs/data.target) is not in the "
-                f"manifest; it has {sorted(manifest['modalities'])}"
-            )
+    manifest = read_shard_set(shards_root, cfg)
+    eval_manifest = manifest
+    if cfg.data.eval_root is not None:
+        eval_manifest = read_shard_set(cfg.data.eval_root, cfg)
+        check_same_labels(cfg, manifest, eval_manifest)
     if eval_only and cfg.pretraining:
         raise ConfigError("--eval-only needs a fine-tuning config (objective cls, semseg or depth)")
-    plan = make_plan(cfg, manifest, d.world, eval_only)
+    plan = make_plan(cfg, manifest, d.world, eval_only, eval_manifest if cfg.data.eval_root else None)
+    if (cfg.data.mixup or cfg.data.cutmix) and plan.micro_batch % 2:
+        raise ConfigError(
+            f"data.mixup / data.cutmix mix pairs of samples: the per-device batch {plan.micro_batch} must be even"
+        )
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     spec = model_spec(cfg, manifest)
@@ -317,6 +377,7 @@ def setup(
         out_dir,
         manifest,
         plan,
+        eval_manifest,
         model,
         spec,
         labels_of(cfg, manifest),
@@ -488,7 +549,7 @@ def evaluate_run(run: Run, store: mevaluate.PredictionStore | None = None) -> di
     run.model.eval()
     d = run.dist
     shards = run.plan.eval_shards if store is not None else run.plan.eval_shards[d.rank :: d.world]
-    samples = mdata.eval_samples(run.eval_root, shards, run.transform_args)
+    samples = mdata.eval_samples(run.eval_root, shards, run.eval_transform_args)
     batches = mdata.batched(samples, max(1, run.plan.micro_batch))
     num_classes = len(run.labels[run.cfg.objective]) if run.cfg.objective in run.labels else None
     return mevaluate.evaluate(
