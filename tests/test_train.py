@@ -351,3 +351,31 @@ def test_init_from_another_depth_space_is_refused(data, tmp_path):
             str(tmp_path / "ft"),
             init=os.path.join(pre, "checkpoint.pt"),
         )
+
+
+@pytest.mark.parametrize("trainable", [0, 1])
+def test_partial_fine_tuning_keeps_the_frozen_part_fixed(data, tmp_path, trainable):
+    pre = str(tmp_path / "pre")
+    run(cfg_of("pretrain-demo.yaml", PRETRAIN + ["train.steps=1"]), data, pre)
+    over = [
+        *TINY_FT,
+        "model.patch_size=8",
+        "data.image_size=32",
+        "data.num_workers=0",
+        "train.batch_size=4",
+        "train.steps=2",
+        "train.warmup_steps=1",
+        "log.tensorboard=false",
+        "model.head_dim=64",
+        "model.head_blocks=0",
+        "data.eval_num_shards=1",
+        f"model.trainable_blocks={trainable}",
+        "optim.weight_decay=0.5",
+    ]
+    out = str(tmp_path / "ft")
+    run(cfg_of("finetune-demo-semseg.yaml", over), data, out, init=os.path.join(pre, "checkpoint.pt"))
+    before, after = final_weights(pre), final_weights(out)
+    changed = {k for k in after if k in before and not torch.equal(before[k], after[k])}  # encoder keys
+    expected = {k for k in after if k.startswith("encoder.1.")} if trainable else set()
+    assert changed == expected
+    assert any(k.startswith("output_adapters.") for k in after)  # the head is new and trains

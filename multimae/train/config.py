@@ -49,7 +49,10 @@ class ModelConfig:
     head: Literal["linear", "dpt", "convnext"] | None = None
     head_dim: int | None = None  # DPT feature width (256) / ConvNeXt embedding width (6144)
     head_layer_dims: list[int] | None = None  # DPT reassembly widths (96, 192, 384, 768)
-    head_blocks: int | None = None  # ConvNeXt blocks (4)
+    head_blocks: int | None = None  # ConvNeXt blocks (4); 0 makes the ConvNeXt head a per-patch linear probe
+    # fine-tuning: train only the last N encoder blocks (+ the head); 0 freezes the whole encoder (a probe of
+    # what pre-training learned, as MAE's partial fine-tuning); null trains everything
+    trainable_blocks: int | None = None
 
 
 @dataclass
@@ -199,6 +202,8 @@ class RunConfig:
                 d.target != "cls" and modality_kind(d.target) != self.objective
             ):
                 raise ConfigError(f"data.target: {d.target!r} is not a target for objective {self.objective}")
+        if m.trainable_blocks is not None and (self.pretraining or m.trainable_blocks < 0):
+            raise ConfigError("model.trainable_blocks: how many last encoder blocks fine-tune (>= 0; not for pretrain)")
         if (d.mixup or d.cutmix or d.augment == "cls") and self.objective != "cls":
             # RandAugment's rotations and shears touch rgb only: they would misalign dense targets
             raise ConfigError("data.augment=cls, data.mixup and data.cutmix are for objective cls only")

@@ -145,6 +145,19 @@ def model_spec(cfg: RunConfig, manifest: dict) -> dict[str, Any]:
     return {"name": m.name, "kwargs": kwargs}
 
 
+def freeze_encoder(model: torch.nn.Module, trainable_blocks: int | None) -> None:
+    """Partial fine-tuning: only the last `trainable_blocks` encoder blocks and the head keep learning."""
+    if trainable_blocks is None:
+        return
+    blocks = len(model.encoder)
+    frozen = blocks - min(trainable_blocks, blocks)
+    for name, p in model.named_parameters():
+        if name.startswith(("global_tokens", "input_adapters.")) or (
+            name.startswith("encoder.") and int(name.split(".")[1]) < frozen
+        ):
+            p.requires_grad_(False)
+
+
 def uses_depth_input(config: dict) -> bool:
     return any(m.split("_", 1)[0] == "depth" for m in config["data"]["inputs"].values())
 
@@ -365,6 +378,7 @@ def setup(
     model = multimae.create_model(spec["name"], **spec["kwargs"])
     if init:
         load_init(model, init, cfg, d.main)
+    freeze_encoder(model, cfg.model.trainable_blocks)
     model.to(d.device)
     try:
         dtype, why = autocast_dtype(d.device, cfg.train.dtype)
