@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_train import PRETRAIN, cfg_of
+from test_train import PRETRAIN, ROOT, cfg_of
 
 from multimae.demo import (
     DemoError,
@@ -239,14 +239,23 @@ def test_teachers_that_do_not_fit_the_model_are_named(model, teachers):
     other = replace(model, semseg_classes=["sky", "road"])
     with pytest.raises(DemoError, match=r"trained on \[sky, road\] \(2\); pass --teachers"):
         check_teachers(other, teachers)
-    with pytest.raises(DemoError, match="have no depth teacher"):
+    with pytest.raises(DemoError, match="the shipped teachers: no depth teacher, but"):
         check_teachers(model, {"semseg": teachers["semseg"]})
 
 
-def test_cli_start_up_errors_are_one_line_exit_2(run_dir, capsys):
+def test_teachers_of_a_labeling_config(model, teachers):
+    shipped = load_teachers(os.path.join(ROOT, "pipelines", "pseudolabel.yaml"))  # model: default
+    assert {k: t.producer["model"] for k, t in shipped.items()} == {k: t.producer["model"] for k, t in teachers.items()}
+    check_teachers(model, shipped)
+
+
+def test_cli_start_up_errors_are_one_line_exit_2(run_dir, tmp_path, capsys):
+    depth_only = tmp_path / "depth-only.yaml"
+    depth_only.write_text("teachers:\n  depth: {kind: depth, model: default}\n")
     for argv, message in [
         (["/no/such/run"], "/no/such/run not found"),
         ([run_dir, "--teachers", "/no/such.yaml"], "--teachers /no/such.yaml: no such file"),
+        ([run_dir, "--teachers", str(depth_only)], f"{depth_only}: no semseg teacher, but {run_dir} takes semseg"),
     ]:
         with pytest.raises(SystemExit) as e:
             cli_main(argv)

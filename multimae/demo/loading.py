@@ -226,11 +226,11 @@ def load_teachers(config: str | None = None, device: str = "cpu") -> dict[str, T
     return teachers
 
 
-def check_teachers(model: DemoModel, teachers: dict[str, Teacher], where: str = "the teachers") -> None:
+def check_teachers(model: DemoModel, teachers: dict[str, Teacher], where: str = "the shipped teachers") -> None:
     """The teachers cover the model's depth/semseg inputs, and the semseg teacher's classes are the model's."""
     for kind in ("depth", "semseg"):
         if kind in model.tokens and kind not in teachers:
-            raise DemoError(f"{where} have no {kind} teacher, but {model.source} takes {kind} input")
+            raise DemoError(f"{where}: no {kind} teacher, but {model.source} takes {kind} input")
     semseg = teachers.get("semseg")
     if semseg is None or "semseg" not in model.tokens:
         return
