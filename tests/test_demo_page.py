@@ -290,8 +290,13 @@ def server(run_dir, teachers, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(server, tmp_path_factory):
     from gradio_client import Client
+    from huggingface_hub import constants
 
-    return Client(server[0], verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
+    with pytest.MonkeyPatch.context() as mp:
+        # gradio_client otherwise asks huggingface.co for an agent registry and sends it telemetry
+        mp.setattr(constants, "HF_HUB_OFFLINE", True)
+        mp.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+        yield Client(server[0], verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
 
 
 def ask(
