@@ -137,6 +137,7 @@ def run_demo(out: Path, size: dict, quick: bool) -> None:
     table = write_report(out, timings, time.time() - t0)
     print(table)
     print(f"\nreport: {out / 'report.md'}  (total {time.time() - t0:.0f} s)")
+    print(f"open the interactive page: multimae-demo {runs / 'pretrain'}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from multimae.demo import load_demo_model
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -43,6 +45,10 @@ def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
     rows = [line for line in report.splitlines() if line.startswith("| ") and "metric" not in line]
     values = [float(row.split("|")[3]) for row in rows]
     assert len(values) == 7 and all(math.isfinite(v) for v in values)
+    # the last line names the page's command on the model just trained, and that model loads
+    command = log.strip().splitlines()[-1]
+    assert command == f"open the interactive page: multimae-demo {out.resolve() / 'runs' / 'pretrain'}"
+    assert load_demo_model(command.split()[-1]).step == 6
 
     again = demo(out)
     assert again.count("reusing the finished stage") == 4
