@@ -209,6 +209,13 @@ def test_upload_is_shrunk_and_labelled_by_the_teachers(model, teachers):
     assert pred.targets["semseg"].shape == (32, 32) and pred.targets["semseg"].min() >= 0
 
 
+def test_depth_inputs_follow_the_model_depth_space(teachers):
+    sample = scene_sample(3, size=64)
+    truth = model_inputs(sample, teachers, from_truth=True)["depth"]
+    inverse = model_inputs(sample, teachers, from_truth=True, depth_space="inverse_depth")["depth"]
+    assert np.allclose(truth, sample.truth["depth"]) and np.allclose(inverse * truth, 1.0, rtol=1e-5)
+
+
 def test_hub_folder_predicts_like_its_run(model, run_dir, scene, tmp_path):
     hub = export_run(run_dir, str(tmp_path / "hub"))
     from_hub = load_demo_model(hub)

@@ -67,7 +67,9 @@ class Page:
         return model
 
     @functools.lru_cache(maxsize=16)  # noqa: B019 (one Page per server, kept for its lifetime)
-    def labelled(self, scene: int | None, upload: str | None, from_truth: bool) -> tuple[Any, dict, tuple]:
+    def labelled(
+        self, scene: int | None, upload: str | None, from_truth: bool, depth_space: str = "depth"
+    ) -> tuple[Any, dict, tuple]:
         """(sample, model inputs, (targets, target classes)) of a scene or an uploaded file (gradio's copy of it,
         under a name derived from its content, so the cache key changes with the file)."""
         if scene is not None:
@@ -78,8 +80,8 @@ class Page:
             with open(upload, "rb") as f:
                 sample = upload_sample(f.read(), os.path.basename(upload))
             from_truth = False  # an upload has no ground truth
-        labels = model_inputs(sample, self.teachers)
-        inputs = model_inputs(sample, self.teachers, from_truth=True) if from_truth else labels
+        labels = model_inputs(sample, self.teachers, depth_space=depth_space)
+        inputs = model_inputs(sample, self.teachers, from_truth=True, depth_space=depth_space) if from_truth else labels
         return sample, inputs, sample_targets(sample, labels)
 
     def run(
@@ -100,7 +102,10 @@ class Page:
             model = self.model()
             use_scene = choice == SCENE
             sample, images, (targets, classes) = self.labelled(
-                int(scene) if use_scene else None, None if use_scene else upload, inputs_from == TRUTH
+                int(scene) if use_scene else None,
+                None if use_scene else upload,
+                inputs_from == TRUTH,
+                model.depth_space,
             )
             counts = {d: int(v) for d, v in zip(KINDS, visible) if d in model.tokens}
             if rgb_only:

@@ -39,6 +39,7 @@ class DemoModel:
     tokens: tokens per input domain at `image_size` (the same grid for every domain: (image_size / patch_size)^2).
     semseg_classes: class names of the semseg input/output (index = id), None when the source does not say.
     standardize_depth: whether depth inputs/targets are robustly standardized (as the trainer does).
+    depth_space: the depth space the model was trained in ("depth": larger = farther; or "inverse_depth").
     """
 
     model: torch.nn.Module
@@ -49,6 +50,7 @@ class DemoModel:
     tokens: dict[str, int]
     semseg_classes: list[str] | None
     standardize_depth: bool
+    depth_space: str = "depth"
 
     @property
     def in_domains(self) -> list[str]:
@@ -95,9 +97,9 @@ def load_demo_model(path: str, device: str | torch.device = "cpu") -> DemoModel:
     if not os.path.exists(path):
         raise DemoError(f"{path} not found: give a run folder of `multimae-train` (e.g. demo_out/runs/pretrain)")
     if is_hub_folder(path):
-        model, step, classes, standardize = _from_hub(path)
+        model, step, classes, standardize, space = _from_hub(path)
     else:
-        model, step, classes, standardize = _from_run(path)
+        model, step, classes, standardize, space = _from_run(path)
     if type(model).__name__ != "MultiMAE":
         raise DemoError(
             f"{path} holds a fine-tuned {type(model).__name__}: the page needs a pre-training run (objective pretrain)"
@@ -116,10 +118,11 @@ def load_demo_model(path: str, device: str | torch.device = "cpu") -> DemoModel:
         tokens=_token_counts(model, image_size),
         semseg_classes=classes,
         standardize_depth=standardize,
+        depth_space=space,
     )
 
 
-def _from_run(path: str) -> tuple[torch.nn.Module, int, list[str] | None, bool]:
+def _from_run(path: str) -> tuple[torch.nn.Module, int, list[str] | None, bool, str]:
     from multimae.interop import CheckpointError
     from multimae.train.checkpoints import load_model
 
@@ -133,11 +136,12 @@ def _from_run(path: str) -> tuple[torch.nn.Module, int, list[str] | None, bool]:
     except (CheckpointError, FileNotFoundError) as e:
         raise DemoError(str(e)) from None
     config = state.get("config", {})
-    standardize = bool(config.get("data", {}).get("standardize_depth", True))
-    return model, int(state["step"]), state.get("labels", {}).get("semseg"), standardize
+    data = config.get("data", {})
+    standardize, space = bool(data.get("standardize_depth", True)), data.get("depth_space", "depth")
+    return model, int(state["step"]), state.get("labels", {}).get("semseg"), standardize, space
 
 
-def _from_hub(path: str) -> tuple[torch.nn.Module, int | None, list[str] | None, bool]:
+def _from_hub(path: str) -> tuple[torch.nn.Module, int | None, list[str] | None, bool, str]:
     import json
 
     import multimae
@@ -154,7 +158,8 @@ def _from_hub(path: str) -> tuple[torch.nn.Module, int | None, list[str] | None,
         raise DemoError(f"{path}: not a MultiMAE Hub folder ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     labels = config.get("semseg_id2label")
     classes = [labels[str(i)] for i in range(len(labels))] if labels else None
-    return model, config.get("training", {}).get("steps"), classes, True
+    training = config.get("training", {})
+    return model, training.get("steps"), classes, True, training.get("depth_space", "depth")
 
 
 def _token_counts(model: torch.nn.Module, size: int) -> dict[str, int]:

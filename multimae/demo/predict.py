@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from labeling.teachers import Teacher
 from multimae.input_adapters import SEMSEG_STRIDE
 from multimae.losses import robust_standardize_depth
-from multimae.train.data import denormalize_rgb, normalize_rgb, resized_crop, to_tensor
+from multimae.train.augment import Plan, apply_plan
+from multimae.train.data import denormalize_rgb, normalize_rgb, to_depth_space, to_tensor
 from shards.images import MAX_PIXELS, BadImage, load_rgb
 from shards.show import DEPTH_CMAP, palette
 from shards.synthetic import SEMSEG_CLASSES, render_scene
@@ -122,19 +123,30 @@ def pseudo_labels(rgb: np.ndarray, teachers: Mapping[str, Teacher]) -> dict[str,
 
 
 def model_inputs(
-    sample: Sample, teachers: Mapping[str, Teacher], from_truth: bool = False, kinds: tuple[str, ...] | None = None
+    sample: Sample,
+    teachers: Mapping[str, Teacher],
+    from_truth: bool = False,
+    kinds: tuple[str, ...] | None = None,
+    depth_space: str = "depth",
 ) -> dict[str, np.ndarray]:
     """{"rgb", "depth", "semseg"} for the model: pseudo labels from the teachers, or the sample's ground truth.
 
-    kinds limits which of depth/semseg are made (teachers that are not needed do not run).
+    kinds limits which of depth/semseg are made (teachers that are not needed do not run). Depth is brought to the
+    model's `depth_space` from what it means (a disparity teacher's output is inverted, as the trainer does).
     """
     wanted = [k for k in ("depth", "semseg") if kinds is None or k in kinds]
     if from_truth:
         missing = [k for k in wanted if k not in sample.truth]
         if missing:
             raise DemoError(f"{sample.name} has no ground-truth {missing[0]}: use the teachers' labels")
-        return {"rgb": sample.rgb, **{k: sample.truth[k] for k in wanted}}
-    return {"rgb": sample.rgb, **pseudo_labels(sample.rgb, {k: teachers[k] for k in wanted if k in teachers})}
+        out = {"rgb": sample.rgb, **{k: sample.truth[k] for k in wanted}}
+        meaning = "metric_m"
+    else:
+        out = {"rgb": sample.rgb, **pseudo_labels(sample.rgb, {k: teachers[k] for k in wanted if k in teachers})}
+        meaning = getattr(teachers.get("depth"), "meaning", None) or "metric_m"
+    if "depth" in out:
+        out["depth"] = to_depth_space(out["depth"], meaning, depth_space)
+    return out
 
 
 def sample_targets(sample: Sample, labels: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str] | None]:
@@ -184,7 +196,7 @@ def fit(kind: str, value: np.ndarray, size: int) -> torch.Tensor:
     """One modality at any size -> its central square at size x size: rgb (3, S, S) uint8, depth (1, S, S) float32,
     semseg (1, S, S) int64 (bicubic / bilinear / nearest, as the trainer resizes)."""
     x = to_tensor(kind, value)
-    return resized_crop(x, kind, center_box(*x.shape[-2:]), size, flip=False)
+    return apply_plan(x, kind, Plan(center_box(*x.shape[-2:]), (size, size)))
 
 
 def _depth_space(depth: torch.Tensor, model: DemoModel) -> torch.Tensor:

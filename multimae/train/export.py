@@ -39,6 +39,7 @@ def export_run(run: str, out: str) -> str:
         "steps": state["step"],
         "inputs": cfg["data"]["inputs"],
         "target": cfg["data"]["target"],
+        "depth_space": cfg["data"].get("depth_space", "depth"),
     }
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(out, config=config)
