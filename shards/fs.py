@@ -108,6 +108,10 @@ _KINDS.update({stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"})
 class NotRegularFile(FormatError):
     """A path to read is a FIFO, device, socket or directory (perhaps behind a symlink): it is never opened."""
 
+    def __init__(self, message: str, *, kind: str = "not a regular file"):
+        super().__init__(message)
+        self.kind = kind
+
 
 def _open_regular(path: str) -> IO[bytes]:
     """Open a local file for reading only when it is (or links to) a regular file.
@@ -119,7 +123,7 @@ def _open_regular(path: str) -> IO[bytes]:
     def check(mode: int) -> None:
         if not stat.S_ISREG(mode):
             kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
-            raise NotRegularFile(f"{path} is {kind}, not a regular file: only regular files are read")
+            raise NotRegularFile(f"{path} is {kind}, not a regular file: only regular files are read", kind=kind)
 
     check(os.stat(path).st_mode)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)

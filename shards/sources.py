@@ -135,7 +135,7 @@ def read_image_file(url: str) -> bytes:
     try:
         return fs.read_bytes(url, limit=limit)
     except fs.NotRegularFile as e:
-        raise BadImage(f"not a regular file: {e}") from None
+        raise BadImage(f"not a regular file: {e.kind}") from None
     except FormatError:
         raise BadImage(f"too large: over the {limit}-byte file limit (MULTIMAE_MAX_MEMBER_BYTES)") from None
     except OSError as e:

@@ -43,6 +43,7 @@ MAGIC = {
     b"\x04\x22\x4d\x18": "lz4",
 }
 MEMBER_RE = re.compile(rf"(?P<key>{KEY_RE.pattern})\.(?P<suffix>[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*)")
+HEADER_BYTES = 2**20  # reads of header blocks and PAX / long-name data are allowed up to this, whatever the limit
 _LINKS = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link"}
 _SPECIAL = {tarfile.CHRTYPE: "a character device", tarfile.BLKTYPE: "a block device", tarfile.FIFOTYPE: "a FIFO"}
 Sample = tuple[str, dict[str, bytes]]
@@ -79,13 +80,13 @@ def refuse_compressed(head: bytes, url: str) -> None:
 def header_problem(info: tarfile.TarInfo, limit: int) -> str | None:
     """Why a member must not be read, from its header alone; None when it is a regular file within `limit`."""
     if info.issparse():
-        return f"is a sparse member that expands to {info.size} bytes: shard tars hold plain members only"
+        return f"is a sparse member that expands to {info.size} bytes: only plain members are read"
     if info.type in _LINKS:
-        return f"is {_LINKS[info.type]} to {shown(info.linkname)}, not a regular file: shard tars hold files only"
+        return f"is {_LINKS[info.type]} to {shown(info.linkname)}, not a regular file: only regular files are read"
     if info.type in _SPECIAL:
-        return f"is {_SPECIAL[info.type]}, not a regular file: shard tars hold files only"
+        return f"is {_SPECIAL[info.type]}, not a regular file: only regular files are read"
     if not info.isreg():
-        return f"has tar type {shown(info.type)}, not a regular file: shard tars hold files only"
+        return f"has tar type {shown(info.type)}, not a regular file: only regular files are read"
     if info.size > limit:
         return (
             f"is {info.size} bytes, over the {limit}-byte member limit; if the member is genuine, raise the limit "
@@ -119,7 +120,7 @@ def open_tar(f: IO[bytes], url: str, limit: int) -> tarfile.TarFile:
     if f.seekable():
         refuse_compressed(f.read(8), url)
         f.seek(0)
-        return tarfile.open(fileobj=_BoundedReads(f, limit, url), mode="r:")
+        return tarfile.open(fileobj=_BoundedReads(f, max(limit, HEADER_BYTES), url), mode="r:")
     return tarfile.open(fileobj=f, mode="r|")  # a stream: tarfile's own check refuses compressed data
 
 
