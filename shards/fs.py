@@ -147,9 +147,15 @@ def read_bytes(url: str, limit: int | None = None) -> bytes:
     with open_file(url, "rb") as f:
         if limit is None:
             return f.read()
-        data = f.read(limit + 1)  # bounded even when the size changes under us
+        size = os.fstat(f.fileno()).st_size if is_local(url) else getattr(f, "size", None)
+        if size is not None and size > limit:
+            raise FormatError(f"{url} is {size} bytes, over the {limit}-byte limit")
+        # ask for the size it says it has (a buffer of `limit` bytes per small file is slow), bounded if it grows
+        data = f.read(limit + 1 if size is None else size + 1)
+        if len(data) > (size or 0):
+            data += f.read(limit + 1 - len(data))
     if len(data) > limit:
-        raise FormatError(f"{url} is larger than the {limit}-byte limit")
+        raise FormatError(f"{url} is over the {limit}-byte limit")
     return data
 
 

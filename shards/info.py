@@ -12,7 +12,7 @@ from collections import Counter
 
 import numpy as np
 
-from .format import decode_semseg, modality_kind, parse_cls, read_manifest
+from .format import FormatError, decode_semseg, modality_kind, parse_cls, read_manifest
 from .tars import iter_samples
 from .writer import read_stats, shard_is_complete, tar_path
 
@@ -54,22 +54,27 @@ def modality_stats(root: str, modality: str, names: list[str]) -> dict:
     return out
 
 
-def _members(url: str, suffix: str, limit: int | None = None):
-    """Bytes of the `suffix` members of one tar, in order (read through shards.tars; others are seeked over)."""
+def _members(url: str, suffix: str, decode, limit: int | None = None):
+    """`decode(bytes)` of the `suffix` members of one tar, in order (read through shards.tars, which seeks over
+    the others); FormatError naming the tar and key when one does not decode."""
     n = 0
-    for _, members in iter_samples(url, want=lambda s: s == suffix):
-        if suffix in members:
-            yield members[suffix]
-            n += 1
-            if limit is not None and n >= limit:
-                return
+    for key, members in iter_samples(url, want=lambda s: s == suffix):
+        if suffix not in members:
+            continue
+        try:
+            yield decode(members[suffix])
+        except Exception as e:  # a damaged member: name it, do not print a traceback
+            raise FormatError(f"{url}: sample {key!r}: {suffix} does not decode ({type(e).__name__}: {e})") from None
+        n += 1
+        if limit is not None and n >= limit:
+            return
 
 
 def cls_histogram(root: str, names: list[str]) -> Counter:
     hist: Counter = Counter()
     for name in names:
         if shard_is_complete(root, "rgb", name):
-            hist.update(parse_cls(b) for b in _members(tar_path(root, "rgb", name), "cls"))
+            hist.update(_members(tar_path(root, "rgb", name), "cls", parse_cls))
     return hist
 
 
@@ -82,8 +87,8 @@ def semseg_shares(root: str, modality: str, names: list[str], samples: int) -> t
             break
         if not shard_is_complete(root, modality, name):
             continue
-        for data in _members(tar_path(root, modality, name), f"{modality}.png", samples - seen):
-            c = np.bincount(decode_semseg(data).ravel())
+        for ids in _members(tar_path(root, modality, name), f"{modality}.png", decode_semseg, samples - seen):
+            c = np.bincount(ids.ravel())
             counts = np.pad(counts, (0, max(0, len(c) - len(counts))))
             counts[: len(c)] += c
             seen += 1
