@@ -16,7 +16,7 @@ import hostile_corpus as corpus
 import pytest
 from PIL import EpsImagePlugin
 
-from labeling.config import ConfigError, RayConfig, load_config
+from labeling.config import ConfigError, load_config
 from labeling.job import ShardLabeler, format_summary, run
 from shards import format as F
 from shards.writer import ShardWriter, tar_path
@@ -104,8 +104,18 @@ def test_manifest_naming_a_shard_outside_the_input_is_refused_before_labeling(tm
     assert (victim / "rgb" / f"{S0}.tar").read_bytes() == before
 
 
+@pytest.fixture
+def ray_local():
+    """A local Ray instance started the way tests/test_labeling_job.py starts it (run() then reuses it)."""
+    import ray
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 @pytest.mark.slow
-def test_input_shard_cut_at_a_member_boundary_fails_whole(tmp_path):
+def test_input_shard_cut_at_a_member_boundary_fails_whole(tmp_path, ray_local):
     """10 of 20 samples survive a cut at a member boundary (tarfile stops quietly there): the shard fails,
     nothing is committed for it and the manifest is not updated; the intact shard is labeled."""
     data = tmp_path / "data"
@@ -114,9 +124,7 @@ def test_input_shard_cut_at_a_member_boundary_fails_whole(tmp_path):
     Path(path).write_bytes(
         corpus.tar_bytes(corpus.members_of(path)[:20])[:-1024]
     )  # 10 samples of 2 members, no end blocks
-    cfg = config(data)
-    cfg.ray = RayConfig(address="local", num_cpus=1)
-    summary = run(cfg)
+    summary = run(config(data))
     assert summary["shards_labeled"] == 1 and list(summary["shards_failed"]) == [S1]
     assert f"{path}: read 10 samples but" in summary["shards_failed"][S1]
     assert not summary["manifest_updated"] and "depth" not in F.read_manifest(str(data))["modalities"]
