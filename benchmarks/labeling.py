@@ -38,7 +38,7 @@ from labeling.job import ShardLabeler, decoded_batches, run  # noqa: E402
 from labeling.teachers import DEFAULT_TEACHERS, load_teacher  # noqa: E402
 from shards.format import encode_sample, modality_entry, shard_name, update_manifest  # noqa: E402
 from shards.synthetic import render_scene, scene_key  # noqa: E402
-from shards.writer import ShardWriter, tar_path  # noqa: E402
+from shards.writer import ShardWriter  # noqa: E402
 
 
 def make_input(root: Path, num: int, shard_size: int, size: int) -> list[str]:
@@ -109,11 +109,7 @@ def real_size_teachers(folder: Path) -> dict[str, str]:
 def _bare_worker(cfg: LabelConfig, names: list[str], device: str, threads: int, barrier, results) -> None:
     torch.set_num_threads(threads)
     teachers = [load_teacher(t.kind, t.model, device=device, dtype=t.dtype) for t in cfg.teachers.values()]
-    batches = [
-        [img for _, img, _ in b]
-        for n in names
-        for b in decoded_batches(tar_path(cfg.input, cfg.rgb, n), cfg.rgb, cfg.batch_size)
-    ]
+    batches = [[img for _, img, _ in b] for n in names for b in decoded_batches(cfg.input, n, cfg.rgb, cfg.batch_size)]
     for t in teachers:  # warm-up
         t(batches[0])
     sync(device)
@@ -157,9 +153,7 @@ def naive(cfg: LabelConfig, names: list[str], device: str, limit: int) -> float:
     depth = pipeline("depth-estimation", model=cfg.teachers["depth"].model, **kw)
     seg = pipeline("image-segmentation", model=cfg.teachers["semseg"].model, **kw)
     images = [
-        Image.fromarray(img.numpy())
-        for b in decoded_batches(tar_path(cfg.input, cfg.rgb, names[0]), cfg.rgb, 1)
-        for _, img, _ in b
+        Image.fromarray(img.numpy()) for b in decoded_batches(cfg.input, names[0], cfg.rgb, 1) for _, img, _ in b
     ][:limit]
     depth(images[0]), seg(images[0], subtask="semantic")  # warm-up
     sync(device)

@@ -10,6 +10,10 @@ Each layout is timed with a cold page cache (every file evicted with posix_fadvi
 before the pass, as on first read from disk or network storage) and warm (second pass). Peak RSS of
 a reader process is reported at two dataset sizes: streaming must keep it flat.
 
+The cost of reading shards as untrusted input is measured in the same run, in CPU per sample of one
+process: the loader with and without the member digest check, and the tar stage alone as the checked
+reader (shards.tars) and as webdataset's unchecked tar_file_expander + group_by_keys.
+
     .venv/bin/python benchmarks/loader.py                 # 2000 samples at 128 px, crop 112, 2 workers
     .venv/bin/python benchmarks/loader.py --size 256 --crop 224 --n 1000
     .venv/bin/python benchmarks/loader.py --n 500 --size 128
@@ -186,6 +190,82 @@ class InMemoryDataset(torch.utils.data.Dataset):
 
 def _shard_dataset(root: str, crop: int, **kw) -> ShardDataset:
     return ShardDataset(root, MODS, shuffle_shards=True, shuffle_buffer=200, transform=JointCrop(crop), **kw)
+
+
+# --- the cost of reading untrusted tars safely ----------------------------------------------------
+
+
+def tar_stage(root: str, repeats: int) -> dict[str, float]:
+    """CPU microseconds per sample to read every member of every modality tar, best of `repeats` passes.
+
+    "webdataset" is the unchecked tar stage (tar_file_expander + group_by_keys, what the reader used to
+    run); "checked" is shards.tars.iter_samples (header checks, bounded reads, key rules); "+ digests"
+    adds the sha256 of every member against the stats json, as ShardDataset(verify_digests=True) does.
+    """
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    from shards.tars import iter_samples
+    from shards.writer import digest_problems, digests_by_key, read_stats, tar_path
+
+    names = [s["name"] for s in F.read_manifest(root)["shards"]]
+    urls = [(m, n, tar_path(root, m, n)) for m in MODS for n in names]
+    n_samples = sum(s["count"] for s in F.read_manifest(root)["shards"])
+
+    def webdataset() -> None:
+        for _, _, url in urls:
+            with open(url, "rb") as stream:
+                for _ in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+                    pass
+
+    def checked() -> None:
+        for _, _, url in urls:
+            for _ in iter_samples(url):
+                pass
+
+    def with_digests() -> None:
+        for m, n, url in urls:
+            expected = digests_by_key(read_stats(root, m, n))
+            for key, members in iter_samples(url):
+                assert not digest_problems(key, members, expected[key])
+
+    return {k: v / n_samples * 1e6 for k, v in best_cpu(webdataset, checked, with_digests, repeats=repeats).items()}
+
+
+def best_cpu(*fns, repeats: int) -> dict[str, float]:
+    """Least CPU seconds of each function over `repeats` interleaved rounds (load hits every one alike)."""
+    times: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        for fn in fns:
+            start = time.process_time()
+            fn()
+            times.setdefault(fn.__name__, []).append(time.process_time() - start)
+    return {k: min(v) for k, v in times.items()}
+
+
+def safety_report(root: str, crop: int, repeats: int) -> None:
+    """What reading untrusted shards safely costs, in CPU per sample, every figure from this run."""
+
+    def digests_on() -> None:
+        for _ in _shard_dataset(root, crop):
+            pass
+
+    def digests_off() -> None:
+        for _ in _shard_dataset(root, crop, verify_digests=False):
+            pass
+
+    n = sum(s["count"] for s in F.read_manifest(root)["shards"])
+    whole = {k: v / n * 1e6 for k, v in best_cpu(digests_on, digests_off, repeats=repeats).items()}
+    stage = tar_stage(root, repeats)
+    per_sample = whole["digests_on"]
+    print(f"\nsafety cost, one process, warm cache, best of {repeats} interleaved (CPU us/sample):")
+    print(f"  whole loader (decode + crop), digests on    {whole['digests_on']:>8.1f} us")
+    print(f"  whole loader (decode + crop), digests off   {whole['digests_off']:>8.1f} us")
+    print(f"  digest check: {100 * (whole['digests_on'] / whole['digests_off'] - 1):+.1f} % CPU per sample")
+    print("  tar stage alone, 3 modalities (share of the whole loader):")
+    for label, us in stage.items():
+        print(f"    {label:<18} {us:>7.1f} us   {100 * us / per_sample:>5.1f} %")
+    extra = stage["with_digests"] - stage["webdataset"]
+    print(f"  checked tar stage + digests vs unchecked webdataset stage: {100 * extra / per_sample:+.1f} % CPU")
 
 
 def cpu_seconds() -> float:
@@ -383,6 +463,7 @@ def main() -> None:
         f"  shards warm vs decode-only limit: {rate['shards warm'] / rate['decode-only']:>6.2f}x"
         f"   {cpu['decode-only'] / cpu['shards warm']:>7.2f}x"
     )
+    safety_report(shard_root, a.crop, a.repeats + 1)
 
     n_shards = len(F.read_manifest(shard_root)["shards"])
     # both sizes fill the 200-sample shuffle buffer, so only the dataset size differs

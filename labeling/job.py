@@ -3,7 +3,7 @@
 One Ray task per input shard, run by a pool of teacher actors (one per GPU, or `actors` on CPU).
 Inside an actor a shard flows through three overlapped stages:
 
-    reader thread   tar members -> (key, decoded uint8 (H, W, 3) tensor | error), batched   (bounded queue)
+    reader thread   shards.reader -> (key, decoded uint8 (H, W, 3) tensor | error), batched (bounded queue)
     main thread     every configured teacher on the same decoded batch                      (torch)
     encoder thread  16-bit depth / 8-bit semseg PNGs -> one ShardWriter per output modality (in key order)
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import queue
 import sys
-import tarfile
 import threading
 import time
 from collections import deque
@@ -31,8 +30,9 @@ from typing import Any
 import torch
 
 from shards import fs
-from shards.format import FormatError, decode_sample, encode_sample, modality_entry, read_manifest, update_manifest
-from shards.writer import ShardWriter, shard_is_complete, stats_path, tar_path
+from shards.format import FormatError, encode_sample, modality_entry, read_manifest, update_manifest
+from shards.reader import decode_members, iter_shard_members
+from shards.writer import ShardWriter, read_stats, shard_is_complete, stats_path
 
 from .config import ConfigError, LabelConfig, check_inputs, input_shards, resolve_model
 
@@ -43,33 +43,22 @@ Sample = tuple[str, "torch.Tensor | None", "str | None"]  # (key, uint8 (H, W, 3
 # --- the work of one actor ------------------------------------------------------------------------
 
 
-def read_samples(url: str, modality: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {"rgb.jpg": ...}) per sample of one tar, in stored order; members of a sample are adjacent."""
-    key, members = None, {}
-    with fs.open_file(url, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            k, _, ext = info.name.rpartition("/")[2].partition(".")
-            if k != key:
-                if key is not None:
-                    yield key, members
-                key, members = k, {}
-            if ext.startswith(modality + "."):
-                members[ext] = tar.extractfile(info).read()
-    if key is not None:
-        yield key, members
+def decoded_batches(root: str, name: str, modality: str, batch_size: int) -> Iterator[list[Sample]]:
+    """Batches of decoded samples of input shard `name`; a sample that fails to decode carries its error.
 
-
-def decoded_batches(url: str, modality: str, batch_size: int) -> Iterator[list[Sample]]:
-    """Batches of decoded samples; a sample that fails to decode carries its error instead of an image."""
+    The shard is read by `shards.reader.iter_shard_members`, the training reader's own path: plain tars,
+    bounded regular members, valid adjacent keys, member digests, and, once the tar has been read to its
+    end, the count and keys digest of its stats json. A tar that breaks any of these raises FormatError
+    (after the batches read so far), and the caller commits nothing for the shard.
+    """
     batch: list[Sample] = []
-    for key, members in read_samples(url, modality):
+    for raw in iter_shard_members(root, name, [modality]):
+        key = raw["__key__"]
         try:
-            img = torch.from_numpy(decode_sample(modality, members).copy())  # uint8 (H, W, 3)
+            img = torch.from_numpy(decode_members(root, raw, [modality])[modality].copy())  # uint8 (H, W, 3)
             batch.append((key, img, None))
-        except Exception as e:  # corrupt or missing member: recorded, not fatal
-            batch.append((key, None, f"decode {modality}: {type(e).__name__}: {e}"))
+        except FormatError as e:  # corrupt, damaged or missing member: recorded, not fatal
+            batch.append((key, None, f"decode {modality}: {e}"))
         if len(batch) == batch_size:
             yield batch
             batch = []
@@ -192,7 +181,6 @@ class ShardLabeler:
         """Label input shard `name` into the output `modalities`; returns counts (raises on shard-level errors)."""
         cfg = self.cfg
         start = time.time()
-        url = tar_path(cfg.input, cfg.rgb, name)
         for m in modalities:  # leftovers of an earlier attempt at this shard (its actor was killed)
             folder = fs.join(cfg.output_root, m)
             for stale in fs.listdir(folder):
@@ -202,7 +190,7 @@ class ShardLabeler:
         encoder = ThreadPoolExecutor(1)
         pending: Future | None = None
         try:
-            for batch in prefetch(decoded_batches(url, cfg.rgb, cfg.batch_size), cfg.prefetch):
+            for batch in prefetch(decoded_batches(cfg.input, name, cfg.rgb, cfg.batch_size), cfg.prefetch):
                 images = [img for _, img, err in batch if err is None]
                 outputs, failed = self._label(modalities, images) if images else ({}, {})
                 if pending is not None:
@@ -211,10 +199,6 @@ class ShardLabeler:
             if pending is not None:
                 pending.result()
             stats = [w.commit()[m] for m, w in writers.items()]
-        except tarfile.TarError as e:
-            for w in writers.values():
-                w.abort()
-            raise FormatError(f"{url}: unreadable tar ({e})") from None
         except BaseException:
             for w in writers.values():
                 w.abort()
@@ -296,7 +280,7 @@ def _check_producers(cfg: LabelConfig, entries: list[dict], todo: dict, info: di
         for e in entries:
             if mod in todo.get(e["name"], []):
                 continue
-            old = fs.read_json(stats_path(cfg.output_root, mod, e["name"])).get("producer")
+            old = read_stats(cfg.output_root, mod, e["name"]).get("producer")
             if not _same_producer(old, entry["producer"]):
                 raise ConfigError(
                     f"teachers.{mod}: {stats_path(cfg.output_root, mod, e['name'])} was produced by "

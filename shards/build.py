@@ -26,7 +26,7 @@ from . import fs
 from .format import FormatError, shard_name, update_manifest
 from .images import BadImage
 from .sources import Item, Members, Source
-from .writer import ShardWriter, keys_digest, shard_is_complete, stats_path, tar_path
+from .writer import ShardWriter, keys_digest, read_stats, shard_is_complete, stats_path, tar_path
 
 
 class BuildError(FormatError):
@@ -140,7 +140,7 @@ def _plan(source: Source, out: str, shard_size: int) -> tuple[list[ShardTask], d
         items = source.items[i * shard_size : (i + 1) * shard_size]
         if all(shard_is_complete(out, m, name) for m in source.modalities):
             path = stats_path(out, source.modalities[0], name)
-            stats = fs.read_json(path)
+            stats = read_stats(out, source.modalities[0], name)
             if _comparable(stats.get("producer", {})) != _comparable(producer):
                 raise BuildError(
                     f"{path} was built with {_comparable(stats.get('producer', {}))}, not "
@@ -148,14 +148,14 @@ def _plan(source: Source, out: str, shard_size: int) -> tuple[list[ShardTask], d
                 )
             skipped = {s["ref"] for s in stats["skipped"]}
             expected = [it.key for it in items if it.ref not in skipped]
-            if stats["keys_digest"] != keys_digest(expected):
+            if stats.get("keys_digest") != keys_digest(expected):
                 raise BuildError(
                     f"{path}: its keys differ from what the source gives now (did the source change?); use a new --out"
                 )
             kept[name] = {
                 "count": stats["count"],
                 "skipped": stats["skipped"],
-                "bytes": sum(fs.read_json(stats_path(out, m, name))["bytes"] for m in source.modalities),
+                "bytes": sum(read_stats(out, m, name).get("bytes", 0) for m in source.modalities),
             }
             continue
         for m in source.modalities:  # partial leftovers of a killed run: stats first, so nothing looks complete

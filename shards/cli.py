@@ -1,7 +1,7 @@
 """`multimae-shard`: build, verify, inspect and picture aligned shard sets (DESIGN.md sections 2, 3 and 7).
 
     multimae-shard build --src {imagenet,folder,webdataset,synthetic} [--root PATH] --out DATA [options]
-    multimae-shard verify DATA
+    multimae-shard verify DATA [--deep] [--workers N]
     multimae-shard info DATA
     multimae-shard show DATA --out FILE.png [--keys K ... | --n N]
 
@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 
+from .errors import printable
 from .images import MAX_PIXELS
 from .sources import SOURCES
 
@@ -68,6 +69,8 @@ def parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="check every shard of every modality; exit 1 listing each problem")
     v.add_argument("data")
+    v.add_argument("--deep", action="store_true", help="also check every member against its sha256 in the stats")
+    v.add_argument("--workers", type=_positive, default=1, help="shards checked in parallel (threads, default 1)")
 
     i = sub.add_parser("info", help="one-screen summary of a shard set")
     i.add_argument("data")
@@ -104,15 +107,21 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .verify import verify
+    from .verify import shards_without_digests, verify
 
-    problems = verify(args.data)
+    problems = verify(args.data, workers=args.workers, deep=args.deep)
     for problem in problems:
         print(problem)
+    if args.deep and (old := shards_without_digests(args.data)):
+        print(
+            f"verify: member digest check unavailable for {len(old)} shard file(s) (written before digests "
+            f"existed, e.g. {printable(old[0])}); rebuild them to get digests",
+            file=sys.stderr,
+        )
     if problems:
-        print(f"verify: {len(problems)} problem(s) in {args.data}", file=sys.stderr)
+        print(f"verify: {len(problems)} problem(s) in {printable(args.data)}", file=sys.stderr)
         return 1
-    print(f"verify: {args.data} is complete and consistent")
+    print(f"verify: {printable(args.data)} is complete and consistent")
     return 0
 
 
@@ -139,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = command(args)
     except (FormatError, OSError) as e:  # OSError: unwritable --out, disk full, ... (message names the path)
-        print(f"multimae-shard {args.command}: error: {e}", file=sys.stderr)
+        print(f"multimae-shard {args.command}: error: {printable(str(e))}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print(f"multimae-shard {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)

@@ -15,39 +15,56 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from . import fs
+from .errors import FormatError, printable, shown
+from .images import LABEL_FORMATS, RGB_FORMATS, BadImage, open_image
+from .limits import MAX_JSON_BYTES, max_pixels
 
 FORMAT_VERSION = 1
 KINDS = ("rgb", "depth", "semseg")
 EXTENSIONS = {"rgb": "jpg", "depth": "png", "semseg": "png"}
 DEPTH_LEVELS = 65535
 MANIFEST = "manifest.json"
-
-
-class FormatError(Exception):
-    """A data problem a user can cause (misaligned shards, corrupt member, bad key); names file and key."""
+# Names that become paths or tar member names (docs/trust-model.md): ASCII letters, digits, '_' and '-' only,
+# so none can hold a dot, a slash or a control character, and a key never starts with '_' (webdataset's '__key__').
+KEY_RE = re.compile(r"[A-Za-z0-9-][A-Za-z0-9_-]*")
+SHARD_RE = re.compile(r"shard-[0-9]{6,}")
+MODALITY_RE = re.compile(r"(?:rgb|depth|semseg)(?:_[A-Za-z0-9][A-Za-z0-9_-]*)?")
 
 
 def modality_kind(name: str) -> str:
     """'depth_gt' -> 'depth', 'semseg' -> 'semseg', 'rgb' -> 'rgb'."""
-    kind = name.split("_", 1)[0]
-    if kind not in KINDS or "." in name or "/" in name:
-        raise FormatError(f"unknown modality {name!r}: names must start with one of {KINDS} (e.g. 'depth_gt')")
-    return kind
+    if not isinstance(name, str) or not MODALITY_RE.fullmatch(name):
+        raise FormatError(
+            f"unknown modality {shown(name)}: names are one of {KINDS}, optionally followed by '_' and "
+            "letters, digits, '_' or '-' (e.g. 'depth_gt')"
+        )
+    return name.split("_", 1)[0]
 
 
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}"
 
 
-def check_key(key: str) -> str:
-    if not key or any(c in key for c in "./\\ \n") or key.startswith("_"):
-        raise FormatError(f"invalid sample key {key!r}: keys must be non-empty and contain no dots, slashes or spaces")
+def check_shard_name(name: Any) -> str:
+    """A shard name from a manifest, a stats file or a user: 'shard-' and 6 or more digits, nothing else."""
+    if not isinstance(name, str) or not SHARD_RE.fullmatch(name):
+        raise FormatError(f"invalid shard name {shown(name)}: shard names are 'shard-' and 6+ digits")
+    return name
+
+
+def check_key(key: Any) -> str:
+    if not isinstance(key, str) or not KEY_RE.fullmatch(key):
+        raise FormatError(
+            f"invalid sample key {shown(key)}: keys are ASCII letters, digits, '_' and '-' "
+            "(not starting with '_'), without dots, slashes or spaces"
+        )
     return key
 
 
@@ -63,8 +80,16 @@ def encode_rgb(img: np.ndarray, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
+def _open(data: bytes, formats: tuple[str, ...]) -> Image.Image:
+    """A shard member's image, through the one safe decode path (allow-listed formats, pixel limit first)."""
+    try:
+        return open_image(data, formats, max_pixels())
+    except BadImage as e:
+        raise FormatError(e.reason) from None
+
+
 def decode_rgb(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
+    with _open(data, RGB_FORMATS) as im:
         return np.asarray(im.convert("RGB"))
 
 
@@ -86,7 +111,7 @@ def encode_depth(depth: np.ndarray) -> tuple[bytes, list[float]]:
 
 
 def decode_depth(data: bytes, depth_range: list[float]) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
+    with _open(data, LABEL_FORMATS) as im:
         if im.mode not in ("I;16", "I;16B", "I"):
             raise FormatError(f"depth PNG must be 16-bit grayscale, got mode {im.mode}")
         q = np.asarray(im).astype(np.float64)
@@ -108,10 +133,18 @@ def encode_semseg(ids: np.ndarray, num_classes: int) -> bytes:
 
 
 def decode_semseg(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
+    with _open(data, LABEL_FORMATS) as im:
         if im.mode not in ("L", "I;16", "I;16B", "I", "P"):
             raise FormatError(f"semseg PNG must be single-channel, got mode {im.mode}")
         return np.asarray(im).astype(np.int64)
+
+
+def parse_cls(data: bytes) -> int:
+    """A `cls` member: an ASCII integer."""
+    text = data.decode("ascii").strip()
+    if not text.lstrip("-").isdigit():
+        raise ValueError(f"cls must be an ASCII integer, got {data[:20]!r}")
+    return int(text)
 
 
 def encode_sample(modality: str, value: Any, num_classes: int | None = None, quality: int = 95) -> dict[str, bytes]:
@@ -139,21 +172,89 @@ def decode_sample(modality: str, members: dict[str, bytes]) -> np.ndarray:
         meta = members.get(f"{modality}.json")
         if meta is None:
             raise FormatError(f"depth sample has no {modality}.json with depth_range")
-        return decode_depth(members[name], json.loads(meta)["depth_range"])
+        return decode_depth(members[name], parse_depth_range(meta))
     return decode_semseg(members[name])
 
 
-# --- manifest -------------------------------------------------------------------------------------
+def parse_depth_range(meta: bytes) -> list[float]:
+    """The [lo, hi] of a depth member's json: two finite numbers, lo <= hi."""
+    try:
+        rng = json.loads(meta)["depth_range"]
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError) as e:
+        raise FormatError(f"depth json has no depth_range ({type(e).__name__}: {printable(str(e))})") from None
+    numbers = isinstance(rng, list) and len(rng) == 2 and all(type(v) in (int, float) for v in rng)
+    if not (numbers and np.isfinite(rng).all() and rng[0] <= rng[1]):
+        raise FormatError(f"bad depth_range {shown(rng)}: expected [lo, hi], finite numbers with lo <= hi")
+    return [float(v) for v in rng]
+
+
+# --- json documents: manifest ---------------------------------------------------------------------
+
+
+def read_json_file(url: str) -> Any:
+    """A manifest or stats json; FormatError naming the file when it is too large, not UTF-8 or not JSON."""
+    try:
+        size = fs.size(url)
+    except FileNotFoundError:
+        raise FormatError(f"{url} not found") from None
+    if size > MAX_JSON_BYTES:
+        raise FormatError(
+            f"{url}: {size} bytes, over the {MAX_JSON_BYTES}-byte limit of a json file: not a shard set file"
+        )
+    try:
+        return json.loads(fs.read_bytes(url))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise FormatError(f"{url}: not valid JSON ({e}): the file is damaged; restore or rebuild it") from None
+
+
+def _check_manifest(manifest: Any, path: str) -> dict:
+    """The manifest's structure, names and counts; FormatError naming the file and the offending value."""
+
+    def bad(what: str) -> FormatError:
+        return FormatError(f"{path}: {what}")
+
+    if not isinstance(manifest, dict):
+        raise bad(f"expected a JSON object, got {type(manifest).__name__}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise bad(f"format_version {shown(manifest.get('format_version'))} is not {FORMAT_VERSION}")
+    modalities = manifest.get("modalities")
+    if not isinstance(modalities, dict):
+        raise bad(f"'modalities' must be an object, got {shown(modalities)}")
+    for name, entry in modalities.items():
+        try:
+            kind = modality_kind(name)
+        except FormatError as e:
+            raise bad(str(e)) from None
+        if not isinstance(entry, dict) or entry.get("kind", kind) != kind:
+            raise bad(f"modality {name!r}: entry must be an object of kind {kind!r}, got {shown(entry)}")
+    shards = manifest.get("shards", [])
+    if not isinstance(shards, list):
+        raise bad(f"'shards' must be a list, got {shown(shards)}")
+    seen = set()
+    for entry in shards:
+        if not isinstance(entry, dict) or set(entry) < {"name", "count"}:
+            raise bad(f"shard entry {shown(entry)} must be an object with 'name' and 'count'")
+        try:
+            check_shard_name(entry["name"])
+        except FormatError as e:
+            raise bad(str(e)) from None
+        if type(entry["count"]) is not int or entry["count"] < 0:
+            raise bad(f"shard {entry['name']}: count {shown(entry['count'])} is not a non-negative integer")
+        if entry["name"] in seen:
+            raise bad(f"shard {entry['name']} is listed twice")
+        seen.add(entry["name"])
+    classes = manifest.get("cls_classes")
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise bad(f"'cls_classes' must be a list of names, got {shown(classes)}")
+    return manifest
 
 
 def read_manifest(root: str) -> dict:
+    """The validated manifest of a shard set: every modality and shard name checked before it becomes a path."""
     path = fs.join(root, MANIFEST)
     if not fs.exists(path):
         raise FormatError(f"{path} not found: is {root} a shard set made by `multimae-shard build`?")
-    manifest = fs.read_json(path)
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise FormatError(f"{path}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION}")
-    return manifest
+    return _check_manifest(read_json_file(path), path)
 
 
 def write_manifest(root: str, manifest: dict) -> None:
@@ -165,7 +266,7 @@ def update_manifest(root: str, modalities: dict[str, dict], shards: list[dict] |
     from . import __version__
 
     path = fs.join(root, MANIFEST)
-    manifest = fs.read_json(path) if fs.exists(path) else {"format_version": FORMAT_VERSION, "modalities": {}}
+    manifest = read_manifest(root) if fs.exists(path) else {"format_version": FORMAT_VERSION, "modalities": {}}
     manifest["modalities"].update(modalities)
     if shards is not None:
         manifest["shards"] = shards

@@ -7,9 +7,11 @@ store a single ``put`` is already atomic, so the object is written in one go.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import posixpath
+import stat
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +19,8 @@ from typing import IO, Any
 
 import fsspec
 from fsspec.core import url_to_fs
+
+from .errors import FormatError
 
 
 def is_local(url: str) -> bool:
@@ -97,16 +101,62 @@ def size(url: str) -> int:
     return int(fs.size(path))
 
 
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+_KINDS.update({stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"})
+
+
+class NotRegularFile(FormatError):
+    """A path to read is a FIFO, device, socket or directory (perhaps behind a symlink): it is never opened."""
+
+    def __init__(self, message: str, *, kind: str = "not a regular file"):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _open_regular(path: str) -> IO[bytes]:
+    """Open a local file for reading only when it is (or links to) a regular file.
+
+    A FIFO would block the open forever and a device (/dev/zero) never ends, so the type is checked
+    before opening, and again on the open descriptor (O_NONBLOCK: a FIFO swapped in meanwhile cannot block).
+    """
+
+    def check(mode: int) -> None:
+        if not stat.S_ISREG(mode):
+            kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+            raise NotRegularFile(f"{path} is {kind}, not a regular file: only regular files are read", kind=kind)
+
+    check(os.stat(path).st_mode)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        check(os.fstat(fd).st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
 def open_file(url: str, mode: str = "rb") -> Any:
-    """A context manager yielding a file object (local file or fsspec stream)."""
+    """A context manager yielding a file object (local file or fsspec stream); local reads open regular files only."""
     if is_local(url):
-        return open(_local(url), mode)
+        return _open_regular(_local(url)) if mode == "rb" else open(_local(url), mode)
     return fsspec.open(url, mode)
 
 
-def read_bytes(url: str) -> bytes:
+def read_bytes(url: str, limit: int | None = None) -> bytes:
+    """A whole file; with `limit`, a file larger than `limit` bytes raises FormatError before it is read."""
     with open_file(url, "rb") as f:
-        return f.read()
+        if limit is None:
+            return f.read()
+        size = os.fstat(f.fileno()).st_size if is_local(url) else getattr(f, "size", None)
+        if size is not None and size > limit:
+            raise FormatError(f"{url} is {size} bytes, over the {limit}-byte limit")
+        # ask for the size it says it has (a buffer of `limit` bytes per small file is slow), bounded if it grows
+        data = f.read(limit + 1 if size is None else size + 1)
+        if len(data) > (size or 0):
+            data += f.read(limit + 1 - len(data))
+    if len(data) > limit:
+        raise FormatError(f"{url} is over the {limit}-byte limit")
+    return data
 
 
 def read_json(url: str) -> Any:
@@ -114,21 +164,38 @@ def read_json(url: str) -> Any:
 
 
 @contextmanager
+def naming(url: str) -> Iterator[None]:
+    """Give an OSError raised inside the block the path being written when it names none.
+
+    A failed write() (disk full, quota, I/O error) says only "[Errno 28] No space left on device"; the
+    message that reaches the user must say where.
+    """
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        hint = "; free space there or write elsewhere" if e.errno == errno.ENOSPC else ""
+        raise OSError(e.errno, f"{e.strerror} while writing{hint}", url) from None
+
+
+@contextmanager
 def atomic_writer(url: str) -> Iterator[IO[bytes]]:
     """Yield a binary file; the data appears at `url` only when the block exits without error."""
     if not is_local(url):
-        with fsspec.open(url, "wb") as f:
+        with naming(url), fsspec.open(url, "wb") as f:
             yield f
         return
     path = _local(url)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with naming(url):
+            with open(tmp, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)

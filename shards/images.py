@@ -12,17 +12,33 @@ resized so the shorter side is `size` (never upscaled):
 - Files that cannot become an image raise `BadImage` with a short reason: "empty file",
   "not an image", "truncated", "too large: WxH px" (checked from the header, before any decoding,
   so decompression bombs never allocate), "corrupt: ...".
+
+`open_image(data, formats, max_pixels)` is the one way the toolkit opens image bytes (sources here, shard
+members in `shards.format`): only the Pillow plugins named in `formats` may identify the data, and the
+pixel count in the header is checked before anything is decoded. The allow-lists hold plugins that
+decode in-process only; EPS (which runs Ghostscript) and the other formats Pillow knows never see
+untrusted bytes:
+
+- ``SOURCE_FORMATS``  image files of the folder, imagenet and webdataset sources: JPEG, PNG, WebP, BMP,
+  GIF, TIFF and PPM/PGM/PBM/PNM
+- ``RGB_FORMATS``     a shard's rgb member: JPEG, PNG, WebP
+- ``LABEL_FORMATS``   a shard's depth and semseg members: PNG
 """
 
 from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's own decompression-bomb threshold (~89.5 MP)
+from .limits import MAX_PIXELS
+
+SOURCE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
+RGB_FORMATS = ("JPEG", "PNG", "WEBP")
+LABEL_FORMATS = ("PNG",)
 RESAMPLE = Image.Resampling.BICUBIC
 BACKGROUND = (255, 255, 255)
 # EXIF orientations 5..8 swap width and height.
@@ -66,18 +82,20 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, 1, P, CMYK (incl. Adobe-inverted, handled by the JPEG plugin), YCbCr, LAB, ...
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
+def open_image(data: bytes, formats: Sequence[str], max_pixels: int) -> Image.Image:
+    """Identify image bytes with the plugins in `formats` only; raises BadImage before decoding when the
+    header claims more than `max_pixels` pixels (or a zero size). The pixels are decoded on first use."""
     if not data:
         raise BadImage("empty file")
     try:
-        im = Image.open(io.BytesIO(data))
+        im = Image.open(io.BytesIO(data), formats=list(formats))
     except Image.DecompressionBombError as e:
         raise BadImage(f"too large: {e}") from None
     except UnidentifiedImageError:
-        raise BadImage("not an image") from None
+        raise BadImage(f"not an image: none of the accepted formats {', '.join(formats)}") from None
     w, h = im.size
     if w * h > max_pixels:
-        raise BadImage(f"too large: {w}x{h} px")
+        raise BadImage(f"too large: {w}x{h} px (limit {max_pixels} px)")
     if w == 0 or h == 0:
         raise BadImage("corrupt: zero-size image")
     return im
@@ -94,7 +112,7 @@ def load_rgb(data: bytes, size: int | None = None, max_pixels: int = MAX_PIXELS)
         # Corrupt EXIF / ICC chunks only warn; the decode below still decides whether the file is usable.
         warnings.simplefilter("ignore")
         try:
-            return _decode(_open(data, max_pixels), size)
+            return _decode(open_image(data, SOURCE_FORMATS, max_pixels), size)
         except BadImage:
             raise
         except OSError as e:

@@ -8,14 +8,13 @@ decode the first `semseg_samples` label maps of each semseg modality.
 
 from __future__ import annotations
 
-import tarfile
 from collections import Counter
 
 import numpy as np
 
-from . import fs
-from .format import decode_semseg, modality_kind, read_manifest
-from .writer import shard_is_complete, stats_path, tar_path
+from .format import FormatError, decode_semseg, modality_kind, parse_cls, read_manifest
+from .tars import iter_samples
+from .writer import read_stats, shard_is_complete, tar_path
 
 BAR_WIDTH = 30
 KIND_ORDER = {"rgb": 0, "depth": 1, "semseg": 2}
@@ -47,7 +46,7 @@ def modality_stats(root: str, modality: str, names: list[str]) -> dict:
     for name in names:
         if not shard_is_complete(root, modality, name):
             continue
-        stats = fs.read_json(stats_path(root, modality, name))
+        stats = read_stats(root, modality, name)
         out["complete"] += 1
         out["samples"] += stats["count"]
         out["bytes"] += stats["bytes"]
@@ -55,23 +54,27 @@ def modality_stats(root: str, modality: str, names: list[str]) -> dict:
     return out
 
 
-def _members(url: str, suffix: str, limit: int | None = None):
-    """Bytes of the members ending in `suffix` of one tar, in order (other members are seeked over)."""
-    with fs.open_file(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-        n = 0
-        for info in tar:
-            if info.isfile() and info.name.endswith(suffix):
-                yield tar.extractfile(info).read()
-                n += 1
-                if limit is not None and n >= limit:
-                    return
+def _members(url: str, suffix: str, decode, limit: int | None = None):
+    """`decode(bytes)` of the `suffix` members of one tar, in order (read through shards.tars, which seeks over
+    the others); FormatError naming the tar and key when one does not decode."""
+    n = 0
+    for key, members in iter_samples(url, want=lambda s: s == suffix):
+        if suffix not in members:
+            continue
+        try:
+            yield decode(members[suffix])
+        except Exception as e:  # a damaged member: name it, do not print a traceback
+            raise FormatError(f"{url}: sample {key!r}: {suffix} does not decode ({type(e).__name__}: {e})") from None
+        n += 1
+        if limit is not None and n >= limit:
+            return
 
 
 def cls_histogram(root: str, names: list[str]) -> Counter:
     hist: Counter = Counter()
     for name in names:
         if shard_is_complete(root, "rgb", name):
-            hist.update(int(b) for b in _members(tar_path(root, "rgb", name), ".cls"))
+            hist.update(_members(tar_path(root, "rgb", name), "cls", parse_cls))
     return hist
 
 
@@ -84,8 +87,8 @@ def semseg_shares(root: str, modality: str, names: list[str], samples: int) -> t
             break
         if not shard_is_complete(root, modality, name):
             continue
-        for data in _members(tar_path(root, modality, name), f".{modality}.png", samples - seen):
-            c = np.bincount(decode_semseg(data).ravel())
+        for ids in _members(tar_path(root, modality, name), f"{modality}.png", decode_semseg, samples - seen):
+            c = np.bincount(ids.ravel())
             counts = np.pad(counts, (0, max(0, len(c) - len(counts))))
             counts[: len(c)] += c
             seen += 1

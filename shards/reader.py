@@ -5,8 +5,9 @@ One epoch is a webdataset pipeline of iterator-to-iterator stages:
     shard names     manifest order, shuffled by (seed, epoch); or drawn with replacement (resampled)
     split by node   every world_size-th shard from rank          (explicit rank/world_size or torch.distributed)
     split by worker every num_workers-th shard from worker id    (torch DataLoader worker)
-    aligned shard   the tars of every chosen modality opened together and zipped by key; a key
-                    mismatch raises AlignmentError naming the shard and both keys
+    aligned shard   the tars of every chosen modality opened together (shards.tars: plain tars, bounded
+                    regular members, valid keys, member digests) and zipped by key; a key mismatch raises
+                    AlignmentError naming the shard and both keys
     shuffle         bounded buffer of raw member bytes, seeded by (seed, epoch, rank, worker)
     decode          shards.format.decode_sample: rgb uint8 (H, W, 3), depth float32 (H, W) in
                     teacher units via the stored range, semseg int64 (H, W), cls int
@@ -33,12 +34,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_expander
 from webdataset.utils import make_seed
 
 from . import fs
-from .format import FormatError, decode_sample, modality_kind, read_manifest
-from .writer import stats_path, tar_path
+from .format import FormatError, decode_sample, modality_kind, parse_cls, read_manifest
+from .tars import iter_samples
+from .writer import digest_problems, digests_by_key, keys_digest, read_stats, skipped_refs, stats_path, tar_path
 
 log = logging.getLogger(__name__)
 
@@ -52,31 +53,13 @@ class AlignmentError(FormatError):
 # --- one shard ------------------------------------------------------------------------------------
 
 
-def tar_samples(url: str) -> Iterator[dict[str, Any]]:
-    """Samples of one tar in order: {"__key__": key, "<suffix>": bytes, ...} (suffix e.g. "rgb.jpg", "cls")."""
-    try:
-        with fs.open_file(url, "rb") as stream:
-            files = tar_file_expander([{"url": url, "stream": stream}], eof_value=None)
-            for sample in group_by_keys(files):
-                sample.pop("__url__", None)
-                yield sample
-    except Exception as exc:  # tarfile.ReadError, OSError, duplicate member (ValueError), ...
-        detail = str(exc.args[0]).split(" @ ")[0] if exc.args else type(exc).__name__
-        raise FormatError(f"{url}: cannot read tar ({type(exc).__name__}: {detail})") from exc
-
-
 def _read_stats(root: str, modality: str, name: str) -> dict:
     path = stats_path(root, modality, name)
     if not fs.exists(path):
         raise FormatError(
             f"{path} not found: shard {name} of {modality!r} is incomplete (its stats json is written last)"
         )
-    return fs.read_json(path)
-
-
-def skipped_refs(stats: dict) -> set[str]:
-    """Refs a shard's stats record as skipped; for derived modalities (labeling) these are sample keys."""
-    return {str(s.get("ref", s.get("key", ""))) for s in stats.get("skipped", [])}
+    return read_stats(root, modality, name)
 
 
 def _check_modalities(modalities: Sequence[str]) -> list[str]:
@@ -90,12 +73,19 @@ def _check_modalities(modalities: Sequence[str]) -> list[str]:
     return modalities
 
 
-def iter_shard_members(root: str, name: str, modalities: Sequence[str]) -> Iterator[dict[str, Any]]:
+def iter_shard_members(
+    root: str, name: str, modalities: Sequence[str], *, verify_digests: bool = True
+) -> Iterator[dict[str, Any]]:
     """Raw aligned members of one shard, in order, without decoding.
 
     Yields {"__key__": key, "__shard__": name, "<modality>": {"rgb.jpg": b"...", "cls": b"3", ...}, ...}.
-    Raises AlignmentError when the modality tars disagree on keys or length, FormatError when a tar
-    is unreadable or holds a different number of samples than its stats json.
+    Every tar is read through `shards.tars.iter_samples` (plain tars, bounded regular members, valid keys).
+    With `verify_digests`, each member is checked against its sha256 in the stats json (stats written
+    without digests are read unchecked); a sample with a damaged member carries
+    "__damaged__": {modality: [what]}, and `decode_members` refuses it, so it costs one sample. Raises
+    AlignmentError when the modality tars disagree on keys or length, FormatError when a tar is unreadable,
+    a member is refused, or a tar holds other samples than its stats json says (count or keys digest,
+    checked once the shard has been read to its end).
     """
     modalities = _check_modalities(modalities)
     urls = {m: tar_path(root, m, name) for m in modalities}
@@ -103,18 +93,20 @@ def iter_shard_members(root: str, name: str, modalities: Sequence[str]) -> Itera
     # A sample a modality recorded as skipped (e.g. an image its teacher could not label) is dropped
     # from every modality: an explicit, recorded gap, not a misalignment.
     dropped = {m: skipped_refs(stats[m]) for m in modalities}
-    streams = {m: tar_samples(urls[m]) for m in modalities}
-    read = dict.fromkeys(modalities, 0)
+    digests = {m: digests_by_key(stats[m]) if verify_digests else None for m in modalities}
+    streams = {m: iter_samples(urls[m]) for m in modalities}
+    keys: dict[str, list[str]] = {m: [] for m in modalities}  # every key read from each tar, in order
     seen: set[str] = set()
     n = 0
 
-    def advance(m: str) -> dict | None:
+    def advance(m: str) -> tuple[str, dict[str, bytes]] | None:
         row = next(streams[m], None)
-        read[m] += row is not None
+        if row is not None:
+            keys[m].append(row[0])
         return row
 
-    def gap(m: str, row: dict | None) -> bool:  # this row is a sample another modality skipped
-        return row is not None and any(row["__key__"] in dropped[o] for o in modalities if o != m)
+    def gap(m: str, row: tuple | None) -> bool:  # this row is a sample another modality skipped
+        return row is not None and any(row[0] in dropped[o] for o in modalities if o != m)
 
     try:
         row = {m: advance(m) for m in modalities}
@@ -128,23 +120,25 @@ def iter_shard_members(root: str, name: str, modalities: Sequence[str]) -> Itera
                 if going:
                     raise AlignmentError(
                         f"shard {name} misaligned: {', '.join(urls[m] for m in ended)} ended after {n} samples but "
-                        f"{urls[going[0]]} goes on with key {row[going[0]]['__key__']!r}"
+                        f"{urls[going[0]]} goes on with key {row[going[0]][0]!r}"
                     )
                 break
             ref = modalities[0]
-            key = row[ref]["__key__"]
+            key = row[ref][0]
             for m in modalities[1:]:
-                if row[m]["__key__"] != key:
+                if row[m][0] != key:
                     raise AlignmentError(
                         f"shard {name} misaligned at sample {n}: {urls[ref]} has key {key!r} "
-                        f"but {urls[m]} has key {row[m]['__key__']!r}"
+                        f"but {urls[m]} has key {row[m][0]!r}"
                     )
             if key in seen:
                 raise AlignmentError(f"shard {name}: key {key!r} appears twice in {urls[ref]}")
             seen.add(key)
             sample: dict[str, Any] = {"__key__": key, "__shard__": name}
             for m in modalities:
-                sample[m] = {k: v for k, v in row[m].items() if not k.startswith("__")}
+                sample[m] = row[m][1]
+                if digests[m] is not None and (damage := digest_problems(key, row[m][1], digests[m].get(key, {}))):
+                    sample.setdefault("__damaged__", {})[m] = damage
             n += 1
             yield sample
             row = {m: advance(m) for m in modalities}
@@ -152,27 +146,33 @@ def iter_shard_members(root: str, name: str, modalities: Sequence[str]) -> Itera
         for st in streams.values():
             st.close()
     for m in modalities:
-        if read[m] != int(stats[m]["count"]):
-            raise FormatError(
-                f"{urls[m]}: read {read[m]} samples but {stats_path(root, m, name)} says {stats[m]['count']}: "
-                "the tar is truncated or corrupt"
-            )
+        _check_against_stats(urls[m], stats_path(root, m, name), keys[m], stats[m])
 
 
-def parse_cls(data: bytes) -> int:
-    text = data.decode("ascii").strip()
-    if not text.lstrip("-").isdigit():
-        raise ValueError(f"cls must be an ASCII integer, got {data[:20]!r}")
-    return int(text)
+def _check_against_stats(url: str, path: str, keys: list[str], stats: dict) -> None:
+    """A tar read to its end holds exactly the samples its stats json describes: same count, same keys in order."""
+    if len(keys) != stats["count"]:
+        raise FormatError(
+            f"{url}: read {len(keys)} samples but {path} says {stats['count']}: the tar is truncated or corrupt"
+        )
+    if keys_digest(keys) != stats.get("keys_digest"):
+        raise FormatError(f"{url}: its keys differ from the keys_digest in {path}: the tar was altered after writing")
 
 
 def decode_members(root: str, sample: dict[str, Any], modalities: Sequence[str]) -> dict[str, Any]:
     """Decode one aligned raw sample (from iter_shard_members) into numpy arrays (+ "cls": int when stored).
 
-    Raises FormatError naming the tar and key when a member does not decode or shapes disagree.
+    Raises FormatError naming the tar and key when a member is damaged (digest), does not decode, or shapes
+    disagree.
     """
     key, name = sample["__key__"], sample["__shard__"]
     out: dict[str, Any] = {"__key__": key, "__shard__": name}
+    for m, damage in sample.get("__damaged__", {}).items():
+        raise FormatError(
+            f"{tar_path(root, m, name)}: sample {key!r} does not decode: {damage[0]}"
+            + (f" (and {len(damage) - 1} more)" if len(damage) > 1 else "")
+            + "; rebuild the shard or restore it from a copy"
+        )
     for m in modalities:
         members = sample[m]
         try:
@@ -190,7 +190,13 @@ def decode_members(root: str, sample: dict[str, Any], modalities: Sequence[str])
 
 
 def iter_shard(
-    root: str, name: str, modalities: Sequence[str], on_error: OnError = "raise", skipped: dict | None = None
+    root: str,
+    name: str,
+    modalities: Sequence[str],
+    on_error: OnError = "raise",
+    skipped: dict | None = None,
+    *,
+    verify_digests: bool = True,
 ) -> Iterator[dict[str, Any]]:
     """Decoded samples of one shard, in stored order, aligned by key (used by the labeling job).
 
@@ -202,7 +208,7 @@ def iter_shard(
     counters = skipped if skipped is not None else {}
     yield from wds.DataPipeline(
         wds.SimpleShardList([name]),
-        _aligned(root, modalities, on_error, counters),
+        _aligned(root, modalities, on_error, counters, verify_digests),
         _decoded(root, modalities, on_error, counters),
     )
 
@@ -220,11 +226,11 @@ def _count(counters: dict, what: str, exc: Exception) -> None:
     log.warning("skipping %s: %s", "rest of shard" if what == "shards" else "sample", exc)
 
 
-def _aligned_(names, root: str, modalities: list[str], on_error: OnError, counters: dict):
+def _aligned_(names, root: str, modalities: list[str], on_error: OnError, counters: dict, verify_digests: bool):
     """{"url": shard name} -> raw aligned samples; a corrupt shard ends that shard under "skip"."""
     for item in names:
         try:
-            yield from iter_shard_members(root, item["url"], modalities)
+            yield from iter_shard_members(root, item["url"], modalities, verify_digests=verify_digests)
         except AlignmentError:
             raise
         except FormatError as exc:
@@ -276,6 +282,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
     num_workers-th of those, so one epoch reads every sample exactly once over all ranks and workers.
     With `resampled=True` the stream is endless and every rank and worker draws shards with its own
     seed, whatever the split flags say.
+
+    `verify_digests` (default on) checks every member read against the sha256 its stats json records,
+    so a flipped byte or an edited depth range raises FormatError instead of training on wrong values;
+    shards written without digests are read unchecked.
     """
 
     def __init__(
@@ -294,6 +304,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         transform: Callable[[dict], dict] | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        verify_digests: bool = True,
     ):
         super().__init__()
         _check_on_error(on_error)
@@ -305,7 +316,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.modalities = _check_modalities(modalities)
         self.shuffle_shards, self.shuffle_buffer, self.seed = shuffle_shards, shuffle_buffer, seed
         self.resampled, self.split_by_node, self.split_by_worker = resampled, split_by_node, split_by_worker
-        self.on_error, self.transform = on_error, transform
+        self.on_error, self.transform, self.verify_digests = on_error, transform, verify_digests
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.skipped: dict[str, int] = {"shards": 0, "samples": 0}
@@ -365,7 +376,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 log.warning(
                     "%d shards for %d readers (ranks x workers): some read nothing", len(self.shard_names), readers
                 )
-        stages = [source, *splitters, _aligned(self.root, self.modalities, self.on_error, self.skipped)]
+        stages = [
+            source,
+            *splitters,
+            _aligned(self.root, self.modalities, self.on_error, self.skipped, self.verify_digests),
+        ]
         if self.shuffle_buffer > 1:
             seed = make_seed(self.seed, self.epoch, rank, worker)
             stages.append(wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, seed=seed))

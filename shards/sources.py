@@ -26,9 +26,11 @@ from typing import Any, NamedTuple
 
 from fsspec.core import url_to_fs
 
-from . import __version__, fs
+from . import __version__, fs, limits
+from .errors import printable
 from .format import FormatError, encode_rgb, encode_sample, modality_entry
 from .images import MAX_PIXELS, BadImage, load_rgb
+from .tars import header_problem, next_member, open_tar
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pnm")
 SOURCES = ("imagenet", "folder", "webdataset", "synthetic")
@@ -44,7 +46,7 @@ class Item(NamedTuple):
 
     key: str  # the output key
     ref: str  # where it came from, for the sample json and skip records (relative path, tar:member, ...)
-    loc: Any  # source-specific: file URL, (tar URL, {ext: (offset, size)}), scene index
+    loc: Any  # source-specific: file URL, (tar URL, {ext: (offset, size) or refusal reason}), scene index
     cls: int | None = None
     label: str | None = None  # class name (wnid / folder) when the source has classes
 
@@ -126,16 +128,27 @@ class RgbEncoder:
         return {"rgb": out}
 
 
+def read_image_file(url: str) -> bytes:
+    """A source image file's bytes: regular files only (a FIFO or a link to /dev/zero is refused unopened),
+    at most the member limit (shards.limits), else BadImage with the reason."""
+    limit = limits.max_member_bytes()
+    try:
+        return fs.read_bytes(url, limit=limit)
+    except fs.NotRegularFile as e:
+        raise BadImage(f"not a regular file: {e.kind}") from None
+    except FormatError:
+        raise BadImage(f"too large: over the {limit}-byte file limit (MULTIMAE_MAX_MEMBER_BYTES)") from None
+    except OSError as e:
+        raise BadImage(f"unreadable: {e}") from None
+
+
 @dataclass(frozen=True)
 class FileMaker:
     encoder: RgbEncoder
     label_field: str  # "wnid" for imagenet, "class" for folder
 
     def __call__(self, item: Item) -> Members:
-        try:
-            data = fs.read_bytes(item.loc)
-        except OSError as e:
-            raise BadImage(f"unreadable: {e}") from None
+        data = read_image_file(item.loc)
         meta: dict[str, Any] = {"source": item.ref}
         if item.label is not None:
             meta[self.label_field] = item.label
@@ -150,6 +163,9 @@ class TarSampleMaker:
 
     def __call__(self, item: Item) -> Members:
         url, ranges = item.loc
+        refused = [reason for reason in ranges.values() if isinstance(reason, str)]
+        if refused:
+            raise BadImage(f"refused member: {printable(refused[0])}")
         image_ext = next((e for e in IMAGE_EXTS if e[1:] in ranges), None)
         if image_ext is None:
             raise BadImage(f"no image member (has {sorted(ranges)})")
@@ -278,13 +294,19 @@ def _split_member(name: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2).lower()) if m else None
 
 
-def scan_tar(url: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """[(input key, {ext: (offset, size)})] of a tar, in member order, by reading headers only."""
-    samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
+def scan_tar(url: str) -> list[tuple[str, dict[str, tuple[int, int] | str]]]:
+    """[(input key, {ext: (offset, size)})] of a tar, in member order, by reading headers only.
+
+    Headers are read through `shards.tars` (compressed files refused, reads bounded). A member that is
+    not a regular file, is sparse or is over the member limit is never read: its ext maps to the reason
+    (a str) instead of a byte range, and the build skips that sample with the reason.
+    """
+    limit = limits.max_member_bytes()
+    samples: list[tuple[str, dict[str, tuple[int, int] | str]]] = []
     try:
-        with fs.open_file(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            for info in tar:
-                if not info.isfile():
+        with fs.open_file(url, "rb") as f, open_tar(f, url, limit) as tar:
+            while (info := next_member(tar, url)) is not None:
+                if info.isdir():
                     continue
                 split = _split_member(info.name)
                 if split is None or posixpath.basename(split[0]).startswith("__"):
@@ -294,9 +316,12 @@ def scan_tar(url: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
                     samples.append((key, {}))
                 if ext in samples[-1][1]:
                     raise SourceError(f"{url}: member {info.name} appears twice for key {key!r}")
-                samples[-1][1][ext] = (info.offset_data, info.size)
-    except (tarfile.TarError, OSError) as e:
-        raise SourceError(f"{url} is not a readable uncompressed tar: {e}") from None
+                problem = header_problem(info, limit)
+                samples[-1][1][ext] = (info.offset_data, info.size) if problem is None else f"{info.name} {problem}"
+    except SourceError:
+        raise
+    except (FormatError, tarfile.TarError, OSError) as e:
+        raise SourceError(f"{url} is not a readable uncompressed tar: {str(e).removeprefix(f'{url}: ')}") from None
     return samples
 
 

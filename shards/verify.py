@@ -1,25 +1,48 @@
 """`multimae-shard verify DATA`: a full integrity check of an aligned shard set (DESIGN.md section 2).
 
 For every shard of every modality in the manifest: the tar and its stats json exist and the tar
-reads to the end; every member the format names decodes (rgb JPEG, 16-bit depth PNG with a valid
+reads to the end through `shards.tars` (plain tar, regular members within the size limit, valid
+adjacent keys); every member the format names decodes (rgb JPEG, 16-bit depth PNG with a valid
 range, semseg ids within the class list, cls within `cls_classes`) and no other member is present;
 keys are aligned across modalities (same keys, same order, same image size); counts agree between
-tar, stats json and manifest, and the stats' keys digest matches. No modality folder holds a shard
-the manifest does not list. Every problem is reported as (file, key, what); nothing stops the scan.
+tar, stats json and manifest, and the stats' keys digest matches. With `deep`, every member's bytes
+are also checked against the sha256 its stats json records (shards written without digests are
+counted by `shards_without_digests`, not reported). No modality folder holds a shard the manifest
+does not list. Every problem is reported as (file, key, what); nothing stops the scan, and no input,
+however broken, raises.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 from . import fs
-from .format import EXTENSIONS, MANIFEST, FormatError, decode_sample, modality_kind, read_manifest
-from .reader import parse_cls, skipped_refs, tar_samples
-from .writer import keys_digest, stats_path, tar_path
+from .errors import printable
+from .format import (
+    EXTENSIONS,
+    MANIFEST,
+    FormatError,
+    decode_sample,
+    modality_kind,
+    parse_cls,
+    parse_depth_range,
+    read_json_file,
+    read_manifest,
+)
+from .tars import MemberError, iter_samples
+from .writer import (
+    DIGESTS,
+    digest_problems,
+    digests_by_key,
+    keys_digest,
+    read_stats,
+    skipped_refs,
+    stats_path,
+    tar_path,
+)
 
 MAX_KEY_PROBLEMS = 10  # per shard and modality, for missing / extra keys
 
@@ -30,7 +53,8 @@ class Problem(NamedTuple):
     what: str
 
     def __str__(self) -> str:
-        return f"{self.file}: {self.key}: {self.what}" if self.key else f"{self.file}: {self.what}"
+        parts = (self.file, self.key, self.what) if self.key else (self.file, self.what)
+        return ": ".join(printable(str(p)) for p in parts)
 
 
 class _Scan(NamedTuple):
@@ -65,9 +89,7 @@ def _check_sample(
     kind = modality_kind(modality)
     try:
         if kind == "depth":
-            lo, hi = json.loads(members[f"{modality}.json"])["depth_range"]
-            if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
-                what.append(f"bad depth_range [{lo}, {hi}]")
+            parse_depth_range(members[f"{modality}.json"])
         value = decode_sample(modality, members)
     except Exception as exc:
         return what + [f"{modality} does not decode ({type(exc).__name__}: {exc})"], None
@@ -92,21 +114,25 @@ def _check_sample(
     return what, tuple(value.shape[:2])
 
 
-def _scan_tar(root: str, modality: str, name: str, manifest: dict, problems: list[Problem]) -> _Scan:
+def _scan_tar(
+    root: str, modality: str, name: str, manifest: dict, stats: dict | None, deep: bool, problems: list[Problem]
+) -> _Scan:
     url = tar_path(root, modality, name)
     entry = manifest["modalities"][modality]
+    digests = digests_by_key(stats) if deep and stats is not None else None
     keys: list[str] = []
     sizes: dict[str, tuple[int, int]] = {}
     readable = True
-    seen: set[str] = set()
+
+    def refused(err: MemberError) -> None:
+        problems.append(Problem(url, err.key, str(err).removeprefix(f"{url}: ")))
+
     try:
-        for sample in tar_samples(url):
-            key = sample.pop("__key__")
-            if key in seen:
-                problems.append(Problem(url, key, "key appears twice"))
-            seen.add(key)
+        for key, members in iter_samples(url, on_problem=refused):
             keys.append(key)
-            found, size = _check_sample(modality, sample, entry, manifest.get("cls_classes"))
+            found, size = _check_sample(modality, members, entry, manifest.get("cls_classes"))
+            if digests is not None:
+                found += digest_problems(key, members, digests.get(key, {}))
             problems.extend(Problem(url, key, what) for what in found)
             if size is not None:
                 sizes[key] = size
@@ -119,9 +145,9 @@ def _scan_tar(root: str, modality: str, name: str, manifest: dict, problems: lis
 def _read_stats(root: str, modality: str, name: str, problems: list[Problem]) -> dict | None:
     path = stats_path(root, modality, name)
     try:
-        return fs.read_json(path)
-    except Exception as exc:
-        problems.append(Problem(path, None, f"stats json unreadable ({exc})"))
+        return read_stats(root, modality, name)
+    except FormatError as exc:
+        problems.append(Problem(path, None, f"stats json unreadable ({str(exc).removeprefix(f'{path}: ')})"))
         return None
 
 
@@ -173,16 +199,17 @@ def _check_alignment(
             if hidden:
                 problems.append(Problem(url, None, f"{hidden} more missing/extra keys not listed"))
             if not missing and not extra:
-                i = next(i for i, (a, b) in enumerate(zip(scan.keys, expected)) if a != b)
-                problems.append(
-                    Problem(url, scan.keys[i], f"key order differs: sample {i} is {expected[i]!r} in {ref_url}")
-                )
+                i = next((i for i, (a, b) in enumerate(zip(scan.keys, expected)) if a != b), None)
+                if i is not None:
+                    problems.append(
+                        Problem(url, scan.keys[i], f"key order differs: sample {i} is {expected[i]!r} in {ref_url}")
+                    )
         for k, size in scan.sizes.items():
             if k in ref_scan.sizes and ref_scan.sizes[k] != size:
                 problems.append(Problem(url, k, f"size {size} differs from {ref_scan.sizes[k]} in {ref_url}"))
 
 
-def _verify_shard(root: str, manifest: dict, shard: dict) -> list[Problem]:
+def _verify_shard(root: str, manifest: dict, shard: dict, deep: bool) -> list[Problem]:
     problems: list[Problem] = []
     name, count = shard["name"], int(shard["count"])
     scans, stats = {}, {}
@@ -193,9 +220,9 @@ def _verify_shard(root: str, manifest: dict, shard: dict) -> list[Problem]:
             continue
         if not fs.exists(stats_url):
             problems.append(Problem(stats_url, None, "stats json missing: the shard is incomplete"))
-        scans[m] = _scan_tar(root, m, name, manifest, problems)
-        if fs.exists(stats_url) and (st := _read_stats(root, m, name, problems)) is not None:
+        elif (st := _read_stats(root, m, name, problems)) is not None:
             stats[m] = st
+        scans[m] = _scan_tar(root, m, name, manifest, stats.get(m), deep, problems)
     # samples a derived modality (e.g. a teacher's) recorded as skipped: keys of the reference modality
     ref_keys = set(scans[_reference(scans)].keys) if scans else set()
     dropped = {m: skipped_refs(st) & ref_keys for m, st in stats.items()}
@@ -205,27 +232,19 @@ def _verify_shard(root: str, manifest: dict, shard: dict) -> list[Problem]:
     return problems
 
 
-def verify(root: str, workers: int = 1, progress: Callable[[str, int], None] | None = None) -> list[Problem]:
-    """Check the whole shard set under `root`; returns every problem found (empty list = valid).
-
-    `workers` threads check shards in parallel; `progress(shard_name, n_problems)` is called per shard.
-    """
-    manifest_path = fs.join(root, MANIFEST)
+def _verify_shard_safely(root: str, manifest: dict, shard: dict, deep: bool) -> list[Problem]:
+    """`_verify_shard`, with anything it did not foresee reported as a problem of the shard, never raised."""
     try:
-        manifest = read_manifest(root)
-        modalities = manifest["modalities"]
-        shards = manifest["shards"]
-        for m in modalities:
-            modality_kind(m)
-    except (FormatError, KeyError, ValueError) as exc:
-        return [Problem(manifest_path, None, f"manifest unusable ({type(exc).__name__}: {exc})")]
+        return _verify_shard(root, manifest, shard, deep)
+    except Exception as exc:  # the promise is one line per problem and no traceback, whatever the input
+        where = fs.join(root, f"*/{shard['name']}.tar")
+        return [Problem(where, None, f"cannot be checked ({type(exc).__name__}: {exc})")]
 
-    problems: list[Problem] = []
-    names = [s["name"] for s in shards]
-    if manifest.get("total") != sum(int(s["count"]) for s in shards):
-        problems.append(Problem(manifest_path, None, f"total {manifest.get('total')} is not the sum of shard counts"))
-    if len(set(names)) != len(names):
-        problems.append(Problem(manifest_path, None, "a shard name is listed twice"))
+
+def _unlisted(root: str, manifest: dict, names: set[str]) -> list[Problem]:
+    """Modality folders and shard tars on disk that the manifest does not list."""
+    problems = []
+    modalities = manifest["modalities"]
     for d in fs.listdir(root):
         if d not in modalities and "." not in d and any(f.endswith(".tar") for f in fs.listdir(fs.join(root, d))):
             problems.append(Problem(fs.join(root, d), None, "shards of a modality the manifest does not list"))
@@ -233,10 +252,47 @@ def verify(root: str, workers: int = 1, progress: Callable[[str, int], None] | N
         for f in fs.listdir(fs.join(root, m)):
             if f.endswith(".tar") and f[: -len(".tar")] not in names:
                 problems.append(Problem(fs.join(root, m, f), None, "extra shard: not listed in the manifest"))
+    return problems
 
+
+def verify(
+    root: str, workers: int = 1, progress: Callable[[str, int], None] | None = None, *, deep: bool = False
+) -> list[Problem]:
+    """Check the whole shard set under `root`; returns every problem found (empty list = valid).
+
+    `workers` threads check shards in parallel; `progress(shard_name, n_problems)` is called per shard.
+    `deep` also checks every member against its sha256 in the stats json.
+    """
+    manifest_path = fs.join(root, MANIFEST)
+    try:
+        manifest = read_manifest(root)
+    except (FormatError, OSError) as exc:
+        what = str(exc).removeprefix(f"{manifest_path}: ")
+        return [Problem(manifest_path, None, f"manifest unusable ({type(exc).__name__}: {what})")]
+
+    shards = manifest["shards"]
+    problems: list[Problem] = []
+    if manifest.get("total") != sum(s["count"] for s in shards):
+        problems.append(Problem(manifest_path, None, f"total {manifest.get('total')} is not the sum of shard counts"))
+    problems += _unlisted(root, manifest, {s["name"] for s in shards})
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        for shard, found in zip(shards, pool.map(lambda s: _verify_shard(root, manifest, s), shards)):
+        found_per_shard = pool.map(lambda s: _verify_shard_safely(root, manifest, s, deep), shards)
+        for shard, found in zip(shards, found_per_shard):
             problems.extend(found)
             if progress is not None:
                 progress(shard["name"], len(found))
     return problems
+
+
+def shards_without_digests(root: str) -> list[str]:
+    """Stats jsons of the shard set written before per-member digests existed (their deep check is unavailable)."""
+    manifest = read_manifest(root)
+    paths = [stats_path(root, m, s["name"]) for m in manifest["modalities"] for s in manifest["shards"]]
+    out = []
+    for path in paths:
+        try:
+            if DIGESTS not in read_json_file(path):
+                out.append(path)
+        except Exception:  # missing or damaged: verify reports it
+            continue
+    return out

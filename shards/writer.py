@@ -1,30 +1,49 @@
-"""Writing one shard of several aligned modalities atomically (DESIGN.md section 2).
+"""Writing one shard of several aligned modalities atomically, and reading its stats back (DESIGN.md section 2).
 
 Each modality's tar is written to a temporary file and renamed into place on `commit()`; the
 per-shard stats json is written after its tar, so "stats json exists" means "shard complete".
 Tars are deterministic: members sorted within a sample, mtime 0, fixed owner.
+
+The stats json of a shard: ``count``, ``bytes``, ``keys_digest`` (sha256 of the keys in order),
+``member_sha256`` (``{"<key>.<suffix>": sha256 hex}`` of every member's bytes, so a flipped byte or an
+edited ``depth_range`` is detected), ``skipped`` (``[{"ref", "reason"}]``), ``duration_s``, ``producer``.
+SHA-256 is the digest: with the CPU's SHA extensions hashlib hashes it at about 1.3 GB/s, twice
+BLAKE2b's 0.66 GB/s on the same machine, so a 30 KB sample costs some 25 microseconds.
+Stats written before ``member_sha256`` existed still read; their digest check is unavailable.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 import time
+from typing import Any
 
 from . import fs
-from .format import FormatError, check_key, modality_kind
+from .errors import shown
+from .format import FormatError, check_key, check_shard_name, modality_kind, read_json_file
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+DIGESTS = "member_sha256"  # the stats field holding the per-member content digests
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _file(root: str, modality: str, name: str, ext: str) -> str:
+    """DATA/<modality>/<name>.<ext>, with both names checked first: no name from a manifest leaves DATA."""
+    modality_kind(modality)
+    check_shard_name(name)
+    return fs.join(root, modality, f"{name}.{ext}")
 
 
 def stats_path(root: str, modality: str, name: str) -> str:
-    return fs.join(root, modality, f"{name}.json")
+    return _file(root, modality, name, "json")
 
 
 def tar_path(root: str, modality: str, name: str) -> str:
-    return fs.join(root, modality, f"{name}.tar")
+    return _file(root, modality, name, "tar")
 
 
 def shard_is_complete(root: str, modality: str, name: str) -> bool:
@@ -33,6 +52,86 @@ def shard_is_complete(root: str, modality: str, name: str) -> bool:
 
 def keys_digest(keys: list[str]) -> str:
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()
+
+
+def member_digest(data: bytes) -> str:
+    """The content digest of one tar member, as stored under `member_sha256` in the stats json."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def digests_by_key(stats: dict[str, Any]) -> dict[str, dict[str, str]] | None:
+    """The stats' member digests as {key: {suffix: sha256}}; None for stats written without digests."""
+    flat = stats.get(DIGESTS)
+    if flat is None:
+        return None
+    out: dict[str, dict[str, str]] = {}
+    for member, digest in flat.items():
+        key, _, suffix = member.partition(".")
+        out.setdefault(key, {})[suffix] = digest
+    return out
+
+
+def digest_problems(key: str, members: dict[str, bytes], expected: dict[str, str]) -> list[str]:
+    """What differs between one sample's members and the digests its stats json records for it ([] = intact)."""
+    problems = []
+    for suffix, data in members.items():
+        digest = expected.get(suffix)
+        if digest is None:
+            problems.append(f"member {key}.{suffix} is not in the stats json's {DIGESTS}: it was added after writing")
+        elif member_digest(data) != digest:
+            problems.append(f"member {key}.{suffix} differs from its sha256 in the stats json: its bytes are damaged")
+    for suffix in sorted(set(expected) - set(members)):
+        problems.append(f"member {key}.{suffix} is in the stats json's {DIGESTS} but missing from the tar")
+    return problems
+
+
+def skipped_refs(stats: dict) -> set[str]:
+    """Refs a shard's stats record as skipped; for derived modalities (labeling) these are sample keys."""
+    return {str(s.get("ref", s.get("key", ""))) for s in stats.get("skipped", [])}
+
+
+def read_stats(root: str, modality: str, name: str) -> dict[str, Any]:
+    """A shard's stats json, checked: FormatError naming the file and the offending value otherwise."""
+    path = stats_path(root, modality, name)
+    return check_stats(read_json_file(path), path, modality, name)
+
+
+def check_stats(stats: Any, path: str, modality: str, name: str) -> dict[str, Any]:
+    """The fields readers rely on have the right types; member names in the digests are valid keys."""
+
+    def bad(what: str) -> FormatError:
+        return FormatError(f"{path}: {what}")
+
+    if not isinstance(stats, dict):
+        raise bad(f"expected a JSON object, got {type(stats).__name__}")
+    for field, want in (("shard", name), ("modality", modality)):
+        if field in stats and stats[field] != want:
+            raise bad(f"{field} is {shown(stats[field])}, not {want!r}: the file belongs to another shard")
+    count = stats.get("count")
+    if type(count) is not int or count < 0:
+        raise bad(f"count {shown(count)} is not a non-negative integer")
+    if "keys_digest" in stats and not (
+        isinstance(stats["keys_digest"], str) and _HEX64.fullmatch(stats["keys_digest"])
+    ):
+        raise bad(f"keys_digest {shown(stats['keys_digest'])} is not a sha256 hex digest")
+    skipped = stats.setdefault("skipped", [])
+    if not isinstance(skipped, list) or not all(
+        isinstance(s, dict) and isinstance(s.get("ref"), str) and isinstance(s.get("reason"), str) for s in skipped
+    ):
+        raise bad(f"skipped must be a list of {{'ref': str, 'reason': str}}, got {shown(skipped)}")
+    digests = stats.get(DIGESTS)
+    if digests is not None:
+        if not isinstance(digests, dict):
+            raise bad(f"{DIGESTS} must be an object, got {shown(digests)}")
+        for member, digest in digests.items():
+            key, _, suffix = member.partition(".")
+            try:
+                check_key(key)
+            except FormatError as e:
+                raise bad(f"{DIGESTS}: member {shown(member)}: {e}") from None
+            if not suffix or not (isinstance(digest, str) and _HEX64.fullmatch(digest)):
+                raise bad(f"{DIGESTS}: member {shown(member)} has digest {shown(digest)}, not a sha256 hex digest")
+    return stats
 
 
 class ShardWriter:
@@ -45,6 +144,7 @@ class ShardWriter:
         self.producer = producer or {}
         self.keys: list[str] = []
         self.skipped: list[dict] = []
+        self.digests: dict[str, dict[str, str]] = {m: {} for m in self.modalities}
         self._seen: set[str] = set()
         self._start = time.time()
         self._files = {}
@@ -69,7 +169,9 @@ class ShardWriter:
         if missing:
             raise FormatError(f"sample {key!r} lacks modalities {sorted(missing)} for shard {self.name}")
         for m in self.modalities:
-            self._tars[m].write({"__key__": key, **members[m]})
+            with fs.naming(tar_path(self.root, m, self.name)):
+                self._tars[m].write({"__key__": key, **members[m]})
+            self.digests[m].update({f"{key}.{suffix}": member_digest(data) for suffix, data in members[m].items()})
         self._seen.add(key)
         self.keys.append(key)
 
@@ -83,20 +185,22 @@ class ShardWriter:
         duration = round(time.time() - self._start, 3)
         for m in self.modalities:
             tmp, f = self._files[m]
-            self._tars[m].close()  # also closes f
             final = tar_path(self.root, m, self.name)
-            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a shard is as readable as any file
-            if fs.is_local(final):
-                os.replace(tmp, final)
-            else:
-                fs.url_to_fs(final)[0].put_file(tmp, fs.url_to_fs(final)[1])
-                os.remove(tmp)
+            with fs.naming(final):
+                self._tars[m].close()  # also closes f
+                os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a shard is as readable as any file
+                if fs.is_local(final):
+                    os.replace(tmp, final)
+                else:
+                    fs.url_to_fs(final)[0].put_file(tmp, fs.url_to_fs(final)[1])
+                    os.remove(tmp)
             stats[m] = {
                 "shard": self.name,
                 "modality": m,
                 "count": len(self.keys),
                 "bytes": fs.size(final),
                 "keys_digest": keys_digest(self.keys),
+                DIGESTS: self.digests[m],
                 "skipped": self.skipped,
                 "duration_s": duration,
                 "producer": self.producer,
