@@ -1,4 +1,4 @@
-"""Loader throughput: ShardDataset vs a one-file-per-sample-per-modality folder layout (DESIGN.md sections 2, 7).
+"""Loader throughput: ShardDataset vs a one-file-per-sample-per-modality folder layout.
 
 Both read the same encoded bytes (rgb JPEG, 16-bit depth PNG, 8-bit semseg PNG), decode them to the
 same arrays and apply the same joint random-resized-crop + flip, in a torch DataLoader with the same

@@ -1,4 +1,4 @@
-"""The Ray pseudo-labeling job (DESIGN.md section 4): RGB shards in, aligned teacher-label shards out.
+"""The Ray pseudo-labeling job: RGB shards in, aligned teacher-label shards out.
 
 One Ray task per input shard, run by a pool of teacher actors (one per GPU, or `actors` on CPU).
 Inside an actor a shard flows through three overlapped stages:

@@ -1,4 +1,4 @@
-"""Teacher networks that pseudo-label RGB images with depth and semantic segmentation (DESIGN.md section 4).
+"""Teacher networks that pseudo-label RGB images with depth and semantic segmentation.
 
 A teacher wraps a Hugging Face transformers model loaded with ``from_pretrained`` from a local folder or the
 local Hugging Face cache (never a download):

@@ -1,4 +1,4 @@
-"""Train the embedded default teachers on synthetic scenes (DESIGN.md section 4, "embedded default teachers").
+"""Train the embedded default teachers on synthetic scenes.
 
 Two small models of the same transformers classes as the paper's teachers are trained from scratch on the
 synthetic source's exact ground truth and saved with ``save_pretrained`` (weights + image processor config):

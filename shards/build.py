@@ -1,4 +1,4 @@
-"""Parallel, resumable shard building: `multimae-shard build` (DESIGN.md sections 2 and 3).
+"""Parallel, resumable shard building: `multimae-shard build`.
 
 The source's items are cut by position into shards of `shard_size` (item i -> shard i // shard_size),
 so shard contents do not depend on the worker count. One pool task builds one whole shard of every

@@ -1,4 +1,4 @@
-"""`multimae-shard`: build, verify, inspect and picture aligned shard sets (DESIGN.md sections 2, 3 and 7).
+"""`multimae-shard`: build, verify, inspect and picture aligned shard sets.
 
     multimae-shard build --src {imagenet,folder,webdataset,synthetic} [--root PATH] --out DATA [options]
     multimae-shard verify DATA [--deep] [--workers N]

@@ -1,4 +1,4 @@
-"""The aligned per-modality shard format (DESIGN.md section 2): codecs, names and the manifest.
+"""The aligned per-modality shard format: codecs, names and the manifest.
 
 A sample of modality ``m`` is stored as tar members ``<key>.<m>.<ext>`` (plus ``<key>.<m>.json`` for
 depth, holding the per-sample ``depth_range``). Codecs are lossless where it matters:

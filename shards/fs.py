@@ -1,4 +1,4 @@
-"""Storage layer: every shard, stats and manifest read or write goes through here (DESIGN.md section 7).
+"""Storage layer: every shard, stats and manifest read or write goes through here.
 
 Locations are local paths or fsspec URLs (``s3://bucket/data``, ``gs://...``, ``memory://...``).
 Atomic commit: on a local disk a file is written under a temporary name and renamed; on an object

@@ -1,4 +1,4 @@
-"""Robust image loading for shard building (DESIGN.md section 3: bad input never stops a build).
+"""Robust image loading for shard building.
 
 `load_rgb(data, size)` turns the bytes of any image file into a correct (H, W, 3) uint8 RGB array,
 resized so the shorter side is `size` (never upscaled):

@@ -1,4 +1,4 @@
-"""Streaming reader over an aligned shard set (DESIGN.md sections 2 and 6), built on webdataset.
+"""Streaming reader over an aligned shard set, built on webdataset.
 
 One epoch is a webdataset pipeline of iterator-to-iterator stages:
 

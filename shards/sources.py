@@ -1,4 +1,4 @@
-"""The RGB sources of `multimae-shard build` (DESIGN.md section 3): imagenet, folder, webdataset, synthetic.
+"""The RGB sources of `multimae-shard build`: imagenet, folder, webdataset, synthetic.
 
 A source does two things, split so that only small objects cross process boundaries:
 
@@ -374,7 +374,7 @@ def synthetic_source(num: int, size: int = 128, seed: int = 0, quality: int = 95
         modalities=("rgb", "depth_gt", "semseg_gt"),
         cls_classes=list(synthetic.CLS_CLASSES),
         semseg_classes=list(synthetic.SEMSEG_CLASSES),
-        meanings={"rgb": "image", "depth_gt": "metric_m", "semseg_gt": "class_id"},
+        meanings={"rgb": "image", "depth_gt": "metric_m", "semseg_gt": "class_ids"},
     )
 
 

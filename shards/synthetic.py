@@ -1,4 +1,4 @@
-"""Synthetic scene source: a procedural small 3D world ray-cast with numpy (DESIGN.md section 3).
+"""Synthetic scene source: a procedural small 3D world ray-cast with numpy.
 
 A scene is a box-shaped room (floor, four walls, ceiling) holding 2-6 primitives that rest on the
 floor: spheres, boxes, cylinders, cones, tori and capsules, each with a random size, yaw, pose

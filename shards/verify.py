@@ -1,4 +1,4 @@
-"""`multimae-shard verify DATA`: a full integrity check of an aligned shard set (DESIGN.md section 2).
+"""`multimae-shard verify DATA`: a full integrity check of an aligned shard set.
 
 For every shard of every modality in the manifest: the tar and its stats json exist and the tar
 reads to the end through `shards.tars` (plain tar, regular members within the size limit, valid

@@ -1,4 +1,4 @@
-"""Writing one shard of several aligned modalities atomically, and reading its stats back (DESIGN.md section 2).
+"""Writing one shard of several aligned modalities atomically, and reading its stats back.
 
 Each modality's tar is written to a temporary file and renamed into place on `commit()`; the
 per-shard stats json is written after its tar, so "stats json exists" means "shard complete".

@@ -130,7 +130,7 @@ def test_manifest_update_merges_modalities(tmp_path):
         shards=[{"name": "shard-000000", "count": 3}, {"name": "shard-000001", "count": 2}],
     )
     F.update_manifest(
-        root, {"semseg": F.modality_entry("semseg", {"model": "m"}, meaning="class_id", classes=["a", "b"])}
+        root, {"semseg": F.modality_entry("semseg", {"model": "m"}, meaning="class_ids", classes=["a", "b"])}
     )
     m = F.read_manifest(root)
     assert m["total"] == 5 and set(m["modalities"]) == {"rgb", "semseg"}

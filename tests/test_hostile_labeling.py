@@ -16,7 +16,8 @@ import hostile_corpus as corpus
 import pytest
 from PIL import EpsImagePlugin
 
-from labeling.config import ConfigError, load_config
+from labeling.config import ConfigError, check_inputs
+from labeling.config import load_label_config as load_config
 from labeling.job import ShardLabeler, format_summary, run
 from shards import format as F
 from shards.writer import ShardWriter, tar_path
@@ -33,7 +34,7 @@ def config(data: Path, *overrides: str):
 @pytest.fixture(scope="module")
 def labeler(one_thread):
     """One actor body, outside Ray: the same object each Ray actor runs."""
-    return ShardLabeler(load_config(CONFIG, ["progress=false", "threads_per_actor=1"], check_inputs=False))
+    return ShardLabeler(load_config(CONFIG, ["progress=false", "threads_per_actor=1"]))
 
 
 def label(labeler: ShardLabeler, data: Path, name: str = S0) -> dict:
@@ -81,7 +82,8 @@ def test_sparse_member_in_an_actor_is_refused_in_bounded_memory(tmp_path):
     ]
     corpus.replace_tar(str(data), 0, items)
     script = (
-        "import sys; from labeling.config import load_config; from labeling.job import ShardLabeler; "
+        "import sys; from labeling.config import load_label_config as load_config; "
+        "from labeling.job import ShardLabeler; "
         "cfg = load_config(sys.argv[1], [f'input={sys.argv[2]}', 'progress=false']); "
         "ShardLabeler(cfg).label_shard('shard-000000', ['depth', 'semseg'])"
     )
@@ -100,7 +102,7 @@ def test_manifest_naming_a_shard_outside_the_input_is_refused_before_labeling(tm
     manifest["shards"][0]["name"] = "../../victim/rgb/shard-000000"
     (data / "manifest.json").write_text(__import__("json").dumps(manifest))
     with pytest.raises(ConfigError, match=r"invalid shard name '\.\./\.\./victim/rgb/shard-000000'"):
-        config(data)
+        check_inputs(config(data))  # the job's first step, before Ray
     assert (victim / "rgb" / f"{S0}.tar").read_bytes() == before
 
 

@@ -1,4 +1,4 @@
-"""Sources and robust image loading: every bad-input kind of DESIGN.md section 3, keys, classes, re-sharding."""
+"""Sources and robust image loading: every bad-input kind, keys, classes, re-sharding."""
 
 from __future__ import annotations
 

@@ -226,3 +226,24 @@ def test_stale_temporaries_go_and_steps_are_logged_once_after_a_resume(data, tmp
     assert not list(out.glob("*.tmp-*"))
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_an_error_from_a_loader_worker_is_one_line(data, tmp_path):
+    bad = tmp_path / "bad"
+    import shutil
+
+    shutil.copytree(data, bad)
+    (bad / "rgb" / "shard-000000.json").write_text("{not json")
+    proc = cli(
+        "--shards",
+        str(bad),
+        "--config",
+        PRETRAIN_YAML,
+        "--out",
+        str(tmp_path / "run"),
+        *TINY,
+        "data.num_workers=1",
+        "data.eval_num_shards=0",
+    )
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert "shard-000000.json" in proc.stderr and "Traceback" not in proc.stderr

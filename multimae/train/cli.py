@@ -62,8 +62,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def fail(message: str, code: int = 2) -> None:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    print(f"{PROG}: error: {one_line(message)}", file=sys.stderr)
     raise SystemExit(code)
+
+
+def one_line(message: str) -> str:
+    """An error raised in a DataLoader worker arrives with the worker's traceback around it: keep its message."""
+    lines = [line for line in str(message).strip().splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else ""
+    last = lines[-1]
+    head, sep, rest = last.partition(": ")
+    return rest if sep and "." in head and " " not in head else last  # "shards.errors.FormatError: msg" -> msg
 
 
 def export_main(argv: list[str]) -> None:
