@@ -24,8 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from fsspec.core import url_to_fs
-
 from . import __version__, fs, limits
 from .errors import printable
 from .format import FormatError, encode_rgb, encode_sample, modality_entry
@@ -86,7 +84,7 @@ def path_key(rel: str) -> str:
 def _fs_root(root: str):
     if not fs.exists(root):
         raise SourceError(f"source root {root} does not exist")
-    filesystem, path = url_to_fs(root)
+    filesystem, path = fs.filesystem(root)
     if not filesystem.isdir(path):
         raise SourceError(f"source root {root} is not a folder")
     return filesystem, path.rstrip("/")
