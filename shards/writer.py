@@ -53,6 +53,13 @@ def shard_is_complete(root: str, modality: str, name: str) -> bool:
     return fs.exists(stats_path(root, modality, name)) and fs.exists(tar_path(root, modality, name))
 
 
+def committed_shards(root: str, modality: str) -> set[str]:
+    """Names of the shards of one modality whose tar and stats json both exist, from one folder listing
+    (an object store answers one request instead of two per shard)."""
+    files = set(fs.listdir(fs.join(root, modality)))
+    return {f[: -len(".json")] for f in files if f.endswith(".json") and f"{f[: -len('.json')]}.tar" in files}
+
+
 def keys_digest(keys: list[str]) -> str:
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()
 

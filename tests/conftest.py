@@ -78,4 +78,3 @@ def s3_bucket(moto_endpoint, monkeypatch) -> str:
     bucket = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket=bucket)
     return f"s3://{bucket}"
-
