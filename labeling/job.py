@@ -476,7 +476,7 @@ def _run_locked(cfg: LabelConfig, warnings: list[str], emit: Callable[[Event], N
         emit(
             {
                 "event": "actors_ready",
-                "actors": [{"pid": i["pid"], "device": i["device"], "dtype": i["dtype"]} for i in infos],
+                "actors": [{k: i[k] for k in ("pid", "node", "device", "dtype")} for i in infos],
                 "todo": len(todo),
                 "already": len(entries) - len(todo),
             }
