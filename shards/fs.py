@@ -30,7 +30,7 @@ from fsspec.core import url_to_fs
 
 from .errors import FormatError
 
-# package extra that brings each protocol's fsspec backend (pyproject.toml)
+# the object stores, and the package extra that brings each one's fsspec backend (pyproject.toml)
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 # every remote filesystem sees what other processes wrote a moment ago (no stale directory listings)
 DEFAULT_OPTIONS: dict[str, Any] = {"use_listings_cache": False}
@@ -137,9 +137,10 @@ def find(url: str) -> list[str]:
 
 
 def makedirs(url: str) -> None:
+    """Create a folder and its parents; nothing on an object store, which has no folders (saves a request)."""
     if is_local(url):
         os.makedirs(_local(url), exist_ok=True)
-    else:
+    elif url.split("://", 1)[0] not in EXTRAS:
         fs, path = filesystem(url)
         fs.makedirs(path, exist_ok=True)
 
