@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from shards import fs
+from shards.fs import MissingBackend
 from shards.config import ConfigError, load_config
 from shards.format import FormatError, modality_kind, read_manifest
 from shards.writer import committed_shards
@@ -196,6 +197,8 @@ def check_inputs(cfg: LabelConfig) -> list[str]:
     try:
         entries = input_shards(cfg)
         manifest = read_manifest(cfg.input)
+    except MissingBackend:
+        raise  # one line naming the extra to install; no "make one with ..." hint
     except FormatError as e:
         raise ConfigError(
             f"input: {e} (make one with `multimae-shard build --src synthetic --out {cfg.input}`)"

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_train import PRETRAIN, TINY_FT
 
 from shards import fs
 from shards.build import build
@@ -310,27 +311,7 @@ def test_storage_options_reach_the_filesystem(s3_bucket, moto_endpoint, monkeypa
 
 # --- training ---------------------------------------------------------------------------------------
 
-TINY = [
-    "model.dim_tokens=64",
-    "model.num_blocks=2",
-    "model.num_heads=2",
-    "model.decoder_dim=64",
-    "model.decoder_blocks=1",
-    "model.decoder_heads=2",
-    "model.patch_size=8",
-    "model.num_encoded_tokens=16",
-    "data.image_size=32",
-    "data.inputs={rgb: rgb, depth: depth_gt}",
-    "model.out_domains=[rgb, depth]",
-    "data.eval_num_shards=1",
-    "data.shuffle_buffer=8",
-    "data.num_workers=1",
-    "train.batch_size=8",
-    "train.warmup_steps=2",
-    "log.every=1",
-    "log.sample_keys=true",
-    "log.image_every=2",
-]
+RUN = [*PRETRAIN, "data.num_workers=1", "log.sample_keys=true", "log.image_every=2", "log.tensorboard=true"]
 
 
 def _cfg(name: str, overrides: list[str]):
@@ -348,9 +329,7 @@ def test_training_on_s3_resumes_exactly_and_logs_every_step_once(s3_bucket, tmp_
 
     data = f"{s3_bucket}/data"
     synth(data, num=24)
-    cfg = _cfg(
-        "pretrain-demo.yaml", [*TINY, "train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=true"]
-    )
+    cfg = _cfg("pretrain-demo.yaml", [*RUN, "train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=true"])
     straight = run(cfg, data, str(tmp_path / "straight"))
     out = f"{s3_bucket}/runs/pre"
     first = run(cfg, data, out, stop_at=4)
@@ -381,7 +360,7 @@ def test_finetune_and_eval_only_write_predictions_zarr_to_s3(s3_bucket, tmp_path
     endpoint = os.environ["AWS_ENDPOINT_URL"]
     no_endpoint(monkeypatch)  # the run config's data.storage_options carries it
     over = [
-        *TINY[:3],
+        *TINY_FT,
         "model.patch_size=8",
         "data.image_size=32",
         "data.eval_num_shards=1",
