@@ -114,9 +114,11 @@ def listdir(url: str) -> list[str]:
         path = _local(url)
         return sorted(os.listdir(path)) if os.path.isdir(path) else []
     fs, path = filesystem(url)
-    if not fs.exists(path):
+    try:
+        names = fs.ls(path, detail=False)  # one request on an object store (no existence check first)
+    except FileNotFoundError:
         return []
-    return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+    return sorted(posixpath.basename(p.rstrip("/")) for p in names)
 
 
 def isdir(url: str) -> bool:
@@ -295,22 +297,12 @@ def upload(local_path: str, url: str) -> None:
 
 
 def create_exclusive(url: str, data: bytes) -> bool:
-    """Write `data` at `url` only if nothing is there; False when something is.
+    """Write `data` at a remote `url` only if nothing is there; False when something is.
 
-    Atomic on a local disk (O_EXCL) and where the store has a conditional create (S3 `If-None-Match: *`,
-    GCS `ifGenerationMatch=0`, both through fsspec's `mode="create"`); elsewhere an existence check followed
-    by the write, which two writers can pass at the same moment.
+    Atomic where the store has a conditional create (S3 `If-None-Match: *`, GCS `ifGenerationMatch=0`, both
+    through fsspec's `mode="create"`); elsewhere an existence check followed by the write, which two writers
+    can pass at the same moment.
     """
-    if is_local(url):
-        path = _local(url)
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return True
     fs, path = filesystem(url)
     try:
         with naming(url):

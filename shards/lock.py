@@ -149,18 +149,23 @@ def _release_local(root: str, fd: int) -> None:
 # --- object stores: conditional create ------------------------------------------------------------
 
 
-def _take_over(url: str, record: dict[str, Any]) -> bool:
-    """Replace a stale lock object by ours; False when another job changed it first."""
+def _read_remote(url: str) -> tuple[dict[str, Any] | None, str | None]:
+    """A lock object's record and the ETag of exactly those bytes (None where the store has no ETag)."""
     filesystem, path = fs.filesystem(url)
+    with filesystem.open(path, "rb") as f:  # s3fs reads the version whose ETag it saw when opening
+        return _parse(f.read()), getattr(f, "details", {}).get("ETag")
+
+
+def _take_over(url: str, record: dict[str, Any], etag: str | None) -> bool:
+    """Replace the stale lock object (the version with `etag`) by ours; False when another job changed it first."""
     data = fs.dumps_json(record)
-    protocols = (filesystem.protocol,) if isinstance(filesystem.protocol, str) else filesystem.protocol
-    if "s3" in protocols:
+    if etag is not None and url.startswith("s3://"):
+        filesystem, path = fs.filesystem(url)
         try:
-            etag = filesystem.info(path)["ETag"]
             filesystem.pipe_file(path, data, IfMatch=etag)
         except FileNotFoundError:
             return fs.create_exclusive(url, data)
-        except OSError:  # 412 Precondition Failed: someone else's object now
+        except OSError:  # 412 Precondition Failed: another job's object now
             return False
         return True
     fs.remove(url)
@@ -173,13 +178,13 @@ def _acquire_remote(root: str, record: dict[str, Any]) -> None:
         if fs.create_exclusive(url, fs.dumps_json(record)):
             return
         try:
-            current = _parse(fs.read_bytes(url))
+            current, etag = _read_remote(url)
         except FileNotFoundError:
             continue  # released meanwhile: try again
         if current is None or not holder_is_gone(current):
             raise _held(root, current)
         print(f"{url}: taking over the stale lock of {describe(current)}: its process is gone", file=sys.stderr)
-        if _take_over(url, record):
+        if _take_over(url, record, etag):
             return
     raise _held(root, None)
 

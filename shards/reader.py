@@ -106,7 +106,7 @@ def fetch_shard(root: str, name: str, modalities: Sequence[str]) -> Fetched:
     modalities = _check_modalities(modalities)
     paths = [stats_path(root, m, name) for m in modalities]
     try:
-        blobs = fs.cat_many(paths)
+        blobs = fs.cat_many(paths, ends=[MAX_JSON_BYTES + 1] * len(paths))
     except FileNotFoundError:
         missing = next(p for p in paths if not fs.exists(p))
         raise FormatError(f"{missing} not found: shard {name} is incomplete (its stats json is written last)") from None

@@ -66,12 +66,7 @@ def cluster(moto_endpoint):
 
     tmp = f"/tmp/mmn-{os.getpid()}"  # short: Ray's socket paths must fit in 107 bytes
     os.makedirs(f"{tmp}/ray", exist_ok=True)
-    env = {
-        **s3_environment(moto_endpoint),
-        "RAY_TMPDIR": tmp,
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # every node, and every driver, on 127.0.0.1 only
-    }
+    env = {**s3_environment(moto_endpoint), "RAY_TMPDIR": tmp}  # conftest.py keeps Ray on 127.0.0.1
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # raylets and their workers inherit it, as nodes of a real cluster have theirs
     bucket = f"label-{uuid.uuid4().hex[:10]}"
