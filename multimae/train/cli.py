@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-predictions", action="store_true", help="also write RUN/predictions.zarr")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.blr=3e-4")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def fail(message: str, code: int = 2) -> None:
