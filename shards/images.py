@@ -48,6 +48,7 @@ LABEL_FORMATS = ("PNG",)
 PLANE_FORMATS = ("PNG", "TIFF")
 # single-channel PIL modes -> the dtype their values are kept in (16-bit PNGs open as I;16, some TIFFs as I or F)
 PLANE_DTYPES = {
+    "1": np.uint8,
     "L": np.uint8,
     "P": np.uint8,
     "I;16": np.uint16,

@@ -14,6 +14,7 @@ from test_imagenet_source import WNIDS, photo
 from test_sources import jpeg
 
 from shards.build import build
+from shards.cli import main
 from shards.info import info_text
 from shards.reader import ShardDataset
 from shards.sources import SourceError, open_source
@@ -117,6 +118,22 @@ def test_paired_resize_follows_rgb_by_nearest_neighbour(nyu, tmp_path):
         np.testing.assert_array_equal(sample["semseg_gt"], labels(i)[::2, ::2])
 
 
+def test_float_tiff_depth_is_scaled_and_nan_becomes_missing(tmp_path):
+    root = tmp_path / "hypersim"
+    metres = np.random.default_rng(0).uniform(0.5, 20.0, (H, W)).astype(np.float32)
+    metres[:4] = np.nan  # no surface
+    for folder in ("rgb", "depth"):
+        (root / folder / "ai_001_001").mkdir(parents=True)
+    (root / "rgb" / "ai_001_001" / "frame.0000.jpg").write_bytes(jpeg(photo(0, H, W)))
+    Image.fromarray(metres).save(root / "depth" / "ai_001_001" / "frame.0000.tif")
+    source = open_source("paired", str(root), modalities={"rgb": "rgb", "depth_gt": "depth"}, depth_scale=1.0)
+    build(source, str(tmp_path / "out"), progress=False)
+    (sample,) = read_back(tmp_path / "out", ["depth_gt"]).values()
+    assert (sample["depth_gt"][:4] == 0).all()
+    step = float(np.nanmax(metres)) / 65535  # the sample's own range [0, max], 16 bits
+    assert np.abs(sample["depth_gt"][4:] - metres[4:]).max() <= step / 2 + 1e-6
+
+
 def test_class_names_from_the_data_and_out_of_range_ids(nyu, tmp_path):
     source = paired(nyu, semseg_classes=None, modalities={"rgb": "rgb", "semseg_gt": "labels"}, depth_scale=None)
     assert source.semseg_classes == ["class0", "class1", "class2", "class3"]  # largest id 3; 255 is not a class
@@ -187,3 +204,19 @@ def test_official_task_folders_with_class_from_parent(task_folders, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["modalities"]["depth"]["meaning"] == "relative" and manifest["cls_classes"] == WNIDS[:2]
     assert verify(str(out)) == []
+
+
+def test_paired_from_the_command_line(nyu, tmp_path, capsys):
+    base = ["build", "--src", "paired", "--root", str(nyu), "--depth-scale", "0.001", "--workers", "1", "--no-progress"]
+    mods = ["--modalities", "rgb=rgb", "depth_gt=depth", "semseg_gt=labels"]
+    with pytest.raises(SystemExit) as done:
+        main([*base, *mods, "--semseg-classes", str(nyu / "classes.txt"), "--out", str(tmp_path / "out")])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith(f"wrote 4 samples in 1 shards to {tmp_path / 'out'} ")
+    with pytest.raises(SystemExit) as done:
+        main([*base, *mods, "depth_gt=labels", "--out", str(tmp_path / "o2")])
+    assert done.value.code == 2
+    assert capsys.readouterr().err == "multimae-shard build: error: --modalities names 'depth_gt' twice\n"
+    with pytest.raises(SystemExit) as done:
+        main([*base, "--modalities", "rgb", "--out", str(tmp_path / "o3")])
+    assert done.value.code == 2 and "expected NAME=FOLDER (e.g. depth_gt=depth), got 'rgb'" in capsys.readouterr().err
