@@ -37,9 +37,13 @@ def main(argv: list[str] | None = None) -> int:
 
             print(to_yaml(cfg), end="")
             return 0
-        from .job import format_summary, run
+        from .job import JobError, format_summary, run
 
-        summary = run(cfg)
+        try:
+            summary = run(cfg)
+        except JobError as e:  # Ray could not start: not the user's data or config
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 1
     except ConfigError as e:
         print(f"{PROG}: error: config: {e}", file=sys.stderr)
         return 2

@@ -210,6 +210,9 @@ def main(argv: list[str] | None = None) -> None:
     command = {"build": _build, "verify": _verify, "info": _info, "show": _show}[args.command]
     try:
         code = command(args)
+    except BrokenPipeError:  # `multimae-shard info DATA | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
     except (FormatError, OSError) as e:  # OSError: unwritable --out, disk full, ... (message names the path)
         print(f"multimae-shard {args.command}: error: {printable(str(e))}", file=sys.stderr)
         code = 2

@@ -101,7 +101,10 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["export"]:
         return export_main(argv[1:])
     args = parse_args(argv)
-    overrides = args.overrides + ([f"data.eval_root={args.eval_shards}"] if args.eval_shards else [])
+    # a separate evaluation set replaces held-out shards
+    overrides = args.overrides + (
+        [f"data.eval_root={args.eval_shards}", "data.eval_num_shards=0"] if args.eval_shards else []
+    )
     try:
         cfg = load_run_config(args.config, overrides)
     except ConfigError as e:
