@@ -210,6 +210,13 @@ def main(argv: list[str] | None = None) -> None:
             if args.real_size
             else {k: str(v) for k, v in DEFAULT_TEACHERS.items()}
         )
+        if args.naive_num:  # first, while nothing else (Ray, the bare workers) has run in this machine's session
+            base_cfg = LabelConfig(
+                input=str(work / "data"),
+                teachers={m: TeacherConfig(m, model=models[m], dtype="float32") for m in ("depth", "semseg")},
+            )
+            torch.set_num_threads(threads)  # the naive loop gets the whole machine
+            results["naive_float32_samples_per_s"] = naive(base_cfg, names, args.device, args.naive_num)
         for dtype in args.dtypes:
             cfg = LabelConfig(
                 input=str(work / "data"),
@@ -229,10 +236,6 @@ def main(argv: list[str] | None = None) -> None:
             else:  # the job's layout: `actors` processes with threads_per_actor threads each
                 base = bare(cfg, names, args.device, args.actors, cfg.threads_per_actor)
             results[dtype] = {"job_samples_per_s": job, "bare_samples_per_s": base, "efficiency": job / base}
-        if args.naive_num:
-            torch.set_num_threads(threads)  # the naive loop gets the whole machine
-            cfg.teachers = {m: TeacherConfig(m, model=models[m], dtype="float32") for m in ("depth", "semseg")}
-            results["naive_float32_samples_per_s"] = naive(cfg, names, args.device, args.naive_num)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU x{torch.get_num_threads()}"

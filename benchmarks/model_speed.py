@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import multimae
 from multimae.precision import cpu_bf16_units
 
-DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def sync(device: torch.device) -> None:
@@ -121,8 +121,8 @@ def measure(size: str, args, device: torch.device, dtypes: list[str], peaks: dic
             "tflops": flops / t / 1e12,
             "mfu": flops / t / peaks[d],
         }
-    if {"float32", "bf16"} <= set(dtypes):
-        out["bf16_speedup"] = out["dtypes"]["float32"]["ms_per_step"] / out["dtypes"]["bf16"]["ms_per_step"]
+    if {"float32", "bfloat16"} <= set(dtypes):
+        out["bf16_speedup"] = out["dtypes"]["float32"]["ms_per_step"] / out["dtypes"]["bfloat16"]["ms_per_step"]
     out["adamw_s"] = optimizer_steps(model, device, args.steps)
     att = {}  # one model for both attention paths: each timed as a block
     for name, fused in (("sdpa", True), ("explicit", False)):
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"multimae-{size}: {r['gflop_per_step']:.1f} GFLOP/step{mem}")
         for d, m in r["dtypes"].items():
             print(
-                f"  {d:8s} {m['ms_per_step']:9.1f} ms/step  {m['samples_per_s']:8.1f} samples/s  "
+                f"  {d:9s} {m['ms_per_step']:9.1f} ms/step  {m['samples_per_s']:8.1f} samples/s  "
                 f"{m['tflops']:7.3f} TFLOP/s  MFU {m['mfu']:6.1%} of the {d} matmul peak"
             )
         if "bf16_speedup" in r:

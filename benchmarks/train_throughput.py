@@ -32,7 +32,7 @@ from multimae.train.engine import forward_loss, prepare_batch  # noqa: E402
 from multimae.train.main import setup  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DTYPES = {"float32": "float32", "bf16": "bfloat16"}
+DTYPES = ("float32", "bfloat16")
 
 
 def make_data(num: int, size: int) -> str:
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         help="tiny: pipelines/pretrain-demo.yaml; base: ViT-B/16 at 224 px (the paper's model)",
     )
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    p.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--image-size", type=int, help="training crop size (default: the config's)")
     p.add_argument("--workers", type=int, default=2)
@@ -148,18 +148,18 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     for label in args.dtypes:
         cfg = load_run_config(
-            os.path.join(ROOT, "pipelines", "pretrain-demo.yaml"), overrides + [f"train.dtype={DTYPES[label]}"]
+            os.path.join(ROOT, "pipelines", "pretrain-demo.yaml"), overrides + [f"train.dtype={label}"]
         )
         r = results[label] = measure(cfg, root, device, args)
-        print(f"{label:8s} model step on an in-memory batch : {r['model_samples_per_s']:8.1f} samples/s")
-        print(f"{label:8s} full step (shard loader + model) : {r['full_samples_per_s']:8.1f} samples/s")
+        print(f"{label:9s} model step on an in-memory batch : {r['model_samples_per_s']:8.1f} samples/s")
+        print(f"{label:9s} full step (shard loader + model) : {r['full_samples_per_s']:8.1f} samples/s")
         print(
-            f"{label:8s} ratio full / model               : "
+            f"{label:9s} ratio full / model               : "
             f"{r['full_samples_per_s'] / r['model_samples_per_s']:8.3f}  (target >= 0.9)"
         )
-    if {"float32", "bf16"} <= set(results):
-        speedup = results["bf16"]["model_samples_per_s"] / results["float32"]["model_samples_per_s"]
-        full = results["bf16"]["full_samples_per_s"] / results["float32"]["full_samples_per_s"]
+    if {"float32", "bfloat16"} <= set(results):
+        speedup = results["bfloat16"]["model_samples_per_s"] / results["float32"]["model_samples_per_s"]
+        full = results["bfloat16"]["full_samples_per_s"] / results["float32"]["full_samples_per_s"]
         results["bf16_over_float32"] = {"model": speedup, "full": full}
         print(f"bf16 / float32: model step {speedup:.2f}x, full step {full:.2f}x")
     if args.json:

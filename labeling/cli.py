@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of the settings")
     parser.add_argument("--summary-json", metavar="PATH", help="also write the summary as JSON here")
     parser.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_label_config(args.config, args.overrides)
         if args.print_config:
@@ -37,9 +37,13 @@ def main(argv: list[str] | None = None) -> int:
 
             print(to_yaml(cfg), end="")
             return 0
-        from .job import format_summary, run
+        from .job import JobError, format_summary, run
 
-        summary = run(cfg)
+        try:
+            summary = run(cfg)
+        except JobError as e:  # Ray could not start: not the user's data or config
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 1
     except ConfigError as e:
         print(f"{PROG}: error: config: {e}", file=sys.stderr)
         return 2

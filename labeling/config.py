@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from shards import fs
-from shards.fs import MissingBackend
 from shards.config import ConfigError, load_config
 from shards.format import FormatError, modality_kind, read_manifest
+from shards.fs import MissingBackend
 from shards.writer import committed_shards
 
 __all__ = ["ConfigError", "LabelConfig", "RayConfig", "TeacherConfig", "check_inputs", "load_label_config"]

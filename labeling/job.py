@@ -41,6 +41,12 @@ from shards.writer import ShardWriter, committed_shards, read_stats, stats_path
 from .config import ConfigError, LabelConfig, check_inputs, input_shards, resolve_model
 
 Event = dict[str, Any]
+
+
+class JobError(RuntimeError):
+    """The job could not run at all (e.g. Ray did not start); one line saying why."""
+
+
 Sample = tuple[str, "torch.Tensor | None", "str | None"]  # (key, uint8 (H, W, 3) image or None, error or None)
 
 
@@ -256,7 +262,11 @@ def _connect(cfg: LabelConfig) -> bool:
     kwargs: dict[str, Any] = {"address": cfg.ray.address, "log_to_driver": True}
     if cfg.ray.address == "local" and cfg.ray.num_cpus is not None:
         kwargs["num_cpus"] = cfg.ray.num_cpus
-    ray.init(**kwargs)
+    try:
+        ray.init(**kwargs)
+    except Exception as e:  # no cluster at the address, a start-up timeout on a loaded machine, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise JobError(f"could not start or reach Ray (ray.address={cfg.ray.address}): {first}") from None
     return True
 
 

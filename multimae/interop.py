@@ -4,7 +4,7 @@
   `save_pretrained` directory) or a state dict. Official checkpoints (`{"model": state_dict}`, the
   pre-training and fine-tuned ones), DDP/`torch.compile` prefixes (`module.`, `_orig_mod.`) and
   timm ViT layouts (detected by their `cls_token` / `blocks.` keys) are recognized. Fixed sin-cos
-  position embeddings of another grid are resampled; a learned one of another grid raises.
+  position embeddings of another grid are rebuilt, learned ones are resampled bicubically.
 * `to_timm(sd)` / `from_timm(sd)`: the official converters' key maps (`global_tokens` <->
   `cls_token`, rgb `pos_emb` (1, D, h, w) <-> `pos_embed` (1, 1 + h*w, D) with a zero class
   position, `input_adapters.rgb.proj` <-> `patch_embed.proj`, `encoder.` <-> `blocks.`). A timm
@@ -101,9 +101,9 @@ def is_timm_layout(sd: Mapping[str, torch.Tensor]) -> bool:
 def to_timm(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """MultiMAE/MultiViT state dict -> timm `VisionTransformer` (class token, no final norm weights).
 
-    Needs exactly one global token and an rgb input adapter. MultiMAE has no final norm, so
-    timm's `norm.*` stays missing: load with `strict=False` and set `vit.norm = nn.Identity()`
-    to get the same features (fine-tuning heads bring their own norm).
+    Needs exactly one global token and an rgb input adapter. MultiMAE has no final norm: build the
+    timm model without one, `timm.create_model(name, final_norm=False, num_classes=0)`, and load with
+    `strict=True` (fine-tuning heads bring their own norm).
     """
     if "global_tokens" not in sd or sd["global_tokens"].shape[1] != 1:
         raise ValueError("to_timm needs a model with exactly one global token (timm has one cls_token)")

@@ -3,7 +3,9 @@
 The source's items are cut by position into shards of `shard_size` (item i -> shard i // shard_size),
 so shard contents do not depend on the worker count. One pool task builds one whole shard of every
 modality with `ShardWriter` and commits it atomically; a bad input file is skipped inside its shard and
-recorded in the stats with its reason. Re-running on the same output keeps shards whose stats json
+recorded in the stats with its reason, as is an item the source refused at enumeration (`Refused`: no label
+row, a modality's file missing). An output folder holding a manifest.json that is not a shard set's is
+refused before anything is written. Re-running on the same output keeps shards whose stats json
 exists in every modality (after checking they were made from the same source, options and keys) and
 redoes the rest, so a killed build loses at most the shards in flight. The manifest is written last.
 """
@@ -23,10 +25,10 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from . import fs
-from .format import FormatError, shard_name, update_manifest
+from .format import MANIFEST, FormatError, read_manifest, shard_name, update_manifest
 from .images import BadImage
 from .lock import output_lock
-from .sources import Item, Members, Source
+from .sources import Item, Members, Refused, Source
 from .writer import ShardWriter, keys_digest, read_stats, stats_path, tar_path
 
 
@@ -103,6 +105,8 @@ def build_shard(task: ShardTask) -> dict:
     with writer:  # aborts (drops the temporaries) on any exception
         for item in task.items:
             try:
+                if isinstance(item.loc, Refused):
+                    raise BadImage(item.loc.reason)
                 members = task.maker(item)
             except BadImage as e:
                 writer.skip(item.ref, e.reason)
@@ -120,6 +124,16 @@ def build_shard(task: ShardTask) -> dict:
 
 def _comparable(producer: dict) -> dict:
     return {k: v for k, v in producer.items() if k != "code_version"}
+
+
+def check_output(out: str) -> None:
+    """BuildError when `out` holds a manifest.json this toolkit cannot extend (another tool's, or damaged)."""
+    if not fs.exists(fs.join(out, MANIFEST)):
+        return
+    try:
+        read_manifest(out)
+    except FormatError as e:
+        raise BuildError(f"{e}; --out {out} holds another tool's files: use an empty --out") from None
 
 
 def _plan(source: Source, out: str, shard_size: int) -> tuple[list[ShardTask], dict[str, dict]]:
@@ -205,6 +219,7 @@ def build(source: Source, out: str, *, shard_size: int = 1000, workers: int = 1,
         raise BuildError("--shard-size must be positive")
     if workers <= 0:
         raise BuildError("--workers must be positive")
+    check_output(out)
     fs.makedirs(out)
     with output_lock(out, "multimae-shard build"):
         return _build_locked(source, out, shard_size=shard_size, workers=workers, progress=progress)

@@ -1,6 +1,6 @@
 """`multimae-shard`: build, verify, inspect and picture aligned shard sets.
 
-    multimae-shard build --src {imagenet,folder,webdataset,synthetic} [--root PATH] --out DATA [options]
+    multimae-shard build --src {imagenet,folder,paired,webdataset,synthetic} [--root PATH] --out DATA [options]
     multimae-shard verify DATA [--deep] [--workers N]
     multimae-shard info DATA
     multimae-shard show DATA --out FILE.png [--keys K ... | --n N]
@@ -20,6 +20,7 @@ import sys
 
 from .errors import printable
 from .images import MAX_PIXELS
+from .paired import DEPTH_MEANINGS
 from .sources import SOURCES
 
 
@@ -41,21 +42,34 @@ def _quality(text: str) -> int:
     return value
 
 
+def _pair(text: str) -> tuple[str, str]:
+    name, sep, folder = text.partition("=")
+    if not (sep and name and folder):
+        raise argparse.ArgumentTypeError(f"expected NAME=FOLDER (e.g. depth_gt=depth), got {text!r}")
+    return name, folder
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="multimae-shard", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="turn an RGB source into aligned WebDataset shards (resumes if interrupted)")
     b.add_argument("--src", required=True, choices=SOURCES, help="source kind")
-    b.add_argument("--root", help="source location: image tree (imagenet, folder), tar folder/pattern (webdataset)")
+    b.add_argument(
+        "--root",
+        help="source: image tree (imagenet, folder), modality folders (paired), tar folder/pattern (webdataset)",
+    )
     b.add_argument("--out", required=True, help="output shard set (local path or fsspec URL)")
     b.add_argument(
         "--num",
         type=_positive,
-        help="number of samples (synthetic: scenes to render, default 1024; others: keep the first N)",
+        help="number of samples (synthetic: scenes to render, default 1024; others: the first N in build order, "
+        "which is shuffled by default)",
     )
     b.add_argument(
-        "--size", type=_positive, help="shorter side of stored rgb, no upscaling (default 256; synthetic 128)"
+        "--size",
+        type=_positive,
+        help="shorter side of stored rgb, no upscaling (default 256; synthetic 128; paired: native size)",
     )
     b.add_argument("--shard-size", type=_positive, default=1000, help="samples per shard (default 1000)")
     b.add_argument("--workers", type=_positive, default=_cpus(), help="worker processes (default: CPU count)")
@@ -67,7 +81,36 @@ def parser() -> argparse.ArgumentParser:
         default=MAX_PIXELS,
         help=f"skip images larger than this many pixels as 'too large' (default {MAX_PIXELS})",
     )
-    b.add_argument("--class-from-parent", action="store_true", help="folder source: class = parent folder")
+    b.add_argument("--class-from-parent", action="store_true", help="folder, paired: class = parent folder")
+    b.add_argument(
+        "--classes-from", metavar="DATA", help="use the class list (cls_classes) of this shard set, e.g. the train set"
+    )
+    b.add_argument("--labels", metavar="CSV", help="imagenet: flat val folder's LOC_val_solution.csv")
+    b.add_argument(
+        "--modalities",
+        nargs="+",
+        type=_pair,
+        metavar="NAME=FOLDER",
+        help="paired: each modality and its folder below --root, e.g. rgb=images depth_gt=depth semseg_gt=labels",
+    )
+    b.add_argument(
+        "--depth-scale", type=float, metavar="F", help="paired: metres per stored depth level (0.001 for millimetres)"
+    )
+    b.add_argument(
+        "--depth-meaning",
+        default="metric_m",
+        choices=DEPTH_MEANINGS,
+        help="paired: what the depth values mean (default metric_m)",
+    )
+    b.add_argument("--semseg-classes", metavar="FILE", help="paired: class names, one per line (line i = id i)")
+    order = b.add_mutually_exclusive_group()
+    order.add_argument(
+        "--shuffle-seed",
+        type=int,
+        metavar="N",
+        help="seed of the sample order's shuffle (default 0 for imagenet, folder, paired; others keep their order)",
+    )
+    order.add_argument("--no-shuffle", action="store_true", help="keep the sorted (class) order")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     v = sub.add_parser("verify", help="check every shard of every modality; exit 1 listing each problem")
@@ -111,12 +154,32 @@ def _build(args: argparse.Namespace) -> int:
         quality=args.quality,
         max_pixels=args.max_pixels,
         class_from_parent=args.class_from_parent,
+        labels=args.labels,
+        classes_from=args.classes_from,
+        modalities=_modalities(args.modalities),
+        depth_scale=args.depth_scale,
+        depth_meaning=args.depth_meaning,
+        semseg_classes=args.semseg_classes,
+        shuffle_seed=args.shuffle_seed,
+        shuffle=not args.no_shuffle,
     )
     from .build import build  # imports webdataset (and with it torch): only once the source is known to be fine
 
     summary = build(source, args.out, shard_size=args.shard_size, workers=args.workers, progress=not args.no_progress)
     print(summary.format())
     return 0
+
+
+def _modalities(pairs: list[tuple[str, str]] | None) -> dict[str, str] | None:
+    if pairs is None:
+        return None
+    names = [name for name, _ in pairs]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        from .sources import SourceError
+
+        raise SourceError(f"--modalities names {repeated[0]!r} twice")
+    return dict(pairs)
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -172,6 +235,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         fs.set_storage_options(fs.parse_storage_options(args.storage_options))
         code = command(args)
+    except BrokenPipeError:  # `multimae-shard info DATA | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
     except (FormatError, OSError) as e:  # OSError: unwritable --out, disk full, ... (message names the path)
         print(f"multimae-shard {args.command}: error: {printable(str(e))}", file=sys.stderr)
         code = 2

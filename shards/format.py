@@ -5,7 +5,8 @@ depth, holding the per-sample ``depth_range``). Codecs are lossless where it mat
 
 - ``rgb``     JPEG (quality 95 by default), uint8 (H, W, 3)
 - ``depth``   16-bit grayscale PNG; value = lo + png / 65535 * (hi - lo), float32 (H, W)
-- ``semseg``  8-bit grayscale PNG of class ids (16-bit above 255 classes), int64 (H, W)
+- ``semseg``  8-bit grayscale PNG of class ids (16-bit above 255 classes), int64 (H, W); id 255
+  (`IGNORE_ID`) marks unlabelled pixels, as in NYUv2 and ADE20K exports
 
 Modality names are free (``depth_gt``, ``semseg_gt``, ``depth_dpt`` ...); their kind is the prefix
 before the first underscore.
@@ -30,6 +31,7 @@ FORMAT_VERSION = 1
 KINDS = ("rgb", "depth", "semseg")
 EXTENSIONS = {"rgb": "jpg", "depth": "png", "semseg": "png"}
 DEPTH_LEVELS = 65535
+IGNORE_ID = 255  # semseg: pixels without a label (the trainer's default ignore_index)
 MANIFEST = "manifest.json"
 # Names that become paths or tar member names (docs/trust-model.md): ASCII letters, digits, '_' and '-' only,
 # so none can hold a dot, a slash or a control character, and a key never starts with '_' (webdataset's '__key__').
@@ -110,6 +112,22 @@ def encode_depth(depth: np.ndarray) -> tuple[bytes, list[float]]:
     return buf.getvalue(), [lo, hi]
 
 
+def encode_depth_levels(levels: np.ndarray, step: float) -> tuple[bytes, list[float]]:
+    """(H, W) 16-bit levels whose value is level x `step` (e.g. millimetres, step 0.001 m) -> (those levels as
+    the PNG, [0, 65535 x step]): lossless, the decoded value is exactly float32(level x step), 0 stays 0."""
+    levels = np.asarray(levels)
+    if levels.ndim != 2 or levels.dtype != np.uint16:
+        raise FormatError(f"depth levels must be uint16 (H, W), got {levels.dtype} {levels.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(levels).save(buf, format="PNG", compress_level=1)  # level 1: see encode_depth
+    return buf.getvalue(), [0.0, DEPTH_LEVELS * step]
+
+
+def depth_members(modality: str, png: bytes, depth_range: list[float]) -> dict[str, bytes]:
+    """The tar members (without the key prefix) of one depth sample: the PNG and its depth_range json."""
+    return {f"{modality}.png": png, f"{modality}.json": fs.dumps_json({"depth_range": depth_range})}
+
+
 def decode_depth(data: bytes, depth_range: list[float]) -> np.ndarray:
     with _open(data, LABEL_FORMATS) as im:
         if im.mode not in ("I;16", "I;16B", "I"):
@@ -153,8 +171,7 @@ def encode_sample(modality: str, value: Any, num_classes: int | None = None, qua
     if kind == "rgb":
         return {f"{modality}.jpg": encode_rgb(value, quality)}
     if kind == "depth":
-        png, rng = encode_depth(value)
-        return {f"{modality}.png": png, f"{modality}.json": fs.dumps_json({"depth_range": rng})}
+        return depth_members(modality, *encode_depth(value))
     if num_classes is None:
         raise FormatError(f"encoding {modality!r} needs num_classes")
     return {f"{modality}.png": encode_semseg(value, num_classes)}

@@ -13,6 +13,10 @@ resized so the shorter side is `size` (never upscaled):
   "not an image", "truncated", "too large: WxH px" (checked from the header, before any decoding,
   so decompression bombs never allocate), "corrupt: ...".
 
+`load_plane(data, max_pixels)` decodes a single-channel file (a depth or label map of the paired source) as
+it is stored: (H, W) uint8, uint16, int32 or float32, never rescaled, no EXIF rotation; anything else raises
+`BadImage` with the same reasons.
+
 `open_image(data, formats, max_pixels)` is the one way the toolkit opens image bytes (sources here, shard
 members in `shards.format`): only the Pillow plugins named in `formats` may identify the data, and the
 pixel count in the header is checked before anything is decoded. The allow-lists hold plugins that
@@ -23,13 +27,15 @@ untrusted bytes:
   GIF, TIFF and PPM/PGM/PBM/PNM
 - ``RGB_FORMATS``     a shard's rgb member: JPEG, PNG, WebP
 - ``LABEL_FORMATS``   a shard's depth and semseg members: PNG
+- ``PLANE_FORMATS``   depth and label files of the paired source: PNG, TIFF
 """
 
 from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -39,6 +45,19 @@ from .limits import MAX_PIXELS
 SOURCE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
 RGB_FORMATS = ("JPEG", "PNG", "WEBP")
 LABEL_FORMATS = ("PNG",)
+PLANE_FORMATS = ("PNG", "TIFF")
+# single-channel PIL modes -> the dtype their values are kept in (16-bit PNGs open as I;16, some TIFFs as I or F)
+PLANE_DTYPES = {
+    "1": np.uint8,
+    "L": np.uint8,
+    "P": np.uint8,
+    "I;16": np.uint16,
+    "I;16B": np.uint16,
+    "I;16L": np.uint16,
+    "I;16N": np.uint16,
+    "I": np.int32,
+    "F": np.float32,
+}
 RESAMPLE = Image.Resampling.BICUBIC
 BACKGROUND = (255, 255, 255)
 # EXIF orientations 5..8 swap width and height.
@@ -101,18 +120,16 @@ def open_image(data: bytes, formats: Sequence[str], max_pixels: int) -> Image.Im
     return im
 
 
-def load_rgb(data: bytes, size: int | None = None, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
-    """Image file bytes -> ((H, W, 3) uint8 RGB with shorter side `size`, original (h, w) after EXIF rotation).
-
-    Raises BadImage for anything that is not a decodable image within `max_pixels`.
-    """
+@contextmanager
+def _decoding() -> Iterator[None]:
+    """Turn whatever PIL raises while decoding untrusted bytes into BadImage with a short reason."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set: truncated files would pass as images")
     with warnings.catch_warnings():
-        # Corrupt EXIF / ICC chunks only warn; the decode below still decides whether the file is usable.
+        # Corrupt EXIF / ICC chunks only warn; the decode itself decides whether the file is usable.
         warnings.simplefilter("ignore")
         try:
-            return _decode(open_image(data, SOURCE_FORMATS, max_pixels), size)
+            yield
         except BadImage:
             raise
         except OSError as e:
@@ -122,6 +139,29 @@ def load_rgb(data: bytes, size: int | None = None, max_pixels: int = MAX_PIXELS)
             raise BadImage(f"corrupt: {msg}") from None
         except Exception as e:  # PIL plugins raise SyntaxError, ValueError, struct.error, ... on broken data
             raise BadImage(f"corrupt: {type(e).__name__}: {e}") from None
+
+
+def load_rgb(data: bytes, size: int | None = None, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
+    """Image file bytes -> ((H, W, 3) uint8 RGB with shorter side `size`, original (h, w) after EXIF rotation).
+
+    Raises BadImage for anything that is not a decodable image within `max_pixels`.
+    """
+    with _decoding():
+        return _decode(open_image(data, SOURCE_FORMATS, max_pixels), size)
+
+
+def load_plane(data: bytes, max_pixels: int = MAX_PIXELS, formats: Sequence[str] = PLANE_FORMATS) -> np.ndarray:
+    """Single-channel image bytes -> (H, W) array of the stored values (uint8, uint16, int32 or float32).
+
+    Raises BadImage for undecodable data and for images with colour channels (a label map stored as colours).
+    """
+    with _decoding():
+        im = open_image(data, formats, max_pixels)
+        dtype = PLANE_DTYPES.get(im.mode)
+        if dtype is None:
+            raise BadImage(f"not single-channel: mode {im.mode} (store one value per pixel: ids or depth levels)")
+        im.load()
+        return np.asarray(im).astype(dtype, copy=False)  # (H, W)
 
 
 def _decode(im: Image.Image, size: int | None) -> tuple[np.ndarray, tuple[int, int]]:

@@ -41,8 +41,9 @@ def producer_text(producer: dict, width: int = 60) -> str:
 
 
 def modality_stats(root: str, modality: str, names: list[str]) -> dict:
-    """Totals over the stats jsons of one modality: complete shards, samples, bytes, skips by reason."""
-    out = {"complete": 0, "samples": 0, "bytes": 0, "skipped": Counter()}
+    """Totals over the stats jsons of one modality: complete shards, samples, bytes, skips by reason, and the
+    skips themselves as (shard, ref, reason) (a build records each skip in all of its modalities)."""
+    out = {"complete": 0, "samples": 0, "bytes": 0, "skipped": Counter(), "skips": set()}
     for name in names:
         if not shard_is_complete(root, modality, name):
             continue
@@ -51,6 +52,7 @@ def modality_stats(root: str, modality: str, names: list[str]) -> dict:
         out["samples"] += stats["count"]
         out["bytes"] += stats["bytes"]
         out["skipped"].update(s["reason"].split(":", 1)[0] for s in stats.get("skipped", []))
+        out["skips"].update((name, s["ref"], s["reason"]) for s in stats.get("skipped", []))
     return out
 
 
@@ -114,12 +116,12 @@ def info_text(root: str, semseg_samples: int = 256, max_classes: int = 12) -> st
         "",
     ]
     rows = [("modality", "kind", "shards", "samples", "bytes", "skipped", "meaning", "producer")]
-    skipped_all: Counter = Counter()
+    skips: set[tuple[str, str, str]] = set()
     order = sorted(manifest["modalities"], key=lambda m: (KIND_ORDER[modality_kind(m)], m))
     for m in order:
         entry = manifest["modalities"][m]
         st = modality_stats(root, m, names)
-        skipped_all.update(st["skipped"])
+        skips |= st["skips"]
         rows.append(
             (
                 m,
@@ -134,6 +136,7 @@ def info_text(root: str, semseg_samples: int = 256, max_classes: int = 12) -> st
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    skipped_all = Counter(reason.split(":", 1)[0] for _, _, reason in skips)
     if skipped_all:
         lines.append("skipped by reason: " + ", ".join(f"{r}: {n}" for r, n in skipped_all.most_common()))
 

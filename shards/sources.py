@@ -1,9 +1,11 @@
-"""The RGB sources of `multimae-shard build`: imagenet, folder, webdataset, synthetic.
+"""The sources of `multimae-shard build`: imagenet, folder, paired, webdataset, synthetic.
 
 A source does two things, split so that only small objects cross process boundaries:
 
 - in the main process it enumerates its samples in a fixed order (sorted paths, tar order, scene index)
-  as small picklable `Item`s: sample i goes to shard i // shard_size, whatever the worker count;
+  as small picklable `Item`s, which `open_source` then permutes with a seeded shuffle (on by default for
+  the file sources, whose sorted order is class order): sample i of the final order goes to shard
+  i // shard_size, whatever the worker count; an item whose `loc` is `Refused` is recorded as skipped;
 - its `maker` (a small picklable callable, run in pool workers) turns one item into the tar members
   of every modality, or raises `BadImage` with a reason, which the build records as a skip.
 
@@ -15,23 +17,28 @@ repeats gets ``-1``, ``-2``, ... in enumeration order. Synthetic keys come from 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
+import random
 import re
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from . import __version__, fs, limits
 from .errors import printable
-from .format import FormatError, encode_rgb, encode_sample, modality_entry
+from .format import FormatError, encode_rgb, encode_sample, modality_entry, read_manifest
 from .images import MAX_PIXELS, BadImage, load_rgb
 from .tars import header_problem, next_member, open_tar
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pnm")
-SOURCES = ("imagenet", "folder", "webdataset", "synthetic")
+SOURCES = ("imagenet", "folder", "paired", "webdataset", "synthetic")
+SHUFFLED = ("imagenet", "folder", "paired")  # sources whose sample order is shuffled unless told otherwise
 Members = dict[str, dict[str, bytes]]  # modality -> {"rgb.jpg": ..., "cls": ..., "json": ...}
 
 
@@ -44,9 +51,45 @@ class Item(NamedTuple):
 
     key: str  # the output key
     ref: str  # where it came from, for the sample json and skip records (relative path, tar:member, ...)
-    loc: Any  # source-specific: file URL, (tar URL, {ext: (offset, size) or refusal reason}), scene index
+    loc: Any  # source-specific: file URL, (tar URL, {ext: ...}), scene index, or Refused(reason)
     cls: int | None = None
     label: str | None = None  # class name (wnid / folder) when the source has classes
+
+
+class Refused(NamedTuple):
+    """The `loc` of an item known at enumeration to be unusable (no label row, a modality's file missing):
+    the build records it as skipped with `reason`, like an unreadable file."""
+
+    reason: str
+
+
+@dataclass
+class ClassList:
+    """Class names in index order and where they came from, to say which list an unknown class is missing from."""
+
+    names: list[str]
+    origin: str
+
+    def __post_init__(self) -> None:
+        self._index = {c: i for i, c in enumerate(self.names)}
+
+    def index(self, label: str, where: str) -> int:
+        """The index of `label`; SourceError naming `where` (the file or folder) when the list lacks it."""
+        if label not in self._index:
+            raise SourceError(f"{where}: class {label!r} is not among the {len(self.names)} classes of {self.origin}")
+        return self._index[label]
+
+
+def classes_from_data(data: str) -> ClassList:
+    """The `cls_classes` of another shard set's manifest (`--classes-from DATA`), to build with its class indices."""
+    manifest = read_manifest(data)
+    names = manifest.get("cls_classes")
+    if not names:
+        raise SourceError(
+            f"{fs.join(data, 'manifest.json')} has no cls_classes: --classes-from needs a shard set built from "
+            "a source with classes (imagenet, folder --class-from-parent)"
+        )
+    return ClassList(list(names), f"--classes-from {fs.join(data, 'manifest.json')}")
 
 
 # --- keys -----------------------------------------------------------------------------------------
@@ -112,18 +155,25 @@ def list_subdirs(root: str) -> list[str]:
 
 @dataclass(frozen=True)
 class RgbEncoder:
-    """Image bytes -> the rgb members: JPEG at shorter side `size`, `cls`, sample json."""
+    """Image bytes -> the rgb members: JPEG at shorter side `size` (None: native size), `cls`, sample json."""
 
     size: int | None
     quality: int = 95
     max_pixels: int = MAX_PIXELS
 
-    def members(self, data: bytes, meta: dict, cls: int | None) -> Members:
-        rgb, (h, w) = load_rgb(data, self.size, self.max_pixels)
-        out = {"rgb.jpg": encode_rgb(rgb, self.quality), "json": fs.dumps_json({**meta, "orig_size": [h, w]})}
+    def load(self, data: bytes) -> tuple[np.ndarray, tuple[int, int]]:
+        """((H, W, 3) uint8 at the stored size, original (h, w)); BadImage when the bytes are no usable image."""
+        return load_rgb(data, self.size, self.max_pixels)
+
+    def pack(self, rgb: np.ndarray, orig: tuple[int, int], meta: dict, cls: int | None, name: str = "rgb") -> dict:
+        """The members of modality `name` for a decoded (H, W, 3) image."""
+        out = {f"{name}.jpg": encode_rgb(rgb, self.quality), "json": fs.dumps_json({**meta, "orig_size": list(orig)})}
         if cls is not None:
             out["cls"] = str(cls).encode()
-        return {"rgb": out}
+        return out
+
+    def members(self, data: bytes, meta: dict, cls: int | None) -> Members:
+        return {"rgb": self.pack(*self.load(data), meta, cls)}
 
 
 def read_image_file(url: str) -> bytes:
@@ -252,38 +302,38 @@ class Source:
         }
 
 
-def imagenet_source(root: str, encoder: RgbEncoder) -> Source:
-    """ILSVRC train layout ROOT/<wnid>/*.JPEG; class index = position in the sorted wnids (as ImageFolder)."""
-    wnids = list_subdirs(root)
-    rels = [r for r in list_images(root) if "/" in r]
-    if not rels:
-        raise SourceError(f"no images found under {root}/<class>/ (expected ROOT/<wnid>/*.JPEG)")
-    index = {w: i for i, w in enumerate(wnids)}
-    keys = unique_keys([path_key(r) for r in rels])
-    items = [Item(k, r, fs.join(root, r), index[r.split("/", 1)[0]], r.split("/", 1)[0]) for k, r in zip(keys, rels)]
-    return Source("imagenet", root, items, FileMaker(encoder, "wnid"), _encoder_options(encoder), cls_classes=wnids)
+def parent_classes(root: str, rels: list[str], pinned: ClassList | None) -> tuple[list[str], list[int], ClassList]:
+    """--class-from-parent: (parent folder of each path, its class index, the class list: `pinned` or the
+    sorted parents); SourceError for a file without a parent folder or a parent `pinned` lacks."""
+    top = [r for r in rels if "/" not in r]
+    if top:
+        raise SourceError(f"--class-from-parent: {fs.join(root, top[0])} has no parent folder below {root}")
+    labels = [posixpath.dirname(r) for r in rels]
+    classes = pinned or ClassList(sorted(set(labels)), root)
+    return labels, [classes.index(lab, fs.join(root, r)) for lab, r in zip(labels, rels)], classes
 
 
-def folder_source(root: str, encoder: RgbEncoder, class_from_parent: bool = False) -> Source:
+def folder_source(
+    root: str, encoder: RgbEncoder, class_from_parent: bool = False, pinned: ClassList | None = None
+) -> Source:
     """Any tree of images; with class_from_parent the class is the parent folder (relative path)."""
     rels = list_images(root)
     if not rels:
         raise SourceError(f"no image files ({', '.join(IMAGE_EXTS)}) found under {root}")
     keys = unique_keys([path_key(r) for r in rels])
-    classes = None
-    labels: list[str | None] = [None] * len(rels)
-    if class_from_parent:
-        top = [r for r in rels if "/" not in r]
-        if top:
-            raise SourceError(f"--class-from-parent: {fs.join(root, top[0])} has no parent folder below {root}")
-        labels = [posixpath.dirname(r) for r in rels]
-        classes = sorted(set(labels))
-    index = {c: i for i, c in enumerate(classes or [])}
-    items = [
-        Item(k, r, fs.join(root, r), index.get(lab) if lab else None, lab) for k, r, lab in zip(keys, rels, labels)
-    ]
-    options = {**_encoder_options(encoder), "class_from_parent": class_from_parent}
-    return Source("folder", root, items, FileMaker(encoder, "class"), options, cls_classes=classes)
+    if not class_from_parent:
+        if pinned is not None:
+            raise SourceError("--classes-from with --src folder needs --class-from-parent (the class of each image)")
+        items = [Item(k, r, fs.join(root, r)) for k, r in zip(keys, rels)]
+        return Source("folder", root, items, FileMaker(encoder, "class"), _folder_options(encoder, False))
+    labels, ids, classes = parent_classes(root, rels, pinned)
+    items = [Item(k, r, fs.join(root, r), i, lab) for k, r, i, lab in zip(keys, rels, ids, labels)]
+    options = _folder_options(encoder, True)
+    return Source("folder", root, items, FileMaker(encoder, "class"), options, cls_classes=classes.names)
+
+
+def _folder_options(encoder: RgbEncoder, class_from_parent: bool) -> dict:
+    return {**encoder_options(encoder), "class_from_parent": class_from_parent}
 
 
 def _split_member(name: str) -> tuple[str, str] | None:
@@ -353,7 +403,7 @@ def webdataset_source(root: str, encoder: RgbEncoder) -> Source:
         raise SourceError(f"the tars of {root} hold no samples")
     keys = unique_keys([r.split(":", 1)[1] for r in refs])
     items = [Item(k, r, loc) for k, r, loc in zip(keys, refs, locs)]
-    return Source("webdataset", root, items, TarSampleMaker(encoder), _encoder_options(encoder))
+    return Source("webdataset", root, items, TarSampleMaker(encoder), encoder_options(encoder))
 
 
 def synthetic_source(num: int, size: int = 128, seed: int = 0, quality: int = 95) -> Source:
@@ -376,7 +426,7 @@ def synthetic_source(num: int, size: int = 128, seed: int = 0, quality: int = 95
     )
 
 
-def _encoder_options(encoder: RgbEncoder) -> dict:
+def encoder_options(encoder: RgbEncoder) -> dict:
     return {"size": encoder.size, "quality": encoder.quality, "max_pixels": encoder.max_pixels}
 
 
@@ -390,23 +440,99 @@ def open_source(
     quality: int = 95,
     max_pixels: int = MAX_PIXELS,
     class_from_parent: bool = False,
+    labels: str | None = None,
+    classes_from: str | None = None,
+    modalities: dict[str, str] | None = None,
+    depth_scale: float | None = None,
+    depth_meaning: str = "metric_m",
+    semseg_classes: str | None = None,
+    shuffle_seed: int | None = None,
+    shuffle: bool = True,
 ) -> Source:
-    """The source named `src`, enumerated. `num` keeps the first N samples (synthetic: renders N scenes)."""
+    """The source named `src`, enumerated and put in build order.
+
+    The order is permuted with `shuffle_seed` (default 0 for imagenet, folder and paired; webdataset and
+    synthetic keep their order unless a seed is given; `shuffle=False` keeps the sorted order). `num` then
+    keeps the first N samples (synthetic: renders N scenes). `classes_from` (a shard set) pins the class
+    indices to its `cls_classes`. The other options belong to one source each (see `multimae-shard build -h`).
+    """
     if src not in SOURCES:
         raise SourceError(f"unknown source {src!r}: choose one of {', '.join(SOURCES)}")
+    _check_applicable(
+        src,
+        labels=labels,
+        classes_from=classes_from,
+        modalities=modalities,
+        depth_scale=depth_scale,
+        depth_meaning=None if depth_meaning == "metric_m" else depth_meaning,  # metric_m: the default
+        semseg_classes=semseg_classes,
+        class_from_parent=class_from_parent,
+    )
     if src == "synthetic":
-        return synthetic_source(1024 if num is None else num, size or 128, seed, quality)
+        source = synthetic_source(1024 if num is None else num, size or 128, seed, quality)
+        return _ordered(source, shuffle_seed if shuffle else None, None)
     if not root:
         raise SourceError(f"--src {src} needs --root (the folder to read)")
     if fs.is_local(root):
         root = os.path.abspath(root)  # recorded in the producer: a resume from another directory still matches
-    encoder = RgbEncoder(256 if size is None else size, quality, max_pixels)
-    if src == "imagenet":
-        source = imagenet_source(root, encoder)
-    elif src == "folder":
-        source = folder_source(root, encoder, class_from_parent)
+    pinned = classes_from_data(classes_from) if classes_from else None
+    if src == "paired":
+        from .paired import paired_source
+
+        encoder = RgbEncoder(size, quality, max_pixels)  # paired data keeps its native size unless --size
+        source = paired_source(
+            root,
+            encoder,
+            modalities or {},
+            depth_scale=depth_scale,
+            depth_meaning=depth_meaning,
+            semseg_classes=semseg_classes,
+            class_from_parent=class_from_parent,
+            pinned=pinned,
+        )
     else:
-        source = webdataset_source(root, encoder)
+        encoder = RgbEncoder(256 if size is None else size, quality, max_pixels)
+        if src == "imagenet":
+            from .imagenet import imagenet_source
+
+            source = imagenet_source(root, encoder, labels=labels, pinned=pinned)
+        elif src == "folder":
+            source = folder_source(root, encoder, class_from_parent, pinned)
+        else:
+            source = webdataset_source(root, encoder)
+    if pinned is not None:
+        digest = hashlib.sha256("\n".join(pinned.names).encode()).hexdigest()
+        origin = os.path.abspath(classes_from) if fs.is_local(classes_from) else classes_from
+        source.options = {**source.options, "classes_from": origin, "classes_sha256": digest}
+    default_seed = 0 if src in SHUFFLED else None
+    return _ordered(source, (default_seed if shuffle_seed is None else shuffle_seed) if shuffle else None, num)
+
+
+# which sources take which option (a user giving one to another source gets told, not ignored)
+APPLIES = {
+    "labels": ("imagenet",),
+    "classes_from": ("imagenet", "folder", "paired"),
+    "modalities": ("paired",),
+    "depth_scale": ("paired",),
+    "depth_meaning": ("paired",),
+    "semseg_classes": ("paired",),
+    "class_from_parent": ("folder", "paired"),
+}
+
+
+def _check_applicable(src: str, **given: Any) -> None:
+    for name, value in given.items():
+        if value not in (None, False) and src not in APPLIES[name]:
+            flag = "--" + name.replace("_", "-")
+            raise SourceError(f"{flag} applies to --src {' / '.join(APPLIES[name])}, not --src {src}")
+
+
+def _ordered(source: Source, shuffle_seed: int | None, num: int | None) -> Source:
+    """The items permuted with `shuffle_seed` (None: enumeration order), then the first `num`; both recorded
+    in the options, so a resume with another seed or count is refused like any other changed option."""
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(source.items)
+        source.options = {**source.options, "shuffle_seed": shuffle_seed}
     if num is not None:
         source.items = source.items[:num]
         source.options = {**source.options, "num": num}

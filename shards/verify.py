@@ -3,7 +3,7 @@
 For every shard of every modality in the manifest: the tar and its stats json exist and the tar
 reads to the end through `shards.tars` (plain tar, regular members within the size limit, valid
 adjacent keys); every member the format names decodes (rgb JPEG, 16-bit depth PNG with a valid
-range, semseg ids within the class list, cls within `cls_classes`) and no other member is present;
+range, semseg ids within the class list or `IGNORE_ID`, cls within `cls_classes`) and no other member is present;
 keys are aligned across modalities (same keys, same order, same image size); counts agree between
 tar, stats json and manifest, and the stats' keys digest matches. With `deep`, every member's bytes
 are also checked against the sha256 its stats json records (shards written without digests are
@@ -24,6 +24,7 @@ from . import fs
 from .errors import printable
 from .format import (
     EXTENSIONS,
+    IGNORE_ID,
     MANIFEST,
     FormatError,
     decode_sample,
@@ -94,10 +95,14 @@ def _check_sample(
         value = decode_sample(modality, members)
     except Exception as exc:
         return what + [f"{modality} does not decode ({type(exc).__name__}: {exc})"], None
-    if kind == "semseg" and value.size:
+    labelled = value[value != IGNORE_ID] if kind == "semseg" else value[:0]
+    if labelled.size:
         classes = entry.get("classes") or []
-        if value.min() < 0 or value.max() >= len(classes):
-            what.append(f"class ids [{value.min()}, {value.max()}] outside the {len(classes)} manifest classes")
+        if labelled.min() < 0 or labelled.max() >= len(classes):
+            what.append(
+                f"class ids [{labelled.min()}, {labelled.max()}] outside the {len(classes)} manifest classes "
+                f"(and {IGNORE_ID}, unlabelled)"
+            )
     if "cls" in members:
         try:
             cls = parse_cls(members["cls"])

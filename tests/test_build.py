@@ -224,3 +224,25 @@ def test_killed_build_resumes_to_identical_bytes(tmp_path):
                 ref["keys_digest"],
                 ref["bytes"],
             )
+
+
+@pytest.mark.parametrize(
+    "manifest, why",
+    [
+        ({"name": "captions", "version": 2}, "format_version None is not 1"),
+        ({"format_version": 1, "modalities": ["rgb"]}, "'modalities' must be an object"),
+        ("not json {", "not valid JSON"),
+    ],
+)
+def test_an_output_with_another_tools_manifest_is_refused_before_building(tmp_path, manifest, why):
+    out = tmp_path / "out"
+    out.mkdir()
+    text = manifest if isinstance(manifest, str) else json.dumps(manifest)
+    (out / "manifest.json").write_text(text)
+    args = ["build", "--src", "synthetic", "--num", "4", "--size", "32", "--out", str(out), "--workers", "1"]
+    res = subprocess.run([CLI, *args, "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert res.stderr.startswith(f"multimae-shard build: error: {out / 'manifest.json'}: ") and why in res.stderr
+    assert res.stderr.endswith(f"--out {out} holds another tool's files: use an empty --out\n")
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]  # nothing written
+    assert (out / "manifest.json").read_text() == text

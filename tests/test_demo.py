@@ -52,3 +52,19 @@ def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
 
     again = demo(out)
     assert again.count("reusing the finished stage") == 4
+
+
+def test_full_demo_refuses_a_folder_made_by_the_quick_one(tmp_path):
+    """The sizes are recorded in OUT/settings.json: smoke-test results are never presented as the demo."""
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "settings.json").write_text(json.dumps({"mode": "quick"}))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "pipelines" / "demo.py"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "holds results made with other settings" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (out / "pretrain").exists()

@@ -107,7 +107,7 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.load(open(tmp_path / "gpu-results.json"))
     tiny = results["model_speed"]["sizes"]["tiny"]
-    assert set(tiny["dtypes"]) == {"float32", "bf16"} and tiny["dtypes"]["bf16"]["samples_per_s"] > 0
+    assert set(tiny["dtypes"]) == {"float32", "bfloat16"} and tiny["dtypes"]["bfloat16"]["samples_per_s"] > 0
     assert tiny["adamw_s"]["fused"] > 0 and tiny["bf16_speedup"] > 0
     assert results["labeling"]["float32"]["job_samples_per_s"] > 0 and "bf16_over_float32_job" in results["labeling"]
     assert results["train_throughput"]["bf16_over_float32"]["model"] > 0

@@ -225,7 +225,8 @@ def test_folder_build_skips_each_bad_kind_and_converts_the_rest(tmp_path):
     (src / "notes.txt").write_text("ignored: not an image extension")
     (src / ".hidden.jpg").write_bytes(b"")
 
-    summary = build(open_source("folder", str(src), size=128), str(tmp_path / "out"), shard_size=4, progress=False)
+    source = open_source("folder", str(src), size=128, shuffle=False)  # sorted order, to know each shard's files
+    summary = build(source, str(tmp_path / "out"), shard_size=4, progress=False)
 
     assert summary.samples == 3 and summary.shards == 2
     assert summary.skipped == {"empty file": 1, "truncated": 1, "not an image": 1, "too large": 2}
@@ -259,27 +260,27 @@ def make_imagenet(root: Path, per_class: dict[str, int]) -> None:
 
 
 def test_imagenet_source_classes_keys_and_meta(tmp_path):
-    make_imagenet(tmp_path / "in", {"n02": 2, "n01": 3, "n03": 1})
+    make_imagenet(tmp_path / "in", {"n00000002": 2, "n00000001": 3, "n00000003": 1})
     (tmp_path / "in" / "README.txt").write_text("not a class")
-    source = open_source("imagenet", str(tmp_path / "in"), size=96)
-    assert source.cls_classes == ["n01", "n02", "n03"]
+    source = open_source("imagenet", str(tmp_path / "in"), size=96, shuffle=False)
+    assert source.cls_classes == ["n00000001", "n00000002", "n00000003"]
     summary = build(source, str(tmp_path / "out"), shard_size=4, progress=False)
     assert (summary.samples, summary.shards, sum(summary.skipped.values())) == (6, 2, 0)
     samples = read_rgb_shards(tmp_path / "out")
     assert [s["__key__"] for s in samples] == [
-        "n01-n01_0",
-        "n01-n01_1",
-        "n01-n01_2",
-        "n02-n02_0",
-        "n02-n02_1",
-        "n03-n03_0",
+        "n00000001-n00000001_0",
+        "n00000001-n00000001_1",
+        "n00000001-n00000001_2",
+        "n00000002-n00000002_0",
+        "n00000002-n00000002_1",
+        "n00000003-n00000003_0",
     ]
     assert [int(s["cls"]) for s in samples] == [0, 0, 0, 1, 1, 2]
     meta = json.loads(samples[4]["json"])
-    assert meta == {"source": "n02/n02_1.JPEG", "wnid": "n02", "orig_size": [310, 400]}
+    assert meta == {"source": "n00000002/n00000002_1.JPEG", "wnid": "n00000002", "orig_size": [310, 400]}
     assert decode_rgb(samples[4]["rgb.jpg"]).shape == (96, 124, 3)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["cls_classes"] == ["n01", "n02", "n03"] and manifest["total"] == 6
+    assert manifest["cls_classes"] == ["n00000001", "n00000002", "n00000003"] and manifest["total"] == 6
     assert [s["count"] for s in manifest["shards"]] == [4, 2]
 
 
@@ -290,7 +291,7 @@ def test_folder_class_from_parent(tmp_path):
             (tmp_path / "in" / cls / f"{i}.png").write_bytes(png(Image.fromarray(textured(40, 40, seed=i))))
     source = open_source("folder", str(tmp_path / "in"), class_from_parent=True)
     assert source.cls_classes == ["cats", "dogs"]
-    assert [(it.key, it.cls, it.label) for it in source.items] == [
+    assert sorted((it.key, it.cls, it.label) for it in source.items) == [
         ("cats-0", 0, "cats"),
         ("dogs-0", 1, "dogs"),
         ("dogs-1", 1, "dogs"),

@@ -247,3 +247,21 @@ def test_an_error_from_a_loader_worker_is_one_line(data, tmp_path):
     )
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
     assert "shard-000000.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_label_print_config_shows_the_resolved_settings(capsys):
+    from labeling.cli import main as label_main
+
+    assert (
+        label_main(
+            [
+                os.path.join(ROOT, "pipelines", "pseudolabel.yaml"),
+                "--print-config",
+                "batch_size=8",
+                "teachers.semseg=null",
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "batch_size: 8" in text and "semseg:" not in text and "kind: depth" in text

@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-predictions", action="store_true", help="also write RUN/predictions.zarr")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.blr=3e-4")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -101,7 +101,10 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["export"]:
         return export_main(argv[1:])
     args = parse_args(argv)
-    overrides = args.overrides + ([f"data.eval_root={args.eval_shards}"] if args.eval_shards else [])
+    # a separate evaluation set replaces held-out shards
+    overrides = args.overrides + (
+        [f"data.eval_root={args.eval_shards}", "data.eval_num_shards=0"] if args.eval_shards else []
+    )
     try:
         cfg = load_run_config(args.config, overrides)
     except ConfigError as e:

@@ -32,7 +32,9 @@ def setup_distributed(device: str) -> Dist:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    dev = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    # one process may pick its GPU (cuda:N); under torchrun each rank takes its LOCAL_RANK's
+    chosen = device if device.startswith("cuda:") and world == 1 else f"cuda:{local_rank}"
+    dev = torch.device(chosen if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():

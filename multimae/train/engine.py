@@ -63,10 +63,8 @@ def forward_loss(run: Run, model: torch.nn.Module, batch: dict[str, Any]) -> tup
             sample_tasks_uniformly=m.sample_tasks_uniformly,
             fp32_output_adapters=tuple(m.fp32_output_adapters),
         )
-        targets = {d: inputs[d] for d in preds if d in inputs}
-        if "norm_rgb" in preds:
-            targets["norm_rgb"] = inputs["rgb"]
-        return pretraining_loss(preds, targets, masks, patch_size=m.patch_size), (preds, masks)
+        # every input is a target (norm_rgb is scored against rgb)
+        return pretraining_loss(preds, inputs, masks, patch_size=m.patch_size), (preds, masks)
     output = model(inputs)
     o = cfg.optim
     loss = finetune_loss(

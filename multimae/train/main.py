@@ -174,12 +174,13 @@ def check_depth_space(state: dict[str, Any], cfg: RunConfig, init: str) -> None:
         )
 
 
-def load_init(model: torch.nn.Module, init: str, cfg: RunConfig, main: bool) -> None:
+def load_init(model: torch.nn.Module, init: str, cfg: RunConfig, main: bool) -> int:
     """Initialise from a multimae-train checkpoint or an official / timm / Hub checkpoint.
 
     A checkpoint of the same objective (e.g. a fine-tuned run) loads whole; otherwise, for fine-tuning, only
     the encoder (global tokens, input adapters, blocks) is taken and the head starts fresh; input adapters the
     checkpoint has but this model lacks (e.g. depth/semseg when fine-tuning on rgb) are reported, not loaded.
+    Returns the checkpoint's step (0 when it does not record one).
     """
     if os.path.isdir(init) or init.endswith(".safetensors"):  # Hugging Face Hub folder / safetensors file
         state = multimae.read_state_dict(init)
@@ -207,6 +208,7 @@ def load_init(model: torch.nn.Module, init: str, cfg: RunConfig, main: bool) -> 
             f"{len(result.unexpected_keys)} unexpected",
             flush=True,
         )
+    return int(state.get("step", 0)) if ours else 0
 
 
 def read_shard_set(root: str, cfg: RunConfig) -> dict:
@@ -259,6 +261,7 @@ class Run:
     module: torch.nn.Module | None = None  # what forward/backward run through (DDP / compiled wrapper)
     optimizer: torch.optim.Optimizer | None = None
     step: int = 0
+    init_step: int = 0  # the step of the --init checkpoint (what --eval-only reports without a run of its own)
     schedule: dict[str, Any] = field(default_factory=dict)
     logger: Logger | None = None
     folder: RunFolder = field(init=False)  # local paths of the run's growing files (staged on object storage)
@@ -381,8 +384,7 @@ def setup(
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     spec = model_spec(cfg, manifest)
     model = multimae.create_model(spec["name"], **spec["kwargs"])
-    if init:
-        load_init(model, init, cfg, d.main)
+    init_step = load_init(model, init, cfg, d.main) if init else 0
     freeze_encoder(model, cfg.model.trainable_blocks)
     model.to(d.device)
     try:
@@ -402,6 +404,7 @@ def setup(
         labels_of(cfg, manifest),
         dtype,
         _identity(cfg, shards_root, init),
+        init_step=init_step,
     )
     if d.main:
         hint = "; train.dtype=float32 forces float32" if dtype != torch.float32 else ""
@@ -549,7 +552,7 @@ def evaluate_only(run: Run, state: dict[str, Any] | None, init: str | None, save
             raise TrainingError(f"{run.ckpt_url} does not fit the model of this config: {detail}") from None
         run.step, source = int(state["step"]), run.ckpt_url
     elif init:
-        source = init
+        run.step, source = run.init_step, init
     else:
         raise ConfigError(f"--eval-only needs a checkpoint: none in {run.out_dir}, and no --init given")
     if run.dist.main:

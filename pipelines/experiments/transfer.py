@@ -1,142 +1,163 @@
-"""The transfer experiment (the paper's Table 1 at small scale): does MultiMAE pre-training on pseudo-labeled
-data transfer better than RGB-only MAE and than no pre-training?
+"""The transfer experiment: does pre-training on this pipeline's pseudo-labelled data give a better encoder?
 
-    python pipelines/experiments/transfer.py [--out runs/transfer] [--seeds 0 1 2]   # full run, about 1 hour on 2 CPUs
-    python pipelines/experiments/transfer.py --quick                                  # smoke check, a few minutes
-    python pipelines/experiments/transfer.py --arms multimae-gt --seeds 0             # ablation: exact labels
-    python pipelines/experiments/transfer.py --finetune-steps 300 --finetune-overrides optim.layer_decay=0.1
+    python pipelines/experiments/transfer.py [--out runs/transfer] [--jobs 2]     # the full protocol
+    python pipelines/experiments/transfer.py --quick --out /tmp/transfer-quick     # smoke check, minutes
 
-Stages, each reused when its outputs exist (a killed run picks up where it stopped):
-  1. build     three synthetic shard sets with different scene seeds (`multimae-shard build`):
-               `pretrain` (its ground truth is never used), `finetune` (labeled; its last shard is the
-               validation shard the trainer evaluates on) and `test` (held-out scenes, for the table);
-  2. label     pseudo depth + semseg on `pretrain` with the shipped small teachers (`multimae-label`, Ray);
-  3. pretrain  per seed: MAE (rgb in, rgb out, 75% masking as in MAE) and MultiMAE (rgb + pseudo depth +
-               pseudo semseg in and out, the demo's token budget), same steps, batch, data and image size;
-  4. finetune  per arm (scratch = random init, MAE, MultiMAE) x seed x task, identical budgets, from RGB only:
-               depth (delta1, AbsRel), semseg (mIoU), cls (top-1); plus semseg from RGB-D, ground-truth depth
-               as the extra input (the paper's RGB-D columns); then evaluated on the `test` shards;
-  5. report    mean +- std over seeds per arm and task: OUT/transfer.md (printed) and OUT/transfer.json.
+Arms, with the same data, steps, batch and model for every one of them:
+  scratch      no pre-training (random encoder);
+  mae          MAE: rgb in and out, 75 % of the tokens masked;
+  multimae     MultiMAE: rgb + pseudo depth + pseudo semseg (this pipeline's shipped teachers) in and out, the
+               paper's visible-token ratio (1/6) and task sampling that also shows rgb-only inputs;
+  multimae-gt  the same on the exact depth and segmentation of the scenes (the oracle: perfect teachers).
 
-Training and evaluation go through `multimae.train.run`, the function behind `multimae-train` (same configs:
-pipelines/pretrain-demo.yaml and pipelines/finetune-demo-*.yaml, plus the overrides listed in ARMS and TASKS);
-each run's log is RUN_DIR/train.log.
+Protocol, chosen so that the encoder has to carry the information:
+  - 64 px scenes cut into 8 px patches: 8 x 8 tokens per modality (the earlier 96 px / 16 px protocol gave the
+    encoder 6 x 6 tokens, and a fresh DPT head as large as the encoder could learn the task around it);
+  - transfer by partial fine-tuning (as in the MAE paper): only the encoder's last block and a per-patch
+    linear head train; the rest of the encoder keeps what pre-training made of it;
+  - tasks: depth (delta1, AbsRel on metric depth), semantic segmentation (mIoU) and RGB-D segmentation (rgb +
+    ground-truth depth in), scored on held-out test scenes; plus the zero-shot cross-modal probe of the
+    MultiMAE arms (RGB in, depth and semseg out, no fine-tuning);
+  - seeds: each seed repeats pre-training and fine-tuning; the table gives mean +- std over seeds.
+
+Stages, each reused when its outputs exist (a killed run picks up where it stopped): build three synthetic
+shard sets (pretrain / finetune / test, different scene seeds) -> label `pretrain` with the shipped teachers ->
+pre-train every arm and seed -> fine-tune every arm, seed and task (evaluated on the test set) -> probe ->
+OUT/transfer.md and OUT/transfer.json (every run's metrics, the settings, the code version). Trainings run
+as `multimae-train` processes, `--jobs` at a time, one thread each; each run's log is RUN_DIR/train.log.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "pipelines")]
 
-from stages import PipelineError, build_synthetic, claim_folder, manifest, pseudo_label  # noqa: E402
+from stages import PipelineError, build_synthetic, claim_folder, manifest, pseudo_label, tool  # noqa: E402
 
-# Sizes of the full experiment and of the smoke check. Scene seeds differ per set, so no scene is shared.
 FULL = dict(
-    pretrain_num=1536,
-    finetune_num=320,
+    pretrain_num=2048,
+    finetune_num=512,
     test_num=256,
-    shard_size=64,
-    image_px=128,
-    pretrain_steps=400,
-    finetune_steps=80,
+    shard_size=128,
+    image_px=64,
+    pretrain_steps=1500,
+    finetune_steps=300,
     batch_size=32,
     seeds=[0, 1, 2],
 )
 QUICK = dict(
-    pretrain_num=64,
-    finetune_num=48,
-    test_num=32,
+    pretrain_num=48,
+    finetune_num=32,
+    test_num=16,
     shard_size=16,
-    image_px=96,
-    pretrain_steps=6,
-    finetune_steps=4,
+    image_px=64,
+    pretrain_steps=4,
+    finetune_steps=3,
     batch_size=8,
     seeds=[0],
 )
 SCENE_SEEDS = {"pretrain": 100, "finetune": 101, "test": 102}
 
 PRETRAIN_CONFIG = "pipelines/pretrain-demo.yaml"
-# Pre-training arms: config overrides on top of PRETRAIN_CONFIG (scratch has no pre-training).
+# The model of every arm: the demo's tiny encoder (192-d, 4 blocks) on 8 px patches of 64 px images; narrow
+# decoders (128-d, 1 block) and the norm-pixel rgb target alone (MAE's best) keep pre-training affordable.
+MODEL = [
+    "model.patch_size=8",
+    "model.num_blocks=4",
+    "model.decoder_blocks=1",
+    "model.decoder_dim=128",
+    "model.decoder_heads=2",
+    "model.extra_norm_pix_loss=false",
+]
+# Pre-training arms: overrides of PRETRAIN_CONFIG (scratch has no pre-training).
 ARMS: dict[str, list[str] | None] = {
     "scratch": None,
-    # MAE: rgb only, 9 of 36 tokens visible at 96 px (MAE's 75% mask ratio); the norm-pix rgb loss stays on
-    "mae": ["data.inputs={rgb: rgb}", "model.out_domains=[rgb]", "model.num_encoded_tokens=9"],
-    # MultiMAE: rgb + pseudo depth + pseudo semseg, 32 of 3 x 36 tokens visible, as the demo config
-    "multimae": [],
-    # Ablation (not in the default run): MultiMAE pre-trained on the exact depth and semseg instead of the
-    # teachers' pseudo labels, the upper bound that better teachers could reach
-    "multimae-gt": ["data.inputs={rgb: rgb, depth: depth_gt, semseg: semseg_gt}"],
+    "mae": ["data.inputs={rgb: rgb}", "model.out_domains=[norm_rgb]", "model.num_encoded_tokens=16"],  # 16 of 64
+    "multimae": [
+        "data.inputs={rgb: rgb, depth: depth, semseg: semseg}",
+        "model.out_domains=[norm_rgb, depth, semseg]",
+        "model.num_encoded_tokens=32",
+        "model.sample_tasks_uniformly=true",
+    ],  # 32 of 3 x 64 = 1/6, as the paper's 98 of 588
+    "multimae-gt": [
+        "data.inputs={rgb: rgb, depth: depth_gt, semseg: semseg_gt}",
+        "model.out_domains=[norm_rgb, depth, semseg]",
+        "model.num_encoded_tokens=32",
+        "model.sample_tasks_uniformly=true",
+    ],
 }
-DEFAULT_ARMS = ["scratch", "mae", "multimae"]
-# Transfer tasks: (fine-tuning config, overrides). All fine-tune from RGB except semseg-rgbd.
+# Partial fine-tuning: the last encoder block and a per-patch linear head (ConvNeXt head without blocks:
+# one linear map from each token to its 4 x 4 sub-patch predictions, upsampled 2x).
+FINETUNE = [
+    "model.trainable_blocks=1",
+    "model.head=convnext",
+    "model.head_blocks=0",
+    "model.head_dim=512",
+    "optim.layer_decay=null",
+    "data.eval_num_shards=0",
+]
 TASKS: dict[str, tuple[str, list[str]]] = {
     "depth": ("pipelines/finetune-demo-depth.yaml", []),
     "semseg": ("pipelines/finetune-demo-semseg.yaml", []),
-    "cls": ("pipelines/finetune-demo-cls.yaml", []),
     "semseg-rgbd": ("pipelines/finetune-demo-semseg.yaml", ["data.inputs={rgb: rgb, depth: depth_gt}"]),
 }
-# Table columns: (task, metric, header).
-COLUMNS = [
+COLUMNS = [  # (task, metric, header)
     ("depth", "delta1", "depth δ1 ↑"),
     ("depth", "AbsRel", "depth AbsRel ↓"),
     ("semseg", "mIoU", "semseg mIoU ↑"),
-    ("cls", "top1", "cls top-1 ↑"),
     ("semseg-rgbd", "mIoU", "RGB-D semseg mIoU ↑"),
+    ("probe", "delta1", "probe depth δ1 ↑"),
+    ("probe", "mIoU", "probe semseg mIoU ↑"),
 ]
 
 
-def train(
-    config: str, overrides: list[str], shards: Path, out: Path, *, init: Path | None = None, eval_only: bool = False
-) -> dict[str, Any] | None:
-    """One `multimae-train` run through its Python API, its output going to OUT/train.log (or eval.log).
-
-    Returns the run's summary, or None when the trainer stopped it (TrainingError: e.g. a non-finite loss).
-    """
-    from multimae.train.config import load_run_config
-    from multimae.train.engine import TrainingError
-    from multimae.train.main import run
-
-    cfg = load_run_config(str(REPO / config), overrides)
+def train(config: str, overrides: list[str], shards: Path, out: Path, *, init: Path | None = None) -> bool:
+    """One `multimae-train` run (one thread), its output in OUT/train.log; False when it failed."""
     out.mkdir(parents=True, exist_ok=True)
-    log = out / ("eval.log" if eval_only else "train.log")
-    with open(log, "a") as f, contextlib.redirect_stdout(f):
-        print(
-            f"# multimae-train --shards {shards} --config {config} --out {out}"
-            f"{f' --init {init}' if init else ''}{' --eval-only' if eval_only else ''} {' '.join(overrides)}",
-            flush=True,
-        )
-        try:
-            return run(cfg, str(shards), str(out), init=str(init) if init else None, eval_only=eval_only)
-        except TrainingError as e:
-            reason = str(e)
-            print(f"multimae-train: error: {reason}", flush=True)
-    print(f"transfer: run {out} stopped: {reason}", flush=True)
-    return None
+    cmd = [tool("multimae-train"), "--shards", str(shards), "--config", config, "--out", str(out)]
+    cmd += (["--init", str(init)] if init else []) + overrides
+    with open(out / "train.log", "ab") as log:
+        log.write(("$ " + " ".join(cmd) + "\n").encode())
+        log.flush()
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env).returncode == 0
 
 
-def common_overrides(size: dict[str, Any], seed: int, steps: int, quick: bool) -> list[str]:
+def budget(size: dict[str, Any], seed: int, steps: int, quick: bool) -> list[str]:
     """The budget every arm shares; a checkpoint every quarter of the run, so a killed run loses little."""
     quarter = max(1, steps // 4)
     o = [
         f"train.seed={seed}",
         f"train.steps={steps}",
-        f"train.warmup_steps={max(1, steps // 10)}",
+        f"train.warmup_steps={max(1, steps // 20)}",
         f"train.batch_size={size['batch_size']}",
         f"train.checkpoint_every={quarter}",
         f"log.every={quarter}",
+        f"data.image_size={size['image_px']}",
+        "log.tensorboard=false",
+        "train.dtype=float32",
+        "data.num_workers=0" if quick else "data.num_workers=1",
     ]
-    if quick:
-        o += ["data.num_workers=0", "data.shuffle_buffer=16"]
-    return o
+    return o + (["data.shuffle_buffer=16"] if quick else [])
+
+
+def code_version() -> str:
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=REPO
+    ).stdout.strip()
+    return (proc.stdout.strip() or "unknown") + ("+changes" if dirty else "")
 
 
 def aggregate(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -162,65 +183,74 @@ def markdown_table(table: dict[str, dict[str, dict[str, Any]]]) -> str:
         for task, metric, _ in COLUMNS:
             c = cells.get(f"{task}/{metric}")
             digits = 3 if metric == "AbsRel" else 1
-            row.append("-" if c is None else f"{c['mean']:.{digits}f} ± {c['std']:.{digits}f} (n={c['n']})")
+            row.append("-" if c is None else f"{c['mean']:.{digits}f} ± {c['std']:.{digits}f}")
         lines.append(f"| {arm} | " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def margins(table: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """Each pre-trained arm against scratch, in units of the larger std (the '> 2 std' criterion)."""
+    out = []
+    for arm in (a for a in table if a != "scratch"):
+        for key, better in (("depth/delta1", 1), ("semseg/mIoU", 1), ("semseg-rgbd/mIoU", 1)):
+            a, s = table[arm].get(key), table.get("scratch", {}).get(key)
+            if a and s:
+                gap = better * (a["mean"] - s["mean"])
+                spread = max(a["std"], s["std"])
+                ratio = f" ({gap / spread:+.1f} std)" if min(a["n"], s["n"]) > 1 and spread > 0 else ""
+                out.append(f"{arm} vs scratch, {key}: {gap:+.2f}{ratio}")
+    return out
+
+
+def probe(run_dir: Path, test: Path, out_json: Path) -> dict[str, float] | None:
+    """The zero-shot cross-modal probe of one pre-training run on the test set (pipelines/experiments)."""
+    if not out_json.exists():
+        cmd = [
+            sys.executable,
+            str(REPO / "pipelines" / "experiments" / "crossmodal_probe.py"),
+            str(run_dir),
+            "--shards",
+            str(test),
+            "--json",
+            str(out_json),
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        with open(run_dir / "probe.log", "wb") as log:
+            if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env).returncode:
+                return None
+    rows = json.loads(out_json.read_text())
+    return next((v for k, v in rows.items() if "(step" in k), None)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/transfer", help="everything the experiment writes goes here")
     ap.add_argument("--quick", action="store_true", help="tiny sets and step counts, one seed (smoke check)")
-    ap.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: 0 1 2; --quick: 0)")
-    ap.add_argument("--pretrain-steps", type=int, help=f"pre-training steps per arm (default {FULL['pretrain_steps']})")
-    ap.add_argument("--finetune-steps", type=int, help=f"fine-tuning steps per task (default {FULL['finetune_steps']})")
-    ap.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS), help="transfer tasks to run")
-    ap.add_argument(
-        "--finetune-overrides",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config overrides for every fine-tuning run, e.g. optim.blr=5e-3 (recorded in settings)",
-    )
-    ap.add_argument(
-        "--arms",
-        nargs="+",
-        choices=list(ARMS),
-        default=DEFAULT_ARMS,
-        help=f"pre-training arms (default: {' '.join(DEFAULT_ARMS)}; multimae-gt is an ablation)",
-    )
+    ap.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 1 2; --quick: 0)")
+    ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="pre-training arms")
+    ap.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS), help="transfer tasks")
+    ap.add_argument("--jobs", type=int, default=2, help="trainings run at the same time (one thread each)")
     args = ap.parse_args(argv)
     size = dict(QUICK if args.quick else FULL)
-    for key, value in (
-        ("seeds", args.seeds),
-        ("pretrain_steps", args.pretrain_steps),
-        ("finetune_steps", args.finetune_steps),
-    ):
-        if value is not None:
-            size[key] = value
+    if args.seeds:
+        size["seeds"] = args.seeds
     out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    data, runs, logs = out / "data", out / "runs", out / "logs"
-    logs.mkdir(exist_ok=True)
-    t_start = time.time()
-    timings: dict[str, float] = {}
-
-    # Runs are reused by directory name, so their settings must not change under them.
-    # Arms and tasks may be added to a folder later; the ones it already holds must keep their definitions.
-    arms = {arm: ARMS[arm] for arm in args.arms}
+    data, runs = out / "data", out / "runs"
+    arms = {a: ARMS[a] for a in args.arms}
     settings = {k: v for k, v in size.items() if k != "seeds"} | {
         "scene_seeds": SCENE_SEEDS,
+        "model": MODEL,
+        "finetune": FINETUNE,
         "arms": arms,
         "tasks": TASKS,
     }
-    if args.finetune_overrides:
-        settings["finetune_overrides"] = args.finetune_overrides
     try:
         settings = claim_folder(out, settings, "transfer", extend=("arms", "tasks"))
     except PipelineError as e:
         raise SystemExit(f"transfer: {e}") from None
+    t_start = time.time()
+    timings: dict[str, float] = {}
 
-    # 1. build -------------------------------------------------------------------------------------
     t = time.time()
     for name in ("pretrain", "finetune", "test"):
         build_synthetic(
@@ -229,114 +259,96 @@ def main(argv: list[str] | None = None) -> None:
             size=size["image_px"],
             shard_size=size["shard_size"],
             seed=SCENE_SEEDS[name],
-            log=logs / "build.log",
+            log=out / "logs" / "build.log",
         )
-    timings["build"] = time.time() - t
-
-    # 2. label -------------------------------------------------------------------------------------
-    t = time.time()
     if not {"depth", "semseg"} <= set(manifest(data / "pretrain")["modalities"]):
-        pseudo_label(data / "pretrain", logs / "label.log", "progress=false")
-    timings["label"] = time.time() - t
+        pseudo_label(data / "pretrain", out / "logs" / "label.log", "progress=false")
+    timings["data"] = time.time() - t
 
-    test_shards = [s["name"] for s in manifest(data / "test")["shards"]]
-    test_overrides = [f"data.train_shards=[{test_shards[0]}]", f"data.eval_shards=[{','.join(test_shards)}]"]
-    ft_eval = ["data.eval_num_shards=1"]  # the fine-tuning set's last shard: validation during fine-tuning
+    failed: list[str] = []
+
+    def pretrain(arm: str, seed: int) -> None:
+        run_dir = runs / f"pretrain-{arm}-s{seed}"
+        if (run_dir / "summary.json").exists():
+            return
+        overrides = MODEL + arms[arm] + budget(size, seed, size["pretrain_steps"], args.quick) + ["log.image_every=0"]
+        ok = train(PRETRAIN_CONFIG, overrides, data / "pretrain", run_dir)
+        if not ok:
+            failed.append(f"pretrain {arm} seed {seed}: see {run_dir / 'train.log'}")
+        print(f"pretrain {arm} seed {seed}: {'done' if ok else 'FAILED'}", flush=True)
+
+    def finetune(arm: str, seed: int, task: str) -> None:
+        run_dir = runs / f"finetune-{arm}-s{seed}-{task}"
+        init = None if arms[arm] is None else runs / f"pretrain-{arm}-s{seed}" / "checkpoint.pt"
+        if (run_dir / "eval.json").exists():
+            return
+        if init is not None and not init.exists():
+            failed.append(f"finetune {arm} seed {seed} {task}: no pre-trained checkpoint")
+            return
+        config, task_overrides = TASKS[task]
+        overrides = MODEL + FINETUNE + task_overrides + budget(size, seed, size["finetune_steps"], args.quick)
+        overrides.append(f"data.eval_root={data / 'test'}")  # scored on the held-out test scenes
+        ok = train(config, overrides, data / "finetune", run_dir, init=init)
+        if not ok:
+            failed.append(f"finetune {arm} seed {seed} {task}: see {run_dir / 'train.log'}")
+        print(f"finetune {arm} seed {seed} {task}: {'done' if ok else 'FAILED'}", flush=True)
+
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        t = time.time()
+        list(pool.map(lambda job: pretrain(*job), [(a, s) for s in size["seeds"] for a in arms if arms[a]]))
+        timings["pretrain"] = time.time() - t
+        t = time.time()
+        jobs = [(a, s, k) for s in size["seeds"] for a in arms for k in args.tasks]
+        list(pool.map(lambda job: finetune(*job), jobs))
+        timings["finetune"] = time.time() - t
+
     results: list[dict[str, Any]] = []
-    failed: list[str] = []  # runs that stopped (e.g. a non-finite loss): left out of the table, listed below it
-    timings["pretrain"] = timings["finetune"] = 0.0
-    n_runs = len(size["seeds"]) * len(arms) * len(args.tasks)
-    done = 0
-    for seed in size["seeds"]:
-        # 3. pretrain ------------------------------------------------------------------------------
-        for arm, arm_overrides in arms.items():
-            if arm_overrides is None:
-                continue
+    for arm, seed, task in jobs:
+        path = runs / f"finetune-{arm}-s{seed}-{task}" / "eval.json"
+        if path.exists():
+            results.append(
+                {
+                    "arm": arm,
+                    "seed": seed,
+                    "task": task,
+                    "metrics": json.loads(path.read_text())["metrics"],
+                    "run": str(path.parent),
+                }
+            )
+    t = time.time()
+    for arm in (a for a in arms if a.startswith("multimae")):
+        for seed in size["seeds"]:
             run_dir = runs / f"pretrain-{arm}-s{seed}"
-            if not (run_dir / "summary.json").exists():
-                t = time.time()
-                overrides = arm_overrides + common_overrides(size, seed, size["pretrain_steps"], args.quick)
-                s = train(PRETRAIN_CONFIG, overrides + ["log.image_every=0"], data / "pretrain", run_dir)
-                timings["pretrain"] += time.time() - t
-                if s is None:
-                    failed.append(f"pretrain {arm} seed {seed}: see {run_dir / 'train.log'}")
-                    continue
-                losses = " ".join(f"{k[5:]} {v:.3f}" for k, v in s.items() if k.startswith("loss/"))
-                print(
-                    f"pretrain {arm:8s} seed {seed}: {s['steps']} steps in {time.time() - t:.0f} s, "
-                    f"final loss {losses}",
-                    flush=True,
-                )
+            if (run_dir / "checkpoint.pt").exists():
+                scores = probe(run_dir, data / "test", run_dir / "probe.json")
+                if scores is None:
+                    failed.append(f"probe {arm} seed {seed}: see {run_dir / 'probe.log'}")
+                else:
+                    results.append({"arm": arm, "seed": seed, "task": "probe", "metrics": scores, "run": str(run_dir)})
+    timings["probe"] = time.time() - t
 
-        # 4. finetune and test ---------------------------------------------------------------------
-        for arm, arm_overrides in arms.items():
-            init = None if arm_overrides is None else runs / f"pretrain-{arm}-s{seed}" / "checkpoint.pt"
-            for task in args.tasks:
-                config, task_overrides = TASKS[task]
-                run_dir = runs / f"finetune-{arm}-s{seed}-{task}"
-                test_eval = run_dir / "test" / "eval.json"
-                overrides = (
-                    task_overrides
-                    + common_overrides(size, seed, size["finetune_steps"], args.quick)
-                    + args.finetune_overrides
-                )
-                t = time.time()
-                if init is not None and not (init.parent / "summary.json").exists():
-                    failed.append(f"finetune {arm} seed {seed} {task}: no pre-trained checkpoint")
-                    continue
-                if not test_eval.exists():
-                    ok = (
-                        train(config, overrides + ft_eval, data / "finetune", run_dir, init=init) is not None
-                        and train(
-                            config,
-                            overrides + test_overrides,
-                            data / "test",
-                            run_dir / "test",
-                            init=run_dir / "checkpoint.pt",
-                            eval_only=True,
-                        )
-                        is not None
-                    )
-                    timings["finetune"] += time.time() - t
-                    if not ok:
-                        failed.append(f"finetune {arm} seed {seed} {task}: see the logs in {run_dir}")
-                        continue
-                metrics = json.loads(test_eval.read_text())["metrics"]
-                results.append({"arm": arm, "seed": seed, "task": task, "metrics": metrics, "run": str(run_dir)})
-                done += 1
-                shown = " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float))
-                print(
-                    f"[{done}/{n_runs}] {arm:8s} seed {seed} {task:11s} test: {shown} ({time.time() - t:.0f} s)",
-                    flush=True,
-                )
-
-    # 5. report ------------------------------------------------------------------------------------
     table = aggregate(results)
     wall = time.time() - t_start
-    timings = {k: round(v, 1) for k, v in timings.items()}
     header = (
-        f"Transfer to held-out synthetic scenes ({size['test_num']} test scenes), mean ± std over seeds "
-        f"{size['seeds']}; pre-training {size['pretrain_steps']} steps, fine-tuning {size['finetune_steps']} "
-        f"steps per task, batch {size['batch_size']}."
+        f"Transfer to {size['test_num']} held-out synthetic test scenes, mean ± std over seeds {size['seeds']}; "
+        f"pre-training {size['pretrain_steps']} steps, partial fine-tuning (last block + per-patch linear head) "
+        f"{size['finetune_steps']} steps per task, batch {size['batch_size']}, {size['image_px']} px, 8 px patches."
     )
-    failures = "".join(f"\nfailed: {f}" for f in failed)
-    text = f"{header}\n\n{markdown_table(table)}\n{failures}\nstage seconds (this invocation): {timings}\n"
-    (out / "transfer.md").write_text(text)
-    (out / "transfer.json").write_text(
-        json.dumps(
-            {
-                "settings": settings,
-                "seeds": size["seeds"],
-                "table": table,
-                "runs": results,
-                "failed": failed,
-                "stage_seconds": timings,
-                "wall_seconds": round(wall, 1),
-            },
-            indent=1,
-        )
-    )
-    print(f"\n{text}total {wall:.0f} s; written: {out / 'transfer.md'}, {out / 'transfer.json'}", flush=True)
+    text = "\n".join([header, "", markdown_table(table), "", *margins(table), *(f"failed: {f}" for f in failed)])
+    (out / "transfer.md").write_text(text + "\n")
+    record = {
+        "settings": settings,
+        "seeds": size["seeds"],
+        "code_version": code_version(),
+        "table": table,
+        "runs": results,
+        "failed": failed,
+        "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
+        "wall_seconds": round(wall, 1),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    (out / "transfer.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(f"\n{text}\n\ntotal {wall:.0f} s; written: {out / 'transfer.md'}, {out / 'transfer.json'}", flush=True)
     if failed:
         raise SystemExit(1)
 
