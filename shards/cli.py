@@ -220,9 +220,10 @@ def _unlock(args: argparse.Namespace) -> int:
     from .lock import describe, lock_url, unlock
 
     record = unlock(args.data)
-    print(
-        f"unlock: removed {lock_url(args.data)} of {describe(record)}" if record else f"unlock: {args.data} has no lock"
-    )
+    if record is None:
+        print(f"unlock: {args.data} has no lock")
+    else:
+        print(f"unlock: removed {lock_url(args.data)} of {describe(record)}")
     return 0
 
 

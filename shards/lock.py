@@ -222,14 +222,15 @@ def output_lock(root: str, job: str) -> Iterator[dict[str, Any]]:
 
 
 def unlock(root: str) -> dict[str, Any] | None:
-    """Remove the lock of `root` left by a job that is gone; returns its record (None when there was none).
+    """Remove the lock of `root` left by a job that is gone; returns its record ({} when unreadable, None when
+    there was no lock).
 
     A local lock held by a running process cannot be removed (LockHeld): that job is still writing.
     """
     url = lock_url(root)
     if not fs.exists(url):
         return None
-    record = _parse(fs.read_bytes(url))
+    record = _parse(fs.read_bytes(url)) or {}
     if fs.is_local(root):
         _release_local(root, _acquire_local(root, holder_record("multimae-shard unlock")))  # LockHeld if live
     else:
