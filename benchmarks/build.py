@@ -12,7 +12,13 @@ outputs (draft decoding must not cost quality), the CPU share of the build's saf
 and bounded reads of source files, a sha256 per stored member), and the peak RSS of a build process at
 two dataset sizes (it must not grow with the dataset).
 
+With `--remote s3` it measures building to object storage instead: the same build (`--workers`, default 1)
+to local disk and to S3 (moto's server on 127.0.0.1 behind a proxy that delays every request by
+`--latency-ms`, see s3_local.py), interleaved, each into a fresh output; it prints the S3 / local throughput
+ratio (target >= 0.8).
+
     .venv/bin/python benchmarks/build.py [--num 200] [--keep DIR]
+    .venv/bin/python benchmarks/build.py --remote s3 [--num 200] [--workers 1]
 """
 
 from __future__ import annotations
@@ -77,8 +83,40 @@ def naive(files: list[Path], out: Path) -> None:
         im.save(out / f"{i:06d}.jpg", quality=95)
 
 
-def ours(root: Path, out: Path, num: int | None = None) -> None:
-    build(open_source("imagenet", str(root), size=SIZE, num=num), str(out), shard_size=1000, workers=1, progress=False)
+def ours(root: Path, out: Path | str, num: int | None = None, workers: int = 1) -> None:
+    source = open_source("imagenet", str(root), size=SIZE, num=num)
+    build(source, str(out), shard_size=1000, workers=workers, progress=False)
+
+
+def remote_report(root: Path, tmp: Path, args: argparse.Namespace) -> None:
+    """Build to local disk vs to S3 with `args.latency_ms` per request: same source, same workers."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from s3_local import local_s3
+
+    from shards import fs
+
+    n = len(list(root.rglob("*.JPEG")))
+    with local_s3(args.latency_ms) as (direct, delayed):
+        import boto3
+
+        boto3.client("s3", endpoint_url=direct).create_bucket(Bucket="bench")
+        fs.set_storage_options({"endpoint_url": delayed})
+        ours(root, tmp / "warm", num=10, workers=args.workers)  # page cache, imports
+        ours(root, "s3://bench/warm", num=10, workers=args.workers)  # the S3 client's first connection
+        times: dict[str, list[float]] = {"local disk": [], "S3": []}
+        for i in range(args.repeats):  # interleaved, each into a fresh output
+            for name, out in (("local disk", tmp / f"out{i}"), ("S3", f"s3://bench/out{i}")):
+                t0 = time.perf_counter()
+                ours(root, out, workers=args.workers)
+                times[name].append(time.perf_counter() - t0)
+        assert fs.read_json(f"s3://bench/out{args.repeats - 1}/manifest.json")["total"] == n
+    rate = {k: n / min(v) for k, v in times.items()}
+    print(f"build {n} images, {args.workers} worker(s), best of {args.repeats}; S3 latency {args.latency_ms:.0f} ms")
+    for k, v in times.items():
+        print(f"  to {k:<11} {rate[k]:6.1f} img/s   passes: {', '.join(f'{t:.1f} s' for t in v)}")
+    print(f"ratio S3 / local disk: {rate['S3'] / rate['local disk']:.2f} (target >= 0.8)")
 
 
 def safety_cost(files: list[Path], out: Path, repeats: int = 5) -> tuple[float, float]:
@@ -132,6 +170,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--num", type=int, default=200, help="images in the generated tree (200)")
     ap.add_argument("--keep", help="generate into this folder and keep it (default: a temp dir)")
+    ap.add_argument("--remote", choices=["s3"], help="measure building to object storage instead (see above)")
+    ap.add_argument("--latency-ms", type=float, default=20.0, help="--remote: added latency per request")
+    ap.add_argument("--workers", type=int, default=1, help="--remote: build workers (both builds)")
+    ap.add_argument("--repeats", type=int, default=2, help="--remote: timed builds per target; the best is kept")
     args = ap.parse_args()
 
     tmp = Path(args.keep or tempfile.mkdtemp(prefix="bench_build_"))
@@ -144,6 +186,11 @@ def main() -> None:
         f"tree: {len(files)} JPEGs, {nbytes / 1e6:.1f} MB, mean {np.mean([s[0] for s in sizes]):.0f}x"
         f"{np.mean([s[1] for s in sizes]):.0f} px (generated in {time.perf_counter() - t0:.1f} s)"
     )
+    if args.remote:
+        remote_report(root, tmp, args)
+        if not args.keep:
+            shutil.rmtree(tmp)
+        return
 
     naive(files[:10], tmp / "warm_naive")  # warm-up: page cache, imports, allocator
     ours(root, tmp / "warm_ours", num=10)

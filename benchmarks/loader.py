@@ -14,9 +14,15 @@ The cost of reading shards as untrusted input is measured in the same run, in CP
 process: the loader with and without the member digest check, and the tar stage alone as the checked
 reader (shards.tars) and as webdataset's unchecked tar_file_expander + group_by_keys.
 
+With `--remote s3` it measures object storage instead: the same shard set read from local disk (warm) and
+from S3 (moto's server on 127.0.0.1 behind a proxy that delays every response by `--latency-ms`, see
+s3_local.py), same workers and batch, interleaved passes, with and without the reader's readahead; it prints
+the S3 / local throughput ratio (target >= 0.8).
+
     .venv/bin/python benchmarks/loader.py                 # 2000 samples at 128 px, crop 112, 2 workers
     .venv/bin/python benchmarks/loader.py --size 256 --crop 224 --n 1000
     .venv/bin/python benchmarks/loader.py --n 500 --size 128
+    .venv/bin/python benchmarks/loader.py --remote s3     # S3 with 20 ms per request vs local disk
 """
 
 from __future__ import annotations
@@ -350,6 +356,39 @@ def http_scenario(out: str, n_shards: int, latency_ms: float, a: argparse.Namesp
         server.wait()
 
 
+def s3_report(shard_root: str, a: argparse.Namespace) -> None:
+    """Local disk vs S3 with `a.latency_ms` per request, same DataLoader, readahead off and on."""
+    from s3_local import local_s3
+
+    with local_s3(a.latency_ms) as (direct, delayed):
+        import boto3
+
+        boto3.client("s3", endpoint_url=direct).create_bucket(Bucket="bench")
+        remote = "s3://bench/shards"
+        fs.set_storage_options({"endpoint_url": direct})  # upload without the added latency
+        for path in all_files(shard_root):
+            fs.upload(path, fs.join(remote, os.path.relpath(path, shard_root)))
+        fs.set_storage_options({"endpoint_url": delayed})  # every read pays it (datasets carry their options)
+        settings = {
+            "local disk (warm)": _shard_dataset(shard_root, a.crop),
+            "S3, readahead 0": _shard_dataset(remote, a.crop, readahead=0),
+            f"S3, readahead {a.readahead}": _shard_dataset(remote, a.crop, readahead=a.readahead),
+        }
+        timed_pass(settings["local disk (warm)"], a.workers, a.batch, False)  # warm the page cache
+        runs: dict[str, list[float]] = {k: [] for k in settings}
+        for _ in range(a.repeats):  # interleaved, so background load hits every setting alike
+            for name, ds in settings.items():
+                runs[name].append(timed_pass(ds, a.workers, a.batch, False)[0])
+    best = {k: max(v) for k, v in runs.items()}
+    print(f"\n{'setting':<22}{'samples/s':>10}   all passes")
+    for k, v in runs.items():
+        print(f"{k:<22}{best[k]:>10.0f}   {', '.join(f'{r:.0f}' for r in v)}")
+    local = best["local disk (warm)"]
+    for k in list(settings)[1:]:
+        target = " (target >= 0.8)" if k.endswith(f"readahead {a.readahead}") else ""
+        print(f"ratio {k} / local disk: {best[k] / local:.2f}{target}")
+
+
 # --- peak memory ----------------------------------------------------------------------------------
 
 
@@ -398,6 +437,9 @@ def main() -> None:
         help="per-request latency of the HTTP (object-store-like) scenario; 0 skips it",
     )
     p.add_argument("--http-shards", type=int, default=3, help="shards read in the HTTP scenario")
+    p.add_argument("--remote", choices=["s3"], help="measure reading from object storage instead (see above)")
+    p.add_argument("--latency-ms", type=float, default=20.0, help="--remote: added latency per request")
+    p.add_argument("--readahead", type=int, default=2, help="--remote: shards read ahead per worker")
     p.add_argument("--rss-child", nargs=2, metavar=("ROOT", "N_SHARDS"), help=argparse.SUPPRESS)
     p.add_argument("--serve", nargs=3, metavar=("DIR", "PORT", "LATENCY_MS"), help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -413,6 +455,13 @@ def main() -> None:
         with open(params, "w") as f:
             json.dump({"n": a.n, "size": a.size}, f)
     shard_root, folder_root = os.path.join(a.out, "shards"), os.path.join(a.out, "folder")
+    if a.remote:
+        print(
+            f"data: {a.n} samples at {a.size} px in {len(F.read_manifest(shard_root)['shards'])} shards; loader: crop "
+            f"{a.crop}, batch {a.batch}, {a.workers} workers, best of {a.repeats} passes; "
+            f"S3 latency {a.latency_ms:.0f} ms per request; {os.cpu_count()} CPUs"
+        )
+        return s3_report(shard_root, a)
     mib = {
         k: sum(map(os.path.getsize, all_files(r))) / 2**20 for k, r in (("shards", shard_root), ("folder", folder_root))
     }

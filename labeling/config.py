@@ -15,12 +15,13 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from shards import fs
 from shards.config import ConfigError, load_config
 from shards.format import FormatError, modality_kind, read_manifest
-from shards.writer import shard_is_complete
+from shards.fs import MissingBackend
+from shards.writer import committed_shards
 
 __all__ = ["ConfigError", "LabelConfig", "RayConfig", "TeacherConfig", "check_inputs", "load_label_config"]
 
@@ -66,6 +67,9 @@ class LabelConfig:
     max_retries: int = 2  # re-runs of a shard whose actor crashed
     progress: bool = True  # print a line per finished shard
     ray: RayConfig = field(default_factory=RayConfig)
+    # keyword arguments for the fsspec filesystem of remote input/output (s3://, gs://); credentials come from
+    # the backend's environment on every node (docs/object-storage.md)
+    storage_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # `teachers.semseg=null` drops a teacher; a teacher without `kind` takes its modality's kind
@@ -193,6 +197,8 @@ def check_inputs(cfg: LabelConfig) -> list[str]:
     try:
         entries = input_shards(cfg)
         manifest = read_manifest(cfg.input)
+    except MissingBackend:
+        raise  # one line naming the extra to install; no "make one with ..." hint
     except FormatError as e:
         raise ConfigError(
             f"input: {e} (make one with `multimae-shard build --src synthetic --out {cfg.input}`)"
@@ -210,8 +216,9 @@ def check_inputs(cfg: LabelConfig) -> list[str]:
                 f"{source or 'of unknown source'}: expect poor labels (set teachers.{mod}.model to a real teacher, "
                 "e.g. the paper's)"
             )
+    committed = committed_shards(cfg.input, cfg.rgb)
     for e in entries:
-        if not shard_is_complete(cfg.input, cfg.rgb, e["name"]):
+        if e["name"] not in committed:
             raise ConfigError(
                 f"input: shard {fs.join(cfg.input, cfg.rgb, e['name'] + '.tar')} is missing or "
                 "incomplete (no stats json)"

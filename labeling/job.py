@@ -7,9 +7,12 @@ Inside an actor a shard flows through three overlapped stages:
     main thread     every configured teacher on the same decoded batch                      (torch)
     encoder thread  16-bit depth / 8-bit semseg PNGs -> one ShardWriter per output modality (in key order)
 
-Output shards are committed with `shards.writer.ShardWriter` (temp name + rename, stats json last),
-so a re-run skips committed shards and a killed run loses only the shards in flight. A crashed actor
-is restarted by Ray and its shard retried (at most `max_retries` times). A sample that cannot be
+Output shards are committed with `shards.writer.ShardWriter` (temp name + rename, or one uploaded object
+on object storage; stats json last), so a re-run skips committed shards and a killed run loses only the
+shards in flight. Input and output may be local paths (shared by every node) or object-store URLs; an actor
+reads and writes them itself, and the driver holds the output's lock (`shards.lock`) for the whole job.
+Actors are spread over the cluster's nodes. A crashed actor (or one on a node that died) is restarted by Ray
+where resources allow, and its shard retried on any live actor (at most `max_retries` times). A sample that cannot be
 decoded, labeled or encoded is recorded in the stats of every output modality and left out of all
 of them, so the output shards stay aligned with each other; the rest of the shard is kept.
 The manifest is updated atomically once every shard of a new modality is complete.
@@ -31,8 +34,9 @@ import torch
 
 from shards import fs
 from shards.format import FormatError, encode_sample, modality_entry, read_manifest, update_manifest
+from shards.lock import output_lock
 from shards.reader import decode_members, iter_shard_members
-from shards.writer import ShardWriter, read_stats, shard_is_complete, stats_path
+from shards.writer import ShardWriter, committed_shards, read_stats, stats_path
 
 from .config import ConfigError, LabelConfig, check_inputs, input_shards, resolve_model
 
@@ -113,6 +117,7 @@ class ShardLabeler:
     def __init__(self, cfg: LabelConfig, device: str = "cpu"):
         from .teachers import load_teacher
 
+        fs.set_storage_options(cfg.storage_options)  # this actor's process, maybe on another node
         if device == "cpu":
             torch.set_num_threads(cfg.threads_per_actor)  # fixed thread count -> identical bytes across runs
         torch.manual_seed(0)
@@ -130,7 +135,9 @@ class ShardLabeler:
             teacher([torch.zeros(128, 128, 3, dtype=torch.uint8)] * 2)
 
     def describe(self) -> dict:
-        """Process id, device and, per output modality, the manifest entry of its teacher."""
+        """Process id, Ray node, device and, per output modality, the manifest entry of its teacher."""
+        import ray
+
         entries = {
             mod: modality_entry(
                 mod, t.producer, meaning=t.meaning if t.kind == "depth" else "class_ids", classes=t.classes
@@ -138,7 +145,13 @@ class ShardLabeler:
             for mod, t in self.teachers.items()
         }
         dtypes = {f"{t.producer['dtype']} ({t.dtype_reason})" for t in self.teachers.values()}
-        return {"pid": os.getpid(), "device": self.device, "dtype": "; ".join(sorted(dtypes)), "modalities": entries}
+        return {
+            "pid": os.getpid(),
+            "node": ray.get_runtime_context().get_node_id(),
+            "device": self.device,
+            "dtype": "; ".join(sorted(dtypes)),
+            "modalities": entries,
+        }
 
     def _label(self, mods: list[str], images: list[torch.Tensor]) -> tuple[dict[str, list], dict[int, str]]:
         """Run each teacher on the batch; a failing batch is redone per image to isolate the bad samples."""
@@ -187,9 +200,9 @@ class ShardLabeler:
         """Label input shard `name` into the output `modalities`; returns counts (raises on shard-level errors)."""
         cfg = self.cfg
         start = time.time()
-        for m in modalities:  # leftovers of an earlier attempt at this shard (its actor was killed)
+        for m in modalities:  # local leftovers of an earlier attempt at this shard (its actor was killed)
             folder = fs.join(cfg.output_root, m)
-            for stale in fs.listdir(folder):
+            for stale in fs.listdir(folder) if fs.is_local(folder) else []:
                 if stale.startswith(f"{name}.tar.tmp-"):
                     fs.remove(fs.join(folder, stale))
         writers = {m: ShardWriter(cfg.output_root, name, [m], producer=self.teachers[m].producer) for m in modalities}
@@ -227,9 +240,10 @@ class ShardLabeler:
 def plan(cfg: LabelConfig) -> tuple[list[dict], dict[str, list[str]]]:
     """(input shard entries, {shard: output modalities still missing}) — committed shards are skipped."""
     entries = input_shards(cfg)
+    done = {m: committed_shards(cfg.output_root, m) for m in cfg.teachers}
     todo = {}
     for e in entries:
-        missing = [m for m in cfg.teachers if not shard_is_complete(cfg.output_root, m, e["name"])]
+        missing = [m for m in cfg.teachers if e["name"] not in done[m]]
         if missing:
             todo[e["name"]] = missing
     return entries, todo
@@ -265,8 +279,12 @@ def _start_actors(cfg: LabelConfig) -> tuple[list, list[dict]]:
         raise ConfigError("device: cuda requested but the Ray cluster has no GPU")
     n = gpus if device == "cuda" else cfg.actors
     actor_cls = ray.remote(ShardLabeler).options(
-        num_cpus=cfg.cpus_per_actor, num_gpus=1 if device == "cuda" else 0, max_restarts=-1, max_task_retries=0
-    )  # restarts are unbounded; shard retries are bounded below
+        num_cpus=cfg.cpus_per_actor,
+        num_gpus=1 if device == "cuda" else 0,
+        max_restarts=-1,  # restarts are unbounded; shard retries are bounded in _dispatch
+        max_task_retries=0,
+        scheduling_strategy="SPREAD",  # over every node: a node that dies takes as few actors as possible
+    )
     actors = [actor_cls.remote(cfg, device) for _ in range(n)]
     try:
         infos = ray.get([a.describe.remote() for a in actors])
@@ -421,10 +439,15 @@ def _dispatch(
 
 def run(cfg: LabelConfig, on_event: Callable[[Event], None] | None = None) -> dict:
     """Label every input shard not yet labeled; returns the summary (also the Python API of `multimae-label`)."""
+    fs.set_storage_options(cfg.storage_options)
     warnings = check_inputs(cfg)  # teacher weights and input shards, before Ray starts
     for warning in warnings:
         print(f"[multimae-label] warning: {warning}", file=sys.stderr, flush=True)
-    emit = on_event or (print_event if cfg.progress else (lambda e: None))
+    with output_lock(cfg.output_root, "multimae-label"):  # one job writes into an output at a time
+        return _run_locked(cfg, warnings, on_event or (print_event if cfg.progress else (lambda e: None)))
+
+
+def _run_locked(cfg: LabelConfig, warnings: list[str], emit: Callable[[Event], None]) -> dict:
     start = time.time()
     out = cfg.output_root
     entries, todo = plan(cfg)
@@ -463,7 +486,7 @@ def run(cfg: LabelConfig, on_event: Callable[[Event], None] | None = None) -> di
         emit(
             {
                 "event": "actors_ready",
-                "actors": [{"pid": i["pid"], "device": i["device"], "dtype": i["dtype"]} for i in infos],
+                "actors": [{k: i[k] for k in ("pid", "node", "device", "dtype")} for i in infos],
                 "todo": len(todo),
                 "already": len(entries) - len(todo),
             }
@@ -477,7 +500,8 @@ def run(cfg: LabelConfig, on_event: Callable[[Event], None] | None = None) -> di
         if started:
             ray.shutdown()
 
-    complete = all(shard_is_complete(out, m, e["name"]) for m in cfg.teachers for e in entries)
+    done = {m: committed_shards(out, m) for m in cfg.teachers}
+    complete = all(e["name"] in done[m] for m in cfg.teachers for e in entries)
     if complete and not failed:
         shards = None if out == cfg.input else read_manifest(cfg.input)["shards"]
         update_manifest(out, infos[0]["modalities"], shards=shards)

@@ -27,8 +27,9 @@ from tqdm import tqdm
 from . import fs
 from .format import MANIFEST, FormatError, read_manifest, shard_name, update_manifest
 from .images import BadImage
+from .lock import output_lock
 from .sources import Item, Members, Refused, Source
-from .writer import ShardWriter, keys_digest, read_stats, shard_is_complete, stats_path, tar_path
+from .writer import ShardWriter, keys_digest, read_stats, stats_path, tar_path
 
 
 class BuildError(FormatError):
@@ -139,11 +140,11 @@ def _plan(source: Source, out: str, shard_size: int) -> tuple[list[ShardTask], d
     """Tasks for the shards still to build, and the stats of complete shards that are kept."""
     producer = source.producer()
     names = [shard_name(i) for i in range((len(source) + shard_size - 1) // shard_size)]
+    present = {}  # one listing per modality folder: an object store answers one request, not one per shard
     for m in source.modalities:
         fs.remove_stale_temporaries(fs.join(out, m))
-        extra = sorted(
-            set(n.rsplit(".", 1)[0] for n in fs.listdir(fs.join(out, m)) if n.endswith((".json", ".tar"))) - set(names)
-        )
+        present[m] = set(fs.listdir(fs.join(out, m)))
+        extra = sorted(set(n.rsplit(".", 1)[0] for n in present[m] if n.endswith((".json", ".tar"))) - set(names))
         if extra:
             raise BuildError(
                 f"{fs.join(out, m)} holds {extra[0]} (and {len(extra) - 1} more) that this build would "
@@ -152,7 +153,7 @@ def _plan(source: Source, out: str, shard_size: int) -> tuple[list[ShardTask], d
     tasks, kept = [], {}
     for i, name in enumerate(names):
         items = source.items[i * shard_size : (i + 1) * shard_size]
-        if all(shard_is_complete(out, m, name) for m in source.modalities):
+        if all({f"{name}.json", f"{name}.tar"} <= present[m] for m in source.modalities):
             path = stats_path(out, source.modalities[0], name)
             stats = read_stats(out, source.modalities[0], name)
             if _comparable(stats.get("producer", {})) != _comparable(producer):
@@ -173,8 +174,9 @@ def _plan(source: Source, out: str, shard_size: int) -> tuple[list[ShardTask], d
             }
             continue
         for m in source.modalities:  # partial leftovers of a killed run: stats first, so nothing looks complete
-            fs.remove(stats_path(out, m, name))
-            fs.remove(tar_path(out, m, name))
+            for path, file in ((stats_path(out, m, name), f"{name}.json"), (tar_path(out, m, name), f"{name}.tar")):
+                if file in present[m]:
+                    fs.remove(path)
         tasks.append(ShardTask(out, name, tuple(source.modalities), producer, source.maker, items))
     return tasks, kept
 
@@ -208,15 +210,24 @@ def _run_pool(tasks: list[ShardTask], workers: int, bar: tqdm) -> dict[str, dict
 
 
 def build(source: Source, out: str, *, shard_size: int = 1000, workers: int = 1, progress: bool = True) -> BuildSummary:
-    """Build (or resume building) the shard set of `source` under `out`; returns the summary."""
-    global _tick
+    """Build (or resume building) the shard set of `source` under `out`; returns the summary.
+
+    The build holds the lock of `out` (shards.lock): a second job writing into the same output stops with
+    LockHeld instead of interleaving its shards with this one's.
+    """
     if shard_size <= 0:
         raise BuildError("--shard-size must be positive")
     if workers <= 0:
         raise BuildError("--workers must be positive")
-    start = time.time()
     check_output(out)
     fs.makedirs(out)
+    with output_lock(out, "multimae-shard build"):
+        return _build_locked(source, out, shard_size=shard_size, workers=workers, progress=progress)
+
+
+def _build_locked(source: Source, out: str, *, shard_size: int, workers: int, progress: bool) -> BuildSummary:
+    global _tick
+    start = time.time()
     tasks, kept = _plan(source, out, shard_size)
     todo = sum(len(t.items) for t in tasks)
     bar = tqdm(

@@ -4,9 +4,12 @@
     multimae-shard verify DATA [--deep] [--workers N]
     multimae-shard info DATA
     multimae-shard show DATA --out FILE.png [--keys K ... | --n N]
+    multimae-shard unlock DATA
 
-Errors a user can cause (missing root, empty source, a foreign output folder, bad data) end with one
-line naming the file and exit code 2; `verify` exits 1 when it finds problems, listing each.
+Every location is a local path or an fsspec URL (s3://bucket/DATA, gs://...); `--storage-options JSON`
+passes keyword arguments to the filesystem of every remote location (docs/object-storage.md).
+Errors a user can cause (missing root, empty source, a foreign output folder, bad data, an output another
+job is writing) end with one line naming the file and exit code 2; `verify` exits 1 when it finds problems.
 """
 
 from __future__ import annotations
@@ -126,6 +129,16 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--keys", nargs="+", help="sample keys to show")
     g.add_argument("--n", type=_positive, default=6, help="show the first N samples (default 6)")
     s.add_argument("--modalities", nargs="+", help="columns (default: every modality in the manifest)")
+
+    u = sub.add_parser("unlock", help="clear the lock a killed build or labeling job left on an output")
+    u.add_argument("data")
+    for command in (b, v, i, s, u):
+        command.add_argument(
+            "--storage-options",
+            metavar="JSON",
+            help="keyword arguments for the fsspec filesystem of remote locations, e.g. "
+            '\'{"endpoint_url": "http://127.0.0.1:9000"}\' (credentials: the backend\'s environment)',
+        )
     return p
 
 
@@ -203,12 +216,25 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unlock(args: argparse.Namespace) -> int:
+    from .lock import describe, lock_url, unlock
+
+    record = unlock(args.data)
+    if record is None:
+        print(f"unlock: {args.data} has no lock")
+    else:
+        print(f"unlock: removed {lock_url(args.data)} of {describe(record)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    from .format import FormatError  # also the base of SourceError and BuildError
+    from . import fs
+    from .format import FormatError  # also the base of SourceError, BuildError, LockHeld and MissingBackend
 
-    command = {"build": _build, "verify": _verify, "info": _info, "show": _show}[args.command]
+    command = {"build": _build, "verify": _verify, "info": _info, "show": _show, "unlock": _unlock}[args.command]
     try:
+        fs.set_storage_options(fs.parse_storage_options(args.storage_options))
         code = command(args)
     except BrokenPipeError:  # `multimae-shard info DATA | head`: the reader left, nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -5,6 +5,8 @@ One epoch is a webdataset pipeline of iterator-to-iterator stages:
     shard names     manifest order, shuffled by (seed, epoch); or drawn with replacement (resampled)
     split by node   every world_size-th shard from rank          (explicit rank/world_size or torch.distributed)
     split by worker every num_workers-th shard from worker id    (torch DataLoader worker)
+    readahead       remote shard sets: the stats jsons and tars of the next `readahead` shards downloaded
+                    concurrently, in background threads, while the current one is read (bounded memory)
     aligned shard   the tars of every chosen modality opened together (shards.tars: plain tars, bounded
                     regular members, valid keys, member digests) and zipped by key; a key mismatch raises
                     AlignmentError naming the shard and both keys
@@ -23,12 +25,15 @@ worker draws shards with its own seed, endlessly) and stop after a fixed number 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from itertools import islice
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -38,12 +43,31 @@ from webdataset.utils import make_seed
 
 from . import fs
 from .format import FormatError, decode_sample, modality_kind, parse_cls, read_manifest
+from .limits import MAX_JSON_BYTES
 from .tars import iter_samples
-from .writer import digest_problems, digests_by_key, keys_digest, read_stats, skipped_refs, stats_path, tar_path
+from .writer import (
+    check_stats,
+    digest_problems,
+    digests_by_key,
+    keys_digest,
+    read_stats,
+    skipped_refs,
+    stats_path,
+    tar_path,
+)
 
 log = logging.getLogger(__name__)
 
 OnError = Literal["raise", "skip"]
+READAHEAD = 2  # default shards downloaded ahead per reader (remote shard sets)
+READAHEAD_MAX_TAR_BYTES = 512 * 2**20  # a larger tar is streamed (read with seeks) rather than fetched whole
+
+
+class Fetched(NamedTuple):
+    """A shard downloaded ahead of its reading: checked stats per modality, and the tars' bytes (None: stream)."""
+
+    stats: dict[str, dict]
+    tars: dict[str, bytes | None]
 
 
 class AlignmentError(FormatError):
@@ -73,8 +97,37 @@ def _check_modalities(modalities: Sequence[str]) -> list[str]:
     return modalities
 
 
+def fetch_shard(root: str, name: str, modalities: Sequence[str]) -> Fetched:
+    """Download one shard's stats jsons, then its tars, each batch with concurrent requests.
+
+    A tar is fetched as the byte range its stats json declares, plus one byte: a tar of another size is
+    caught here (the reading then fails on the count check), and no claim makes the download unbounded.
+    """
+    modalities = _check_modalities(modalities)
+    paths = [stats_path(root, m, name) for m in modalities]
+    try:
+        blobs = fs.cat_many(paths, ends=[MAX_JSON_BYTES + 1] * len(paths))
+    except FileNotFoundError:
+        missing = next(p for p in paths if not fs.exists(p))
+        raise FormatError(f"{missing} not found: shard {name} is incomplete (its stats json is written last)") from None
+    stats = {}
+    for m, path, data in zip(modalities, paths, blobs):
+        if len(data) > MAX_JSON_BYTES:
+            raise FormatError(f"{path}: {len(data)} bytes, over the {MAX_JSON_BYTES}-byte limit of a json file")
+        try:
+            stats[m] = check_stats(json.loads(data), path, m, name)
+        except (ValueError, RecursionError) as e:
+            raise FormatError(f"{path}: not valid JSON ({e}): the file is damaged; restore or rebuild it") from None
+    sizes = {m: stats[m].get("bytes") for m in modalities}
+    whole = [m for m in modalities if type(sizes[m]) is int and 0 <= sizes[m] <= READAHEAD_MAX_TAR_BYTES]
+    data = fs.cat_many([tar_path(root, m, name) for m in whole], ends=[sizes[m] + 1 for m in whole])
+    tars: dict[str, bytes | None] = {m: None for m in modalities}
+    tars.update(zip(whole, data))
+    return Fetched(stats, tars)
+
+
 def iter_shard_members(
-    root: str, name: str, modalities: Sequence[str], *, verify_digests: bool = True
+    root: str, name: str, modalities: Sequence[str], *, verify_digests: bool = True, fetched: Fetched | None = None
 ) -> Iterator[dict[str, Any]]:
     """Raw aligned members of one shard, in order, without decoding.
 
@@ -85,16 +138,16 @@ def iter_shard_members(
     "__damaged__": {modality: [what]}, and `decode_members` refuses it, so it costs one sample. Raises
     AlignmentError when the modality tars disagree on keys or length, FormatError when a tar is unreadable,
     a member is refused, or a tar holds other samples than its stats json says (count or keys digest,
-    checked once the shard has been read to its end).
+    checked once the shard has been read to its end). `fetched`: the shard as `fetch_shard` downloaded it.
     """
     modalities = _check_modalities(modalities)
     urls = {m: tar_path(root, m, name) for m in modalities}
-    stats = {m: _read_stats(root, m, name) for m in modalities}
+    stats = fetched.stats if fetched is not None else {m: _read_stats(root, m, name) for m in modalities}
     # A sample a modality recorded as skipped (e.g. an image its teacher could not label) is dropped
     # from every modality: an explicit, recorded gap, not a misalignment.
     dropped = {m: skipped_refs(stats[m]) for m in modalities}
     digests = {m: digests_by_key(stats[m]) if verify_digests else None for m in modalities}
-    streams = {m: iter_samples(urls[m]) for m in modalities}
+    streams = {m: iter_samples(urls[m], data=fetched.tars[m] if fetched else None) for m in modalities}
     keys: dict[str, list[str]] = {m: [] for m in modalities}  # every key read from each tar, in order
     seen: set[str] = set()
     n = 0
@@ -226,11 +279,34 @@ def _count(counters: dict, what: str, exc: Exception) -> None:
     log.warning("skipping %s: %s", "rest of shard" if what == "shards" else "sample", exc)
 
 
+def _readahead_(names, root: str, modalities: list[str], depth: int):
+    """{"url": shard name} -> the same with "fetched": its download, started `depth` shards ahead in threads.
+
+    At most `depth` downloads run at once and at most `depth` + 1 shards are held in memory. A download's
+    error reaches the reader with its shard (`_aligned_` decides whether it is skipped).
+    """
+    pending: deque = deque()
+    with ThreadPoolExecutor(depth, thread_name_prefix="shard-readahead") as pool:
+        try:
+            for item in names:
+                pending.append((item, pool.submit(fetch_shard, root, item["url"], modalities)))
+                if len(pending) > depth:
+                    item, future = pending.popleft()
+                    yield {**item, "fetched": future}
+            while pending:
+                item, future = pending.popleft()
+                yield {**item, "fetched": future}
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
 def _aligned_(names, root: str, modalities: list[str], on_error: OnError, counters: dict, verify_digests: bool):
     """{"url": shard name} -> raw aligned samples; a corrupt shard ends that shard under "skip"."""
     for item in names:
         try:
-            yield from iter_shard_members(root, item["url"], modalities, verify_digests=verify_digests)
+            fetched = item["fetched"].result() if "fetched" in item else None
+            yield from iter_shard_members(root, item["url"], modalities, verify_digests=verify_digests, fetched=fetched)
         except AlignmentError:
             raise
         except FormatError as exc:
@@ -257,6 +333,7 @@ def _every_(src, offset: int, step: int):
     yield from islice(src, offset, None, step)
 
 
+_readahead = wds.pipelinefilter(_readahead_)
 _aligned = wds.pipelinefilter(_aligned_)
 _decoded = wds.pipelinefilter(_decoded_)
 _every = wds.pipelinefilter(_every_)
@@ -286,6 +363,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
     `verify_digests` (default on) checks every member read against the sha256 its stats json records,
     so a flipped byte or an edited depth range raises FormatError instead of training on wrong values;
     shards written without digests are read unchecked.
+
+    `readahead` (remote shard sets only; local disk needs none): how many shards each reader downloads
+    ahead, concurrently, while it reads the current one; 0 streams each tar when it is reached. Memory per
+    reader grows by up to `readahead` + 1 shards (all chosen modalities). The storage options of the
+    process that builds the dataset travel with it into DataLoader workers.
     """
 
     def __init__(
@@ -305,9 +387,12 @@ class ShardDataset(torch.utils.data.IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         verify_digests: bool = True,
+        readahead: int = READAHEAD,
     ):
         super().__init__()
         _check_on_error(on_error)
+        if readahead < 0:
+            raise ValueError(f"readahead must be >= 0, got {readahead}")
         if (rank is None) != (world_size is None) or (world_size is not None and not 0 <= rank < world_size):
             raise ValueError(f"give both rank and world_size with 0 <= rank < world_size, got {rank}, {world_size}")
         if shuffle_buffer < 0:
@@ -318,6 +403,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.resampled, self.split_by_node, self.split_by_worker = resampled, split_by_node, split_by_worker
         self.on_error, self.transform, self.verify_digests = on_error, transform, verify_digests
         self.rank, self.world_size = rank, world_size
+        self.readahead = readahead if not fs.is_local(root) else 0
+        self.storage_options = fs.storage_options()
         self.epoch = 0
         self.skipped: dict[str, int] = {"shards": 0, "samples": 0}
 
@@ -350,6 +437,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         return 0, 1
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        fs.set_storage_options(self.storage_options)  # a spawned DataLoader worker starts without them
         rank, world_size = self._node()
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -376,11 +464,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 log.warning(
                     "%d shards for %d readers (ranks x workers): some read nothing", len(self.shard_names), readers
                 )
-        stages = [
-            source,
-            *splitters,
-            _aligned(self.root, self.modalities, self.on_error, self.skipped, self.verify_digests),
-        ]
+        stages = [source, *splitters]
+        if self.readahead:
+            stages.append(_readahead(self.root, self.modalities, self.readahead))
+        stages.append(_aligned(self.root, self.modalities, self.on_error, self.skipped, self.verify_digests))
         if self.shuffle_buffer > 1:
             seed = make_seed(self.seed, self.epoch, rank, worker)
             stages.append(wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, seed=seed))
@@ -391,10 +478,13 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
 
 def _check_shard_files(root: str, modalities: list[str], names: list[str], manifest_names: set[str]) -> None:
-    """Every chosen shard exists and is complete in every modality; no modality has shards the manifest lacks."""
+    """Every chosen shard exists and is complete in every modality; no modality has shards the manifest lacks.
+
+    A tar without its stats json is an uncommitted write (a killed or running writer): it does not count.
+    """
     for m in modalities:
         files = set(fs.listdir(fs.join(root, m)))
-        tars = {f[: -len(".tar")] for f in files if f.endswith(".tar")}
+        tars = {f[: -len(".tar")] for f in files if f.endswith(".tar") and f"{f[: -len('.tar')]}.json" in files}
         extra = sorted(tars - manifest_names)
         if extra:
             raise AlignmentError(f"{fs.join(root, m)} has shards {extra[:5]} that the manifest does not list")

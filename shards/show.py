@@ -8,10 +8,12 @@ trainer gets.
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Sequence
 
 import numpy as np
 
+from . import fs
 from .format import FormatError, modality_kind, read_manifest
 from .reader import decode_members, iter_shard_members
 
@@ -114,6 +116,7 @@ def show(
         uniq = {h.get_label(): h for h in handles}
         fig.legend(handles=list(uniq.values()), loc="lower center", ncol=min(len(uniq), 6), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.9 / (2.6 * rows + 0.9) if handles else 0, 1, 1))
-    fig.savefig(out, dpi=100)
+    with fs.atomic_writer(out) as f:  # a local file or an object (s3://...), whole or not at all
+        fig.savefig(f, format=posixpath.splitext(out)[1][1:].lower() or "png", dpi=100)
     plt.close(fig)
     return [s["__key__"] for s in samples]

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
-from fsspec.core import url_to_fs
 
 from . import __version__, fs, limits
 from .errors import printable
@@ -128,7 +127,7 @@ def path_key(rel: str) -> str:
 def _fs_root(root: str):
     if not fs.exists(root):
         raise SourceError(f"source root {root} does not exist")
-    filesystem, path = url_to_fs(root)
+    filesystem, path = fs.filesystem(root)
     if not filesystem.isdir(path):
         raise SourceError(f"source root {root} is not a folder")
     return filesystem, path.rstrip("/")

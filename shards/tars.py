@@ -26,6 +26,7 @@ or GNU long-name header in one call, which would otherwise allocate whatever siz
 
 from __future__ import annotations
 
+import io
 import re
 import tarfile
 from collections.abc import Callable, Iterator
@@ -152,12 +153,14 @@ def iter_samples(
     max_member_bytes: int | None = None,
     want: Callable[[str], bool] | None = None,
     on_problem: Callable[[MemberError], None] | None = None,
+    data: bytes | None = None,
 ) -> Iterator[Sample]:
     """(key, {suffix: bytes}) per sample of the tar at `url`, in stored order, every member checked.
 
     `want(suffix)` picks the members whose bytes are read (the others are skipped unread; a sample
     whose members are all skipped still yields, with an empty dict). Problems with one member raise
     `MemberError`, or go to `on_problem` and the member is skipped; an unreadable tar raises `FormatError`.
+    `data`: the tar's bytes when they were fetched already (the reader's readahead); `url` then only names it.
     """
     limit = limits.max_member_bytes() if max_member_bytes is None else max_member_bytes
 
@@ -168,7 +171,7 @@ def iter_samples(
         on_problem(err)
 
     key, members, done = None, {}, set()
-    with fs.open_file(url, "rb") as f:
+    with fs.open_file(url, "rb") if data is None else io.BytesIO(data) as f:
         try:
             tar = open_tar(f, url, limit)
         except FormatError:

@@ -8,8 +8,9 @@ keys are aligned across modalities (same keys, same order, same image size); cou
 tar, stats json and manifest, and the stats' keys digest matches. With `deep`, every member's bytes
 are also checked against the sha256 its stats json records (shards written without digests are
 counted by `shards_without_digests`, not reported). No modality folder holds a shard the manifest
-does not list. Every problem is reported as (file, key, what); nothing stops the scan, and no input,
-however broken, raises.
+does not list. A tar without its stats json (the commit marker) is an unfinished write: it is never
+read, and reported only where the manifest lists its shard. Every problem is reported as (file, key,
+what); nothing stops the scan, and no input, however broken, raises.
 """
 
 from __future__ import annotations
@@ -223,9 +224,13 @@ def _verify_shard(root: str, manifest: dict, shard: dict, deep: bool) -> list[Pr
         if not fs.exists(tar):
             problems.append(Problem(tar, None, "shard missing"))
             continue
-        if not fs.exists(stats_url):
-            problems.append(Problem(stats_url, None, "stats json missing: the shard is incomplete"))
-        elif (st := _read_stats(root, m, name, problems)) is not None:
+        if not fs.exists(stats_url):  # the commit marker: without it the tar is an unfinished write, never read
+            what = (
+                "stats json missing: the shard was never committed (its tar is not read); rerun the job that writes it"
+            )
+            problems.append(Problem(stats_url, None, what))
+            continue
+        if (st := _read_stats(root, m, name, problems)) is not None:
             stats[m] = st
         scans[m] = _scan_tar(root, m, name, manifest, stats.get(m), deep, problems)
     # samples a derived modality (e.g. a teacher's) recorded as skipped: keys of the reference modality
@@ -254,8 +259,9 @@ def _unlisted(root: str, manifest: dict, names: set[str]) -> list[Problem]:
         if d not in modalities and "." not in d and any(f.endswith(".tar") for f in fs.listdir(fs.join(root, d))):
             problems.append(Problem(fs.join(root, d), None, "shards of a modality the manifest does not list"))
     for m in modalities:
-        for f in fs.listdir(fs.join(root, m)):
-            if f.endswith(".tar") and f[: -len(".tar")] not in names:
+        files = fs.listdir(fs.join(root, m))
+        for f in files:  # a tar without its stats json was never committed: a running or killed writer's, ignored
+            if f.endswith(".tar") and f[: -len(".tar")] not in names and f"{f[: -len('.tar')]}.json" in files:
                 problems.append(Problem(fs.join(root, m, f), None, "extra shard: not listed in the manifest"))
     return problems
 

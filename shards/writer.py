@@ -1,8 +1,11 @@
 """Writing one shard of several aligned modalities atomically, and reading its stats back.
 
-Each modality's tar is written to a temporary file and renamed into place on `commit()`; the
-per-shard stats json is written after its tar, so "stats json exists" means "shard complete".
-Tars are deterministic: members sorted within a sample, mtime 0, fixed owner.
+The commit protocol (docs/object-storage.md): each modality's tar is written to a temporary file and, on
+`commit()`, renamed into place (local disk) or uploaded as one object (object stores: one PUT, or one
+multipart upload that appears only when completed); then the per-shard stats json of every modality is
+written, after all the tars. The stats json is the commit marker: "stats json exists" means "shard
+complete", and a tar without its stats json is invisible to readers, `verify` and resume (which
+overwrites it). Tars are deterministic: members sorted within a sample, mtime 0, fixed owner.
 
 The stats json of a shard: ``count``, ``bytes``, ``keys_digest`` (sha256 of the keys in order),
 ``member_sha256`` (``{"<key>.<suffix>": sha256 hex}`` of every member's bytes, so a flipped byte or an
@@ -48,6 +51,13 @@ def tar_path(root: str, modality: str, name: str) -> str:
 
 def shard_is_complete(root: str, modality: str, name: str) -> bool:
     return fs.exists(stats_path(root, modality, name)) and fs.exists(tar_path(root, modality, name))
+
+
+def committed_shards(root: str, modality: str) -> set[str]:
+    """Names of the shards of one modality whose tar and stats json both exist, from one folder listing
+    (an object store answers one request instead of two per shard)."""
+    files = set(fs.listdir(fs.join(root, modality)))
+    return {f[: -len(".json")] for f in files if f.endswith(".json") and f"{f[: -len('.json')]}.tar" in files}
 
 
 def keys_digest(keys: list[str]) -> str:
@@ -189,16 +199,17 @@ class ShardWriter:
             with fs.naming(final):
                 self._tars[m].close()  # also closes f
                 os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a shard is as readable as any file
+                size = os.path.getsize(tmp)
                 if fs.is_local(final):
                     os.replace(tmp, final)
                 else:
-                    fs.url_to_fs(final)[0].put_file(tmp, fs.url_to_fs(final)[1])
+                    fs.upload(tmp, final)
                     os.remove(tmp)
             stats[m] = {
                 "shard": self.name,
                 "modality": m,
                 "count": len(self.keys),
-                "bytes": fs.size(final),
+                "bytes": size,
                 "keys_digest": keys_digest(self.keys),
                 DIGESTS: self.digests[m],
                 "skipped": self.skipped,

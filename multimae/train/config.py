@@ -21,6 +21,8 @@ __all__ = ["ConfigError", "RunConfig", "from_dict", "load_run_config"]
 Objective = Literal["pretrain", "cls", "semseg", "depth"]
 #: Model input domains the trainer can feed (each reads a shard modality of the same kind).
 DOMAINS = ("rgb", "depth", "semseg")
+#: data settings that say how the storage is reached; left out of saved configs and run identities
+STORAGE_KEYS = ("readahead", "storage_options")
 
 
 @dataclass
@@ -80,6 +82,9 @@ class DataConfig:
     chunk_steps: int = 0  # the stream is re-seeded every chunk_steps steps (0: checkpoint_every)
     ignore_index: int = 255  # semseg label ignored by loss and metrics
     reduce_zero_label: bool = False  # ADE20K-style: class 0 is "unlabeled" -> ignore, others shift by -1
+    # object storage (docs/object-storage.md); neither changes what is trained, so neither is saved with the run
+    readahead: int = 2  # remote shard sets: shards each loader worker downloads ahead of the one it reads
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec filesystem arguments (not credentials)
 
     def check(self) -> None:
         if not self.inputs:
@@ -100,7 +105,7 @@ class DataConfig:
             raise ConfigError("eval_num_shards: holds out shards of --shards; with eval_root, use eval_shards or none")
         if len(self.crop_ratio) != 2 or not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
             raise ConfigError(f"crop_ratio: need [lo, hi] with 0 < lo <= hi, got {self.crop_ratio}")
-        for key in ("image_size", "shuffle_buffer", "num_workers", "chunk_steps", "eval_num_shards"):
+        for key in ("image_size", "shuffle_buffer", "num_workers", "chunk_steps", "eval_num_shards", "readahead"):
             if getattr(self, key) < (1 if key == "image_size" else 0):
                 raise ConfigError(f"{key}: must not be negative{' or zero' if key == 'image_size' else ''}")
 
@@ -172,7 +177,12 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as plain data, as checkpoints and config.json keep it: without the storage settings
+        (data.readahead, data.storage_options), which say how to reach the data, not what the run is."""
+        out = dataclasses.asdict(self)
+        for key in STORAGE_KEYS:
+            del out["data"][key]
+        return out
 
     @property
     def pretraining(self) -> bool:

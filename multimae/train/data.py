@@ -256,6 +256,7 @@ def train_loader(
     seed: int,
     chunk: int,
     rank: int,
+    readahead: int = 2,
 ) -> DataLoader:
     """The infinite, resampled training stream of one rank for chunk `chunk` (see module docstring)."""
     from shards.reader import ShardDataset
@@ -273,6 +274,7 @@ def train_loader(
         on_error="raise",
         shards=shards,
         transform=transform,
+        readahead=readahead,
     )
     dataset.set_epoch(chunk)
     return DataLoader(

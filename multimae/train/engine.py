@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -20,10 +19,11 @@ import numpy as np
 import torch
 
 from multimae.losses import finetune_loss, pretraining_loss
+from shards import fs
 
 from . import data as mdata
 from .distributed import all_reduce_sum
-from .logger import fmt_eta
+from .logger import fmt_eta, truncate_keys_after
 
 if TYPE_CHECKING:
     from .main import Run
@@ -113,12 +113,19 @@ def mix(run: Run, mixup: Any, batch: dict[str, Any], seed: int) -> None:
 
 
 def save(run: Run, step: int) -> None:
-    """Rank 0 writes OUT/checkpoint.pt (and checkpoint-<step>.pt with train.keep_checkpoints)."""
+    """Rank 0 writes OUT/checkpoint.pt (and checkpoint-<step>.pt with train.keep_checkpoints).
+
+    First every rank uploads its staged run files (object storage, run_folder.py), so the uploaded logs always
+    reach at least the checkpoint's step: a resume drops the surplus, and no step is logged twice or lost.
+    """
+    if run.logger is not None:
+        run.logger.flush()
+    run.folder.upload()
     if not run.dist.main:
         return
     urls = [run.ckpt_url]
     if run.cfg.train.keep_checkpoints:
-        urls.append(os.path.join(run.out_dir, f"checkpoint-{step:08d}.pt"))
+        urls.append(fs.join(run.out_dir, f"checkpoint-{step:08d}.pt"))
     for url in urls:
         run.save_checkpoint(url, step)
 
@@ -129,8 +136,9 @@ def train_steps(run: Run, end: int) -> dict[str, float]:
     accum = cfg.train.accum_steps
     keys_file = None
     if cfg.log.sample_keys:
-        os.makedirs(run.out_dir, exist_ok=True)
-        keys_file = open(os.path.join(run.out_dir, f"keys-rank{d.rank}.txt"), "a")
+        path = run.folder.path(f"keys-rank{d.rank}.txt", fetch=True)
+        truncate_keys_after(path, run.step)  # a resumed run retakes the steps after its checkpoint
+        keys_file = open(path, "a")
     mixup = make_mixup(run)
     t0 = last_t = time.time()
     start = last_step = run.step
@@ -145,6 +153,7 @@ def train_steps(run: Run, end: int) -> dict[str, float]:
             micro_batch=plan.micro_batch,
             num_workers=cfg.data.num_workers,
             shuffle_buffer=cfg.data.shuffle_buffer,
+            readahead=cfg.data.readahead,
             seed=cfg.train.seed,
             chunk=chunk,
             rank=d.rank,
@@ -206,6 +215,8 @@ def train_steps(run: Run, end: int) -> dict[str, float]:
             if cfg.pretraining and cfg.log.image_every and step % cfg.log.image_every == 0 and d.main:
                 save_reconstructions(run, step)
             if step % cfg.train.checkpoint_every == 0 and step != plan.total_steps:
+                if keys_file is not None:
+                    keys_file.flush()
                 save(run, step)
             if (
                 not cfg.pretraining
@@ -230,7 +241,7 @@ def train_steps(run: Run, end: int) -> dict[str, float]:
 
 
 def save_reconstructions(run: Run, step: int) -> str:
-    """OUT/reconstructions/step-<step>.png: fixed samples, masked inputs, predictions and targets."""
+    """OUT/reconstructions/step-<step>.png (its URL): fixed samples, masked inputs, predictions and targets."""
     from .visualize import save_reconstruction_png
 
     cfg, plan = run.cfg, run.plan
@@ -247,6 +258,6 @@ def save_reconstructions(run: Run, step: int) -> str:
         with run.autocast():
             _, (preds, masks) = forward_loss(run, model, batch)
     model.train(was_training)
-    path = os.path.join(run.out_dir, "reconstructions", f"step-{step:08d}.png")
-    save_reconstruction_png(path, batch, preds, masks, cfg.data.inputs, cfg.model.patch_size)
-    return path
+    name = f"reconstructions/step-{step:08d}.png"
+    save_reconstruction_png(run.folder.path(name), batch, preds, masks, cfg.data.inputs, cfg.model.patch_size)
+    return run.folder.url_of(name)

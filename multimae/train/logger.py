@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
+
+from .run_folder import RunFolder
 
 
 def fmt_eta(seconds: float) -> str:
@@ -15,23 +18,23 @@ class Logger:
     """Appends to OUT/metrics.jsonl (and OUT/tb); a resumed run first drops what was logged after its checkpoint.
 
     start_step: the step the run starts or resumes from; lines of later steps (written by a run killed after
-    its last checkpoint) are removed, so every step appears once.
+    its last checkpoint) are removed, so every step appears once. The files live in `folder` (run_folder.py):
+    on object storage they are staged locally and uploaded with every checkpoint.
     """
 
-    def __init__(self, out_dir: str, enabled: bool, tensorboard: bool, start_step: int = 0):
+    def __init__(self, folder: RunFolder, enabled: bool, tensorboard: bool, start_step: int = 0):
         self.enabled = enabled
         self.tb = None
         self.jsonl = None
         if not enabled:
             return
-        os.makedirs(out_dir, exist_ok=True)
-        path = os.path.join(out_dir, "metrics.jsonl")
+        path = folder.path("metrics.jsonl", fetch=True)
         _truncate_after(path, start_step)
         self.jsonl = open(path, "a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(out_dir, "tb"), purge_step=start_step + 1 if start_step else None)
+            self.tb = SummaryWriter(folder.path("tb"), purge_step=start_step + 1 if start_step else None)
 
     def log(self, step: int, scalars: dict[str, float], line: str | None = None) -> None:
         if not self.enabled:
@@ -44,6 +47,11 @@ class Logger:
         if line:
             print(line, flush=True)
 
+    def flush(self) -> None:
+        """Everything logged so far is in the files (before they are uploaded with a checkpoint)."""
+        if self.tb is not None:
+            self.tb.flush()
+
     def close(self) -> None:
         if self.jsonl is not None:
             self.jsonl.close()
@@ -51,18 +59,33 @@ class Logger:
             self.tb.close()
 
 
-def _truncate_after(path: str, step: int) -> None:
-    """Keep the metrics.jsonl lines of steps <= step (a partial last line of a killed run goes too)."""
+def _metrics_step(line: str) -> int | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record.get("step", 0) if isinstance(record, dict) else None
+
+
+def _keys_step(line: str) -> int | None:
+    step, sep, _ = line.partition("\t")
+    return int(step) + 1 if sep and step.isdigit() else None  # the line of step s is written while taking step s + 1
+
+
+def truncate_keys_after(path: str, step: int) -> None:
+    """Keep the keys-rank<r>.txt lines of the steps a run resumed at `step` has already taken."""
+    _truncate_after(path, step, _keys_step)
+
+
+def _truncate_after(path: str, step: int, step_of: Callable[[str], int | None] = _metrics_step) -> None:
+    """Keep the lines of steps <= step (a partial last line of a killed run goes too)."""
     if not os.path.exists(path):
         return
     keep = []
     with open(path) as f:
         for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and record.get("step", 0) <= step:
+            s = step_of(line)
+            if s is not None and s <= step:
                 keep.append(line if line.endswith("\n") else line + "\n")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

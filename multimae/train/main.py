@@ -31,6 +31,7 @@ from .config import ConfigError, RunConfig
 from .distributed import Dist, all_gather, all_reduce_sum, barrier, setup_distributed, shutdown
 from .engine import TrainingError, prepare_batch, save, save_reconstructions, train_steps
 from .logger import Logger
+from .run_folder import RunFolder
 
 __all__ = ["Run", "TrainingError", "run", "setup"]
 
@@ -263,6 +264,10 @@ class Run:
     init_step: int = 0  # the step of the --init checkpoint (what --eval-only reports without a run of its own)
     schedule: dict[str, Any] = field(default_factory=dict)
     logger: Logger | None = None
+    folder: RunFolder = field(init=False)  # local paths of the run's growing files (staged on object storage)
+
+    def __post_init__(self) -> None:
+        self.folder = RunFolder(self.out_dir)
 
     @property
     def ckpt_url(self) -> str:
@@ -448,9 +453,9 @@ def setup(
         warmup_lr=cfg.optim.warmup_lr,
         min_lr=cfg.optim.min_lr,
     )
-    run.logger = Logger(out_dir, d.main, cfg.log.tensorboard, start_step=run.step)
+    run.logger = Logger(run.folder, d.main, cfg.log.tensorboard, start_step=run.step)
     if d.main:
-        os.makedirs(out_dir, exist_ok=True)
+        fs.makedirs(out_dir)
         fs.write_json_atomic(fs.join(out_dir, "config.json"), cfg.to_dict())
         n_params = sum(p.numel() for p in model.parameters())
         print(
@@ -482,7 +487,9 @@ def run(
     False = start fresh; a path = continue from that checkpoint.
     stop_at: leave after this step with a checkpoint (a job slot ends); the schedule still spans train.steps.
     """
+    fs.set_storage_options(cfg.data.storage_options)
     d = setup_distributed(cfg.train.device)
+    run_ = None
     try:
         run_, state = setup(cfg, shards_root, out_dir, d, init=init, resume=resume, eval_only=eval_only)
         if eval_only:
@@ -493,6 +500,8 @@ def run(
         last = train_steps(run_, end)
         return finish(run_, start, time.time() - t0, last, save_predictions)
     finally:
+        if run_ is not None:
+            run_.folder.close()  # object storage: the last logs and pictures go up, even when the run failed
         shutdown(d)
 
 
@@ -588,8 +597,9 @@ def final_eval(run: Run, save_predictions: bool, source: str) -> dict[str, Any]:
     results: dict[str, Any] = {}
     if save_predictions:
         if d.main:
-            store = mevaluate.PredictionStore(fs.join(run.out_dir, "predictions.zarr"), run.cfg.objective)
+            store = mevaluate.PredictionStore(run.folder.path("predictions.zarr"), run.cfg.objective)
             results = evaluate_run(run, store)
+            run.folder.upload()
         barrier(d)
     else:
         results = evaluate_run(run)
@@ -603,7 +613,6 @@ def final_eval(run: Run, save_predictions: bool, source: str) -> dict[str, Any]:
             "eval_shards": run.plan.eval_shards,
             "metrics": results,
         }
-        os.makedirs(run.out_dir, exist_ok=True)
         mevaluate.write_eval(fs.join(run.out_dir, "eval.json"), record)
         print(mevaluate.format_table(results), flush=True)
     return results
