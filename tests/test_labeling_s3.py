@@ -67,6 +67,9 @@ def cluster(moto_endpoint):
     tmp = f"/tmp/mmn-{os.getpid()}"  # short: Ray's socket paths must fit in 107 bytes
     os.makedirs(f"{tmp}/ray", exist_ok=True)
     env = {**s3_environment(moto_endpoint), "RAY_TMPDIR": tmp}  # conftest.py keeps Ray on 127.0.0.1
+    # the cluster runs in this process's auth mode (token once an earlier local ray.init enabled it); say it
+    # explicitly, or a driver started below would switch to token auth just because ~/.ray/auth_token exists
+    env["RAY_AUTH_MODE"] = os.environ.get("RAY_AUTH_MODE", "disabled")
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # raylets and their workers inherit it, as nodes of a real cluster have theirs
     bucket = f"label-{uuid.uuid4().hex[:10]}"
