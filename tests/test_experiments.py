@@ -45,3 +45,6 @@ def test_transfer_quick_runs_every_stage_and_records_every_run(tmp_path):
     # a second run reuses every stage and gives the same table
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert again.returncode == 0 and json.loads((out / "transfer.json").read_text())["table"] == record["table"]
+    # another pre-training length is another experiment: it needs its own folder, results never mix
+    longer = subprocess.run([*cmd, "--pretrain-steps", "8"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert longer.returncode != 0 and "holds results made with other settings" in longer.stderr

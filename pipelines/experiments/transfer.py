@@ -2,6 +2,7 @@
 
     python pipelines/experiments/transfer.py [--out runs/transfer] [--jobs 2]     # the full protocol
     python pipelines/experiments/transfer.py --quick --out /tmp/transfer-quick     # smoke check, minutes
+    python pipelines/experiments/transfer.py --out runs/transfer-3000 --pretrain-steps 3000 --arms multimae-48
 
 Arms, with the same data, steps, batch and model for every one of them:
   scratch      no pre-training (random encoder);
@@ -238,11 +239,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 1 2; --quick: 0)")
     ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="pre-training arms")
     ap.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS), help="transfer tasks")
+    ap.add_argument("--pretrain-steps", type=int, help=f"pre-training steps (default: {FULL['pretrain_steps']})")
     ap.add_argument("--jobs", type=int, default=2, help="trainings run at the same time (one thread each)")
     args = ap.parse_args(argv)
     size = dict(QUICK if args.quick else FULL)
     if args.seeds:
         size["seeds"] = args.seeds
+    if args.pretrain_steps:
+        size["pretrain_steps"] = args.pretrain_steps
     out = Path(args.out).resolve()
     data, runs = out / "data", out / "runs"
     arms = {a: ARMS[a] for a in args.arms}
@@ -256,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = claim_folder(out, settings, "transfer", extend=("arms", "tasks"))
     except PipelineError as e:
-        raise SystemExit(f"transfer: {e}") from None
+        raise SystemExit(str(e)) from None
     t_start = time.time()
     timings: dict[str, float] = {}
 
