@@ -82,30 +82,27 @@ MODEL = [
     "model.decoder_heads=2",
     "model.extra_norm_pix_loss=false",
 ]
+
+
+def multimae_arm(labels: str, visible: int) -> list[str]:
+    """MultiMAE on rgb + depth + semseg, `labels` "" (pseudo) or "_gt" (exact), `visible` of the 192 tokens."""
+    return [
+        f"data.inputs={{rgb: rgb, depth: depth{labels}, semseg: semseg{labels}}}",
+        "model.out_domains=[norm_rgb, depth, semseg]",
+        f"model.num_encoded_tokens={visible}",
+        "model.sample_tasks_uniformly=true",
+    ]
+
+
 # Pre-training arms: overrides of PRETRAIN_CONFIG (scratch has no pre-training).
 ARMS: dict[str, list[str] | None] = {
     "scratch": None,
     "mae": ["data.inputs={rgb: rgb}", "model.out_domains=[norm_rgb]", "model.num_encoded_tokens=16"],  # 16 of 64
-    "multimae": [
-        "data.inputs={rgb: rgb, depth: depth, semseg: semseg}",
-        "model.out_domains=[norm_rgb, depth, semseg]",
-        "model.num_encoded_tokens=32",
-        "model.sample_tasks_uniformly=true",
-    ],  # 32 of 3 x 64 = 1/6, as the paper's 98 of 588
-    "multimae-gt": [
-        "data.inputs={rgb: rgb, depth: depth_gt, semseg: semseg_gt}",
-        "model.out_domains=[norm_rgb, depth, semseg]",
-        "model.num_encoded_tokens=32",
-        "model.sample_tasks_uniformly=true",
-    ],
+    "multimae": multimae_arm("", 32),  # 32 of 3 x 64 = 1/6, as the paper's 98 of 588
+    "multimae-gt": multimae_arm("_gt", 32),
     # MultiMAE at MAE's visible ratio: 48 of 192 = 1/4. With task sampling, rgb gets a third of the budget on
     # average: 16 tokens, as many as MAE sees, where the paper's 1/6 leaves the encoder ~11 rgb tokens per sample.
-    "multimae-48": [
-        "data.inputs={rgb: rgb, depth: depth, semseg: semseg}",
-        "model.out_domains=[norm_rgb, depth, semseg]",
-        "model.num_encoded_tokens=48",
-        "model.sample_tasks_uniformly=true",
-    ],
+    "multimae-48": multimae_arm("", 48),
 }
 # Partial fine-tuning: the last encoder block and a per-patch linear head (ConvNeXt head without blocks:
 # one linear map from each token to its 4 x 4 sub-patch predictions, upsampled 2x).
