@@ -350,11 +350,17 @@ def print_event(event: Event) -> None:
 
 
 def _dispatch(
-    cfg: LabelConfig, actors: list, todo: dict[str, list[str]], counts: dict[str, int], emit: Callable[[Event], None]
+    cfg: LabelConfig,
+    actors: list,
+    infos: list[dict],
+    todo: dict[str, list[str]],
+    counts: dict[str, int],
+    emit: Callable[[Event], None],
 ) -> tuple[list[dict], dict[str, str], int]:
     """Feed shards to idle actors, one in flight per actor; retry (bounded) shards whose actor died.
 
-    A dead actor is restarted by Ray; it gets work again only once a `describe` ping answers.
+    Each hand-over is a `shard_started` event naming the actor (index, pid, node). A dead actor is restarted by
+    Ray; it gets work again only once a `describe` ping answers (with the new process's pid and node).
     """
     import ray
     from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
@@ -367,6 +373,8 @@ def _dispatch(
     samples_total = sum(counts[n] for n in todo)
     samples, start = 0, time.time()
 
+    where = {actor: {k: info[k] for k in ("pid", "node")} for actor, info in zip(actors, infos)}
+
     def ping(actor: Any) -> None:
         inflight[actor.describe.remote()] = (actor, None)
 
@@ -374,6 +382,15 @@ def _dispatch(
         while idle and queue_:
             actor, name = idle.pop(0), queue_.popleft()
             inflight[actor.label_shard.remote(name, todo[name])] = (actor, name)
+            emit(
+                {
+                    "event": "shard_started",
+                    "shard": name,
+                    "actor": actors.index(actor),
+                    **where[actor],
+                    "attempt": attempts.get(name, 0) + 1,
+                }
+            )
         if not inflight:  # every actor is gone for good
             for name in queue_:
                 failed[name] = "no teacher actor left"
@@ -416,6 +433,7 @@ def _dispatch(
                 continue
             idle.append(actor)
             if name is None:  # a restarted actor answered its ping
+                where[actor] = {k: res[k] for k in ("pid", "node")}
                 continue
             results.append(res)
             samples += counts[name]
@@ -492,7 +510,7 @@ def _run_locked(cfg: LabelConfig, warnings: list[str], emit: Callable[[Event], N
             }
         )
         label_start = time.time()
-        results, failed, retries = _dispatch(cfg, actors, todo, counts, emit)
+        results, failed, retries = _dispatch(cfg, actors, infos, todo, counts, emit)
         label_s = time.time() - label_start
     finally:
         for a in actors:

@@ -168,22 +168,37 @@ def test_rerun_skips_committed_shards_and_redoes_only_missing(reference, tmp_pat
 
 @pytest.mark.slow
 def test_actor_killed_mid_shard_is_retried(reference, rgb_set, tmp_path):
+    """Actor 0 is frozen (SIGSTOP) before the first shard is handed out and killed once it holds one, so its
+    shard is provably in flight when it dies, whatever the machine's load."""
     ref_data, _ = reference
     data = copy_input(rgb_set[0], tmp_path / "data")
-    events, result = [], {}
+    events, result, frozen = [], {}, {}
+    given = threading.Event()
+
+    def on_event(event: dict) -> None:
+        events.append(event)
+        if event["event"] == "actors_ready":  # called before the first shard is dispatched
+            frozen["pid"] = event["actors"][0]["pid"]
+            os.kill(frozen["pid"], signal.SIGSTOP)
+        elif event["event"] == "shard_started" and event["pid"] == frozen.get("pid"):
+            given.set()
+
     cfg = config(data, shards=["shard-000000", "shard-000001"])
-    thread = threading.Thread(target=lambda: result.update(run(cfg, on_event=events.append)))
+    thread = threading.Thread(target=lambda: result.update(run(cfg, on_event=on_event)))
     thread.start()
-    deadline = time.time() + 300  # a loaded 2-core machine starts Ray slowly
-    while not any(e["event"] == "actors_ready" for e in events) and time.time() < deadline:
-        time.sleep(0.05)
-    pid = next(e for e in events if e["event"] == "actors_ready")["actors"][0]["pid"]
-    while not any(".tar.tmp-" in p.name for p in (data / "depth").glob("*")) and time.time() < deadline:
-        time.sleep(0.02)  # a shard is being written: the actors are mid-shard
-    os.kill(pid, signal.SIGKILL)
-    thread.join(timeout=300)
+    try:
+        assert given.wait(timeout=400), "no shard was handed to the frozen actor"
+        (started,) = [e for e in events if e["event"] == "shard_started" and e["pid"] == frozen["pid"]]
+        for mod in OUT_MODS:  # what the actor would have left, had it died while writing: the retry removes it
+            (data / mod).mkdir(exist_ok=True)
+            (data / mod / f"{started['shard']}.tar.tmp-{frozen['pid']}").write_bytes(b"half a tar")
+    finally:
+        if frozen:
+            os.kill(frozen["pid"], signal.SIGKILL)
+    thread.join(timeout=400)
+    assert not thread.is_alive()
     assert result["shards_failed"] == {} and result["retries"] >= 1
-    assert any(e["event"] == "shard_retry" for e in events)
+    assert started["shard"] in {e["shard"] for e in events if e["event"] == "shard_retry"}
     ref = output_files(ref_data)
     assert output_files(data) == {
         k: v for k, v in ref.items() if k.split("/")[1].split(".")[0] in ("shard-000000", "shard-000001")

@@ -8,6 +8,7 @@ again) must both end with output objects byte-identical to it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -114,20 +115,43 @@ def test_actors_spread_over_both_nodes_and_label_from_s3_to_s3(cluster, referenc
 
 
 def test_a_worker_node_killed_mid_job_the_job_finishes_on_the_other(cluster, reference):
+    """The worker node's actor is frozen (SIGSTOP) before any shard is handed out, so the shard it is given can
+    never finish: the node dies with that shard provably in flight, whatever the machine's load."""
+    import ray
+
     out = f"{cluster['bucket']}/node-killed"
+    head = ray.get_runtime_context().get_node_id()  # the driver's node
     events: list[dict] = []
+    frozen: dict = {}
+    given = threading.Event()
+
+    def on_event(event: dict) -> None:
+        events.append(event)
+        if event["event"] == "actors_ready":  # called before the first shard is dispatched
+            (actor,) = [a for a in event["actors"] if a["node"] != head]
+            os.kill(actor["pid"], signal.SIGSTOP)
+            frozen.update(actor)
+        elif event["event"] == "shard_started" and event["pid"] == frozen.get("pid"):
+            given.set()
+
     result: dict = {}
-    job = threading.Thread(target=lambda: result.update(run(config(cluster["data"], out), on_event=events.append)))
+    job = threading.Thread(target=lambda: result.update(run(config(cluster["data"], out), on_event=on_event)))
     job.start()
-    deadline = time.time() + 300
-    while not any(e["event"] == "shard_done" for e in events) and job.is_alive() and time.time() < deadline:
-        time.sleep(0.05)
-    assert job.is_alive(), "the job ended before a node could be killed"
-    cluster["cluster"].remove_node(cluster["worker"], allow_graceful=False)  # its actor dies with it
+    try:
+        assert given.wait(timeout=400), "no shard was handed to the worker node's actor"
+        (started,) = [e for e in events if e["event"] == "shard_started" and e["pid"] == frozen["pid"]]
+        cluster["cluster"].remove_node(cluster["worker"], allow_graceful=False)
+    finally:
+        if frozen:  # the node's death takes all its processes; a stopped one cannot exit by itself
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(frozen["pid"], signal.SIGKILL)
     job.join(timeout=400)
     assert not job.is_alive()
     assert result["shards_failed"] == {} and result["retries"] >= 1 and result["manifest_updated"]
-    assert any(e["event"] == "shard_retry" for e in events)
+    retried = [e for e in events if e["event"] == "shard_retry"]
+    assert started["shard"] in {e["shard"] for e in retried}
+    again = [e for e in events if e["event"] == "shard_started" and e["shard"] == started["shard"]][-1]
+    assert again["attempt"] == 2 and again["node"] == head  # redone on the surviving node
     assert output_objects(out) == reference["files"]  # byte-identical to the clean run
 
 
@@ -146,7 +170,12 @@ def test_driver_killed_then_rerun_equals_the_clean_run(cluster, reference, capfd
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    time.sleep(2)  # Ray ends the dead driver's actors
+    import ray
+
+    deadline = time.time() + 120  # Ray ends the dead driver's actors and frees their CPUs
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
+        assert time.time() < deadline, "the killed driver's actors outlived it"
+        time.sleep(0.1)
     assert fs.exists(lock_url(out)) and not fs.exists(fs.join(out, "manifest.json"))
     for mod in OUT_MODS:  # a committed shard is whole; anything else is never read
         for name in committed_shards(out, mod):
