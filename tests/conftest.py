@@ -47,7 +47,7 @@ def moto_endpoint():
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + 180
         while True:
             try:
                 urllib.request.urlopen(f"{url}/moto-api/", timeout=1)  # noqa: S310 (loopback only)

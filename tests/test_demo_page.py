@@ -236,7 +236,8 @@ def test_model_source_waits_for_and_reloads_the_checkpoint(run_dir, tmp_path):
     state = torch.load(os.path.join(run_dir, CHECKPOINT), weights_only=True)
     torch.save(state, folder / CHECKPOINT)
     assert source.get().step == 2 and source.get() is source.get()
-    torch.save({**state, "step": 5}, folder / CHECKPOINT)  # training wrote a newer one
+    torch.save({**state, "step": 5}, folder / "next.tmp")  # training wrote a newer one (temporary name + rename)
+    os.replace(folder / "next.tmp", folder / CHECKPOINT)
     assert source.get().step == 5
     with pytest.raises(DemoError, match="not found"):
         load_demo_model(str(tmp_path / "missing"))

@@ -148,7 +148,7 @@ def test_pseudolabel_entry_refuses_split_overrides_before_ray_starts(argv, probl
         [sys.executable, str(REPO / "pipelines" / "pseudolabel.py"), *argv],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,
         env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"},  # were Ray reached, this address would fail differently
     )
     assert res.returncode == 2, res.stderr

@@ -256,7 +256,7 @@ def test_sigkill_driver_then_rerun_equals_uninterrupted_run(reference, rgb_set, 
     ]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 180
+        deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
             if len(list((data / "semseg").glob("*.json"))) >= 1:
                 break
@@ -382,7 +382,7 @@ def test_missing_input_shards(rgb_set, tmp_path):
 
 def test_cli_reports_bad_config_in_one_line(tmp_path):
     cfg = write_cfg(tmp_path, "input: /nonexistent\nbatchsize: 3\n")
-    res = subprocess.run([str(BIN / "multimae-label"), cfg], capture_output=True, text=True, timeout=120)
+    res = subprocess.run([str(BIN / "multimae-label"), cfg], capture_output=True, text=True, timeout=300)
     assert res.returncode == 2
     assert (
         res.stderr.strip() == f"multimae-label: error: config: {cfg}: batchsize: unknown key (known: "

@@ -110,7 +110,7 @@ def test_config_errors_are_one_line_exit_2_and_come_before_torch(module, argv, m
         capture_output=True,
         text=True,
         cwd=ROOT,
-        timeout=60,
+        timeout=300,
         env={**os.environ, "PYTHONPATH": ROOT},
     )
     status, *err = proc.stdout.splitlines()

@@ -185,7 +185,7 @@ class ModelSource:
         self.path = path
         self.device = device
         self._lock = threading.Lock()
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, int, int] | None = None
         self._model: DemoModel | None = None
 
     def get(self) -> DemoModel:
@@ -198,12 +198,14 @@ class ModelSource:
             return self._model
 
 
-def _stamp(path: str) -> tuple[int, int] | None:
+def _stamp(path: str) -> tuple[int, int, int] | None:
+    """The file's identity: the inode tells a checkpoint renamed into place (as training writes it) from the old
+    one even when both have the same size and the clock's tick gave them the same mtime."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_mtime_ns, st.st_size
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 # --------------------------------------------------------------------------------------------------- teachers
