@@ -43,6 +43,8 @@ DEFAULT_TEACHERS = {
     "depth": str(TEACHERS_DIR / "synthetic-dpt"),
     "semseg": str(TEACHERS_DIR / "synthetic-mask2former"),
 }
+# The transformers checkpoints closest to the paper's teachers: its Mask2Former itself, and for its Omnidata
+# DPT-B-Hybrid (depth, not in transformers format) MiDaS's DPT-Hybrid, which predicts inverse relative depth.
 PAPER_TEACHERS = {
     "depth": "Intel/dpt-hybrid-midas",
     "semseg": "facebook/mask2former-swin-small-coco-panoptic",
