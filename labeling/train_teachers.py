@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -148,6 +149,36 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
 # training
 
 
+def fit(
+    model: torch.nn.Module,
+    loss_of: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    data: dict[str, torch.Tensor],
+    steps: int,
+    *,
+    batch: int,
+    lr: float,
+    seed: int,
+    name: str,
+    clip: float | None = None,
+) -> torch.nn.Module:
+    """The loop both teachers share: AdamW, warmup + cosine, random flipped batches; `loss_of(batch)` -> loss."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * _lr_factor(step, steps, warmup=max(1, steps // 20))
+        loss = loss_of(_batch(data, batch, gen))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"  {name:6s} step {step:5d}/{steps}  loss {loss.item():.4f}  {time.time() - t0:.0f} s", flush=True)
+    return model.eval()
+
+
 def train_depth(
     data: dict[str, torch.Tensor],
     steps: int,
@@ -162,23 +193,14 @@ def train_depth(
     torch.manual_seed(0)
     processor = DPTImageProcessor(size={"height": resolution, "width": resolution})
     model = DPTForDepthEstimation(dpt_config(resolution, hidden, layers=hidden // 16)).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(1)
-    t0 = time.time()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr * _lr_factor(step, steps, warmup=max(1, steps // 20))
-        b = _batch(data, batch, gen)
+
+    def l1(b: dict[str, torch.Tensor]) -> torch.Tensor:
         pixel_values = processor(images=b["rgb"].permute(0, 3, 1, 2), return_tensors="pt", device=device)
         pred = model(pixel_values=pixel_values["pixel_values"]).predicted_depth  # (B, 2r, 2r)
         pred = F.interpolate(pred[:, None], size=b["depth"].shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        loss = (pred - b["depth"].to(device)).abs().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 50 == 0 or step == steps - 1:
-            print(f"  depth  step {step:5d}/{steps}  L1 {loss.item():.4f} m  {time.time() - t0:.0f} s", flush=True)
-    return model.eval(), processor
+        return (pred - b["depth"].to(device)).abs().mean()
+
+    return fit(model, l1, data, steps, batch=batch, lr=lr, seed=1, name="depth"), processor
 
 
 def train_semseg(
@@ -196,28 +218,18 @@ def train_semseg(
     processor = Mask2FormerImageProcessor(size={"height": resolution, "width": resolution}, ignore_index=255)
     model = Mask2FormerForUniversalSegmentation(mask2former_config(SEMSEG_CLASSES, resolution, embed))
     model = model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(2)
-    t0 = time.time()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr * _lr_factor(step, steps, warmup=max(1, steps // 20))
-        b = _batch(data, batch, gen)
+
+    def own_loss(b: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = processor(
             images=list(b["rgb"].permute(0, 3, 1, 2)), segmentation_maps=list(b["semseg"]), return_tensors="pt"
         )
-        loss = model(
+        return model(
             pixel_values=inputs["pixel_values"].to(device),
             mask_labels=[m.to(device) for m in inputs["mask_labels"]],  # per image (n_i, r, r) binary masks
             class_labels=[c.to(device) for c in inputs["class_labels"]],  # per image (n_i,) class ids
         ).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 50 == 0 or step == steps - 1:
-            print(f"  semseg step {step:5d}/{steps}  loss {loss.item():.3f}  {time.time() - t0:.0f} s", flush=True)
-    return model.eval(), processor
+
+    return fit(model, own_loss, data, steps, batch=batch, lr=lr, seed=2, name="semseg", clip=1.0), processor
 
 
 # ---------------------------------------------------------------------------------------------------------------------
