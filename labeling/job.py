@@ -373,7 +373,10 @@ def _dispatch(
     samples_total = sum(counts[n] for n in todo)
     samples, start = 0, time.time()
 
-    where = {actor: {k: info[k] for k in ("pid", "node")} for actor, info in zip(actors, infos)}
+    where = {
+        actor: {"actor": i, "pid": info["pid"], "node": info["node"]}
+        for i, (actor, info) in enumerate(zip(actors, infos))
+    }
 
     def ping(actor: Any) -> None:
         inflight[actor.describe.remote()] = (actor, None)
@@ -386,7 +389,6 @@ def _dispatch(
                 {
                     "event": "shard_started",
                     "shard": name,
-                    "actor": actors.index(actor),
                     **where[actor],
                     "attempt": attempts.get(name, 0) + 1,
                 }
@@ -433,7 +435,7 @@ def _dispatch(
                 continue
             idle.append(actor)
             if name is None:  # a restarted actor answered its ping
-                where[actor] = {k: res[k] for k in ("pid", "node")}
+                where[actor].update(pid=res["pid"], node=res["node"])
                 continue
             results.append(res)
             samples += counts[name]

@@ -6,6 +6,7 @@ the other tests compare their output bytes against it (kill and resume, actor cr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import sys
 import tarfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -166,38 +168,55 @@ def test_rerun_skips_committed_shards_and_redoes_only_missing(reference, tmp_pat
     assert output_files(work) == before  # the one shard re-made byte-identical, semseg untouched
 
 
+class FrozenActor:
+    """A job `on_event` hook that freezes (SIGSTOP) the actor `pick(actors)` at `actors_ready`, before any shard
+    is dispatched, and sets `given` once a shard is handed to it: that shard provably cannot finish."""
+
+    def __init__(self, pick: Callable[[list[dict]], dict]):
+        self.pick, self.events, self.pid, self.given = pick, [], None, threading.Event()
+
+    def __call__(self, event: dict) -> None:
+        self.events.append(event)
+        if event["event"] == "actors_ready":
+            self.pid = self.pick(event["actors"])["pid"]
+            os.kill(self.pid, signal.SIGSTOP)
+        elif event["event"] == "shard_started" and event["pid"] == self.pid:
+            self.given.set()
+
+    def started(self) -> dict:
+        """The one `shard_started` event of the frozen actor."""
+        (event,) = [e for e in self.events if e["event"] == "shard_started" and e["pid"] == self.pid]
+        return event
+
+    def kill(self) -> None:
+        """SIGKILL the frozen process (a stopped process cannot exit by itself)."""
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+
 @pytest.mark.slow
 def test_actor_killed_mid_shard_is_retried(reference, rgb_set, tmp_path):
     """Actor 0 is frozen (SIGSTOP) before the first shard is handed out and killed once it holds one, so its
     shard is provably in flight when it dies, whatever the machine's load."""
     ref_data, _ = reference
     data = copy_input(rgb_set[0], tmp_path / "data")
-    events, result, frozen = [], {}, {}
-    given = threading.Event()
-
-    def on_event(event: dict) -> None:
-        events.append(event)
-        if event["event"] == "actors_ready":  # called before the first shard is dispatched
-            frozen["pid"] = event["actors"][0]["pid"]
-            os.kill(frozen["pid"], signal.SIGSTOP)
-        elif event["event"] == "shard_started" and event["pid"] == frozen.get("pid"):
-            given.set()
-
+    frozen, result = FrozenActor(lambda actors: actors[0]), {}
     cfg = config(data, shards=["shard-000000", "shard-000001"])
-    thread = threading.Thread(target=lambda: result.update(run(cfg, on_event=on_event)))
+    thread = threading.Thread(target=lambda: result.update(run(cfg, on_event=frozen)))
     thread.start()
     try:
-        assert given.wait(timeout=400), "no shard was handed to the frozen actor"
-        (started,) = [e for e in events if e["event"] == "shard_started" and e["pid"] == frozen["pid"]]
+        assert frozen.given.wait(timeout=400), "no shard was handed to the frozen actor"
+        started = frozen.started()
         for mod in OUT_MODS:  # what the actor would have left, had it died while writing: the retry removes it
             (data / mod).mkdir(exist_ok=True)
-            (data / mod / f"{started['shard']}.tar.tmp-{frozen['pid']}").write_bytes(b"half a tar")
+            (data / mod / f"{started['shard']}.tar.tmp-{frozen.pid}").write_bytes(b"half a tar")
     finally:
-        if frozen:
-            os.kill(frozen["pid"], signal.SIGKILL)
+        frozen.kill()
     thread.join(timeout=400)
     assert not thread.is_alive()
     assert result["shards_failed"] == {} and result["retries"] >= 1
+    events = frozen.events
     assert started["shard"] in {e["shard"] for e in events if e["event"] == "shard_retry"}
     ref = output_files(ref_data)
     assert output_files(data) == {

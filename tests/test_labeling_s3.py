@@ -8,7 +8,6 @@ again) must both end with output objects byte-identical to it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import s3_environment
-from test_labeling_job import make_rgb_set
+from test_labeling_job import FrozenActor, make_rgb_set
 
 from labeling.config import load_label_config
 from labeling.job import run
@@ -121,33 +120,20 @@ def test_a_worker_node_killed_mid_job_the_job_finishes_on_the_other(cluster, ref
 
     out = f"{cluster['bucket']}/node-killed"
     head = ray.get_runtime_context().get_node_id()  # the driver's node
-    events: list[dict] = []
-    frozen: dict = {}
-    given = threading.Event()
-
-    def on_event(event: dict) -> None:
-        events.append(event)
-        if event["event"] == "actors_ready":  # called before the first shard is dispatched
-            (actor,) = [a for a in event["actors"] if a["node"] != head]
-            os.kill(actor["pid"], signal.SIGSTOP)
-            frozen.update(actor)
-        elif event["event"] == "shard_started" and event["pid"] == frozen.get("pid"):
-            given.set()
-
+    frozen = FrozenActor(lambda actors: next(a for a in actors if a["node"] != head))
     result: dict = {}
-    job = threading.Thread(target=lambda: result.update(run(config(cluster["data"], out), on_event=on_event)))
+    job = threading.Thread(target=lambda: result.update(run(config(cluster["data"], out), on_event=frozen)))
     job.start()
     try:
-        assert given.wait(timeout=400), "no shard was handed to the worker node's actor"
-        (started,) = [e for e in events if e["event"] == "shard_started" and e["pid"] == frozen["pid"]]
+        assert frozen.given.wait(timeout=400), "no shard was handed to the worker node's actor"
+        started = frozen.started()
         cluster["cluster"].remove_node(cluster["worker"], allow_graceful=False)
     finally:
-        if frozen:  # the node's death takes all its processes; a stopped one cannot exit by itself
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(frozen["pid"], signal.SIGKILL)
+        frozen.kill()  # the node's death takes all its processes, the frozen one included
     job.join(timeout=400)
     assert not job.is_alive()
     assert result["shards_failed"] == {} and result["retries"] >= 1 and result["manifest_updated"]
+    events = frozen.events
     retried = [e for e in events if e["event"] == "shard_retry"]
     assert started["shard"] in {e["shard"] for e in retried}
     again = [e for e in events if e["event"] == "shard_started" and e["shard"] == started["shard"]][-1]
