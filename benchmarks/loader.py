@@ -88,9 +88,8 @@ def generate(out: str, n: int, size: int) -> None:
                 members = {m: F.encode_sample(m, sample[m], num_classes=NUM_CLASSES) for m in MODS}
                 w.write(key, members)
                 for m in MODS:
-                    ext = F.EXTENSIONS[m]
-                    with open(os.path.join(folder_root, m, f"{key}.{ext}"), "wb") as f:
-                        f.write(members[m][f"{m}.{ext}"])
+                    with open(os.path.join(folder_root, m, f"{key}.{F.codec(m).ext}"), "wb") as f:
+                        f.write(members[m][F.member_name(m)])
                 ranges[key] = json.loads(members["depth"]["depth.json"])["depth_range"]
         shards.append({"name": name, "count": min(n, s + PER_SHARD) - s})
     classes = [f"c{i}" for i in range(NUM_CLASSES)]
@@ -172,7 +171,7 @@ class FolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         k = self.keys[i]
-        blobs = [_read(fs.join(self.root, m, f"{k}.{F.EXTENSIONS[m]}")) for m in MODS]
+        blobs = [_read(fs.join(self.root, m, f"{k}.{F.codec(m).ext}")) for m in MODS]
         return self.transform(_decode_folder_sample(*blobs, self.ranges[k]))
 
 
@@ -181,7 +180,7 @@ class InMemoryDataset(torch.utils.data.Dataset):
 
     def __init__(self, folder: FolderDataset):
         self.items = [
-            ([_read(os.path.join(folder.root, m, f"{k}.{F.EXTENSIONS[m]}")) for m in MODS], folder.ranges[k])
+            ([_read(os.path.join(folder.root, m, f"{k}.{F.codec(m).ext}")) for m in MODS], folder.ranges[k])
             for k in folder.keys
         ]
         self.transform = folder.transform

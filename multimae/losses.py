@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .input_adapters import SEMSEG_STRIDE
+from shards import modalities
 
 
 def robust_standardize_depth(
@@ -143,13 +143,11 @@ class UncertaintyWeighting(nn.Module):
         return out
 
 
-#: Loss kind and stride (target resolution = image / stride) per known output task.
-TASK_LOSSES: dict[str, tuple[str, int]] = {
-    "rgb": ("mse", 1),
-    "norm_rgb": ("norm_mse", 1),
-    "depth": ("l1", 1),
-    "semseg": ("ce", SEMSEG_STRIDE),
-}
+def task_losses() -> dict[str, tuple[str, int]]:
+    """Loss kind and stride (target resolution = image / stride) per output task: each registered kind's
+    `pretrain_loss` and input stride (rgb mse, depth l1, semseg ce at 1/4, normals l1, ...), plus norm_rgb."""
+    entries = [modalities.get(k) for k in modalities.kinds()]
+    return {**{m.kind: (m.pretrain_loss, m.input_stride) for m in entries}, "norm_rgb": ("norm_mse", 1)}
 
 
 def pretraining_loss(
@@ -159,7 +157,7 @@ def pretraining_loss(
     patch_size: int = 16,
     loss_on_unmasked: bool = False,
     weighting: nn.Module | None = None,
-    task_losses: dict[str, tuple[str, int]] | None = None,
+    extra_losses: dict[str, tuple[str, int]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-task masked losses and their sum under "total".
 
@@ -170,7 +168,7 @@ def pretraining_loss(
     `UncertaintyWeighting`) maps the raw losses to the ones summed into "total"; the raw ones are
     returned under their task names, the weighted ones under "<task>_weighted".
     """
-    kinds = {**TASK_LOSSES, **(task_losses or {})}
+    kinds = {**task_losses(), **(extra_losses or {})}
     losses: dict[str, torch.Tensor] = {}
     for task, pred in preds.items():
         if task not in kinds:
@@ -214,6 +212,8 @@ def finetune_loss(
     label_smoothing: float = 0.0,
     ignore_index: int = 255,
     depth_loss: str = "berhu",
+    dense_loss: str = "l1",
+    unit_vectors: bool = False,
 ) -> torch.Tensor:
     """The loss of one fine-tuning objective, in float32.
 
@@ -222,14 +222,19 @@ def finetune_loss(
     depth: prediction (B, 1, H, W) or (B, H, W), target the same, scored on valid pixels (finite, > 0) with
     BerHu (official) or L1. A batch without a valid depth pixel gives a zero loss that
     still reaches every parameter.
+    dense (any dense modality): prediction (B, C, H, W), target the same ((B, H, W) for C = 1), scored on valid
+    pixels (finite; for `unit_vectors` also non-zero, zero marking a missing normal) with `dense_loss`: "l1"
+    (mean absolute error over channels) or "angular" (mean angle in radians between prediction and target).
     """
+    if objective == "dense":
+        return dense_loss_of(output, target, dense_loss, unit_vectors)
     if objective == "cls":  # target: class ids (B,), or class probabilities (B, K) after Mixup / CutMix
         smoothing = 0.0 if target.is_floating_point() else label_smoothing
         return F.cross_entropy(output.float(), target, label_smoothing=smoothing)
     if objective == "semseg":
         return F.cross_entropy(output.float(), target, ignore_index=ignore_index)
     if objective != "depth":
-        raise ValueError(f"unknown fine-tuning objective {objective!r} (known: cls, semseg, depth)")
+        raise ValueError(f"unknown fine-tuning objective {objective!r} (known: cls, semseg, depth, dense)")
     pred = output.float()[:, 0] if output.dim() == 4 else output.float()  # (B, H, W)
     tgt = target[:, 0] if target.dim() == 4 else target
     valid = torch.isfinite(tgt) & (tgt > 0)
@@ -238,3 +243,25 @@ def finetune_loss(
     if depth_loss == "berhu":
         return berhu_loss(pred, tgt, valid)
     return (pred - tgt).abs()[valid].mean()
+
+
+def dense_loss_of(output: torch.Tensor, target: torch.Tensor, loss: str, unit_vectors: bool) -> torch.Tensor:
+    """The `dense` objective's loss (see `finetune_loss`), in float32."""
+    pred = output.float()
+    tgt = target.float()
+    if tgt.dim() == 3:
+        tgt = tgt[:, None]  # (B, H, W) -> (B, 1, H, W)
+    if pred.shape != tgt.shape:
+        raise ValueError(f"dense prediction {tuple(pred.shape)} and target {tuple(tgt.shape)} differ")
+    valid = torch.isfinite(tgt).all(1)  # (B, H, W)
+    if unit_vectors:
+        valid &= tgt.abs().sum(1) > 0
+    if not valid.any():
+        return pred.sum() * 0.0
+    p, t = pred.permute(0, 2, 3, 1)[valid], tgt.permute(0, 2, 3, 1)[valid]  # (n, C)
+    if loss == "l1":
+        return (p - t).abs().mean()
+    if loss == "angular":
+        cos = F.cosine_similarity(p, t, dim=1, eps=1e-6)
+        return torch.acos(cos.clamp(-1 + 1e-6, 1 - 1e-6)).mean()  # clamped: acos' gradient is infinite at +-1
+    raise ValueError(f"unknown dense loss {loss!r} (known: l1, angular)")

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 from huggingface_hub import PyTorchModelHubMixin
 
+from shards import modalities
+
 from .attention import key_padding_mask, transformer_block
 from .heads import ConvNeXtHead, DPTHead, LinearHead, default_hooks
 from .input_adapters import SEMSEG_STRIDE, PatchedInputAdapter, SemSegInputAdapter
@@ -25,8 +27,19 @@ from .masking import mask_to_ids, random_masks
 from .output_adapters import SpatialOutputAdapter
 from .tokens import TokenLayout
 
-#: Channels of the dense modalities known by name; other names need `domain_channels`.
-DEFAULT_CHANNELS = {"rgb": 3, "depth": 1}
+
+def default_channels() -> dict[str, int]:
+    """Channels of the registered value kinds (rgb 3, depth 1, normals 3, ...); other names need `domain_channels`."""
+    entries = [modalities.get(k) for k in modalities.kinds()]
+    return {m.kind: m.channels for m in entries if m.channels is not None}
+
+
+def _class_map(domain: str) -> bool:
+    """A domain fed as a class-id map (semseg): class embedding in, per-class logits out, at 1/semseg_stride."""
+    entry = modalities.find(domain)
+    return entry is not None and entry.input_adapter == "semseg"
+
+
 HUB_TAGS = dict(library_name="multimae-toolkit", tags=["multimae", "vision"], license="apache-2.0")
 
 
@@ -70,10 +83,10 @@ class _Backbone(nn.Module):
         emb_padding_idx: int | None,
         domain_channels: dict[str, int] | None,
     ) -> None:
-        channels = {**DEFAULT_CHANNELS, **(domain_channels or {})}
+        channels = {**default_channels(), **(domain_channels or {})}
         adapters = {}
         for domain in in_domains:
-            if domain == "semseg":
+            if _class_map(domain):
                 adapters[domain] = SemSegInputAdapter(
                     num_semseg_classes,
                     dim_tokens,
@@ -90,7 +103,7 @@ class _Backbone(nn.Module):
             else:
                 raise ValueError(
                     f"unknown input domain '{domain}': give its channel count in "
-                    f"domain_channels (known: {sorted(channels) + ['semseg']})"
+                    f"domain_channels (known: {sorted(channels) + [k for k in modalities.kinds() if _class_map(k)]})"
                 )
         if not adapters:
             raise ValueError("in_domains must name at least one input modality")
@@ -210,7 +223,8 @@ class MultiMAE(_Backbone, PyTorchModelHubMixin, **HUB_TAGS):
             emb_padding_idx,
             domain_channels,
         )
-        channels = {**DEFAULT_CHANNELS, **(domain_channels or {}), "semseg": num_semseg_classes}
+        channels = {**default_channels(), **(domain_channels or {})}
+        channels.update({d: num_semseg_classes for d in out_domains if _class_map(d)})
         ordered = [d for d in out_domains if d != "norm_rgb"] + (["norm_rgb"] if "norm_rgb" in out_domains else [])
         outputs = {}
         for domain in ordered:
@@ -222,7 +236,7 @@ class MultiMAE(_Backbone, PyTorchModelHubMixin, **HUB_TAGS):
                 dim_tokens,
                 task=source,
                 context_tasks=list(in_domains),
-                stride_level=semseg_stride if source == "semseg" else 1,
+                stride_level=semseg_stride if _class_map(source) else 1,
                 patch_size_full=patch_size,
                 dim_tokens=decoder_dim,
                 depth=decoder_depth,
@@ -314,16 +328,17 @@ class MultiMAE(_Backbone, PyTorchModelHubMixin, **HUB_TAGS):
 
 
 #: Default head and number of outputs per fine-tuning objective.
-OBJECTIVE_DEFAULTS = {"cls": ("linear", 1000), "depth": ("dpt", 1), "semseg": ("convnext", 150)}
+OBJECTIVE_DEFAULTS = {"cls": ("linear", 1000), "depth": ("dpt", 1), "semseg": ("convnext", 150), "dense": ("dpt", 1)}
 
 
 class MultiViT(_Backbone, PyTorchModelHubMixin, **HUB_TAGS):
     """MultiMAE encoder without masking plus one fine-tuning head; `model(x) -> Tensor`.
 
     Args (beyond MultiMAE's encoder/input ones):
-        objective: "cls" (logits (B, K)), "depth" ((B, 1, H, W)) or "semseg" (logits (B, K, H, W)).
+        objective: "cls" (logits (B, K)), "depth" ((B, 1, H, W)), "semseg" (logits (B, K, H, W)) or "dense"
+            (any dense modality: (B, C, H, W) with C = num_classes, e.g. 3 for normals).
         head: "linear" | "dpt" | "convnext" (default: linear for cls, dpt for depth, convnext for semseg).
-        num_classes: outputs of the head (default 1000 / 1 / 150).
+        num_classes: outputs of the head (default 1000 / 1 / 150 / 1).
         main_tasks: input tasks whose tokens the dense heads read (default: all in_domains).
         head_kwargs: extra head options, e.g. {"embed_dim": 6144} (ConvNeXt), {"hooks": [...]} (DPT),
             {"use_mean_pooling": False} (linear).
@@ -376,7 +391,7 @@ class MultiViT(_Backbone, PyTorchModelHubMixin, **HUB_TAGS):
             module = LinearHead(num_classes, dim_tokens, **kw)
         elif head == "dpt":
             kw.setdefault("hooks", default_hooks(depth))
-            kw.setdefault("head_type", "regression" if objective == "depth" else "semseg")
+            kw.setdefault("head_type", "regression" if objective in ("depth", "dense") else "semseg")
             module = DPTHead(num_classes, dim_tokens, main_tasks=main_tasks, patch_size=patch_size, **kw)
         elif head == "convnext":
             module = ConvNeXtHead(num_classes, dim_tokens, main_tasks=main_tasks, patch_size=patch_size, **kw)

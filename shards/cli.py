@@ -103,6 +103,7 @@ def parser() -> argparse.ArgumentParser:
         help="paired: what the depth values mean (default metric_m)",
     )
     b.add_argument("--semseg-classes", metavar="FILE", help="paired: class names, one per line (line i = id i)")
+    b.add_argument("--normals", action="store_true", help="synthetic: also write exact surface normals (normals_gt)")
     order = b.add_mutually_exclusive_group()
     order.add_argument(
         "--shuffle-seed",
@@ -162,6 +163,7 @@ def _build(args: argparse.Namespace) -> int:
         semseg_classes=args.semseg_classes,
         shuffle_seed=args.shuffle_seed,
         shuffle=not args.no_shuffle,
+        normals=args.normals,
     )
     from .build import build  # imports webdataset (and with it torch): only once the source is known to be fine
 

@@ -1,12 +1,16 @@
 """The aligned per-modality shard format: codecs, names and the manifest.
 
-A sample of modality ``m`` is stored as tar members ``<key>.<m>.<ext>`` (plus ``<key>.<m>.json`` for
-depth, holding the per-sample ``depth_range``). Codecs are lossless where it matters:
+A sample of modality ``m`` is stored as tar members ``<key>.<m>.<ext>`` (plus ``<key>.<m>.json`` where its
+codec needs a per-sample field, e.g. depth's ``depth_range``). Each kind of `shards.modalities` names its
+codec in `CODECS`:
 
-- ``rgb``     JPEG (quality 95 by default), uint8 (H, W, 3)
-- ``depth``   16-bit grayscale PNG; value = lo + png / 65535 * (hi - lo), float32 (H, W)
-- ``semseg``  8-bit grayscale PNG of class ids (16-bit above 255 classes), int64 (H, W); id 255
+- ``jpeg``     rgb: JPEG (quality 95 by default), uint8 (H, W, 3)
+- ``range16``  depth: 16-bit grayscale PNG; value = lo + png / 65535 * (hi - lo), float32 (H, W)
+- ``ids``      semseg: 8-bit grayscale PNG of class ids (16-bit above 255 classes), int64 (H, W); id 255
   (`IGNORE_ID`) marks unlabelled pixels, as in NYUv2 and ADE20K exports
+- ``normals``  normals: RGB PNG of unit vectors as Taskonomy / Omnidata store them, n = 2 v / 255 - 1 (8-bit,
+  the default) or 2 v / 65535 - 1 (16-bit), float32 (H, W, 3) renormalised; v = (0, 0, 0) marks a missing pixel
+  and decodes to the zero vector
 
 Modality names are free (``depth_gt``, ``semseg_gt``, ``depth_dpt`` ...); their kind is the prefix
 before the first underscore.
@@ -17,19 +21,23 @@ from __future__ import annotations
 import io
 import json
 import re
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from . import fs
+from . import modalities as registry
 from .errors import FormatError, printable, shown
-from .images import LABEL_FORMATS, RGB_FORMATS, BadImage, open_image
+from .images import LABEL_FORMATS, RGB_FORMATS, BadImage, load_vectors, open_image
 from .limits import MAX_JSON_BYTES, max_pixels
+from .modalities import modality_kind
 
 FORMAT_VERSION = 1
-KINDS = ("rgb", "depth", "semseg")
-EXTENSIONS = {"rgb": "jpg", "depth": "png", "semseg": "png"}
 DEPTH_LEVELS = 65535
 IGNORE_ID = 255  # semseg: pixels without a label (the trainer's default ignore_index)
 MANIFEST = "manifest.json"
@@ -37,17 +45,8 @@ MANIFEST = "manifest.json"
 # so none can hold a dot, a slash or a control character, and a key never starts with '_' (webdataset's '__key__').
 KEY_RE = re.compile(r"[A-Za-z0-9-][A-Za-z0-9_-]*")
 SHARD_RE = re.compile(r"shard-[0-9]{6,}")
-MODALITY_RE = re.compile(r"(?:rgb|depth|semseg)(?:_[A-Za-z0-9][A-Za-z0-9_-]*)?")
 
-
-def modality_kind(name: str) -> str:
-    """'depth_gt' -> 'depth', 'semseg' -> 'semseg', 'rgb' -> 'rgb'."""
-    if not isinstance(name, str) or not MODALITY_RE.fullmatch(name):
-        raise FormatError(
-            f"unknown modality {shown(name)}: names are one of {KINDS}, optionally followed by '_' and "
-            "letters, digits, '_' or '-' (e.g. 'depth_gt')"
-        )
-    return name.split("_", 1)[0]
+__all__ = ["modality_kind"]
 
 
 def shard_name(index: int) -> str:
@@ -123,11 +122,6 @@ def encode_depth_levels(levels: np.ndarray, step: float) -> tuple[bytes, list[fl
     return buf.getvalue(), [0.0, DEPTH_LEVELS * step]
 
 
-def depth_members(modality: str, png: bytes, depth_range: list[float]) -> dict[str, bytes]:
-    """The tar members (without the key prefix) of one depth sample: the PNG and its depth_range json."""
-    return {f"{modality}.png": png, f"{modality}.json": fs.dumps_json({"depth_range": depth_range})}
-
-
 def decode_depth(data: bytes, depth_range: list[float]) -> np.ndarray:
     with _open(data, LABEL_FORMATS) as im:
         if im.mode not in ("I;16", "I;16B", "I"):
@@ -157,6 +151,68 @@ def decode_semseg(data: bytes) -> np.ndarray:
         return np.asarray(im).astype(np.int64)
 
 
+def encode_normals(normals: np.ndarray, bits: int = 8) -> bytes:
+    """(H, W, 3) float unit vectors -> RGB PNG, v = round((n + 1) / 2 * (2^bits - 1)); a zero vector (missing)
+    is stored as v = (0, 0, 0). bits: 8 (Taskonomy / Omnidata's format) or 16 (for sources with more precision)."""
+    n = np.asarray(normals, dtype=np.float64)
+    if n.ndim != 3 or n.shape[2] != 3:
+        raise FormatError(f"normals must be (H, W, 3), got {n.shape}")
+    if not np.isfinite(n).all():
+        raise FormatError("normals contain NaN or inf")
+    if bits not in (8, 16):
+        raise FormatError(f"normals are stored in 8 or 16 bits, not {bits}")
+    top = 2**bits - 1
+    v = np.clip(np.rint((n + 1.0) / 2.0 * top), 0, top)
+    v[(n * n).sum(-1) < 0.25] = 0  # |n| < 0.5: no direction, a missing pixel
+    return encode_normals_levels(v.astype(np.uint8 if bits == 8 else np.uint16))
+
+
+def _png_rgb16(v: np.ndarray) -> bytes:
+    """(H, W, 3) uint16 -> a 16-bit RGB PNG (Pillow writes 16 bits for one channel only): IHDR, IDAT, IEND."""
+    h, w, _ = v.shape
+    rows = np.zeros((h, 1 + 6 * w), np.uint8)  # each row: filter type 0, then big-endian samples
+    rows[:, 1:] = v.astype(">u2").view(np.uint8).reshape(h, 6 * w)
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)  # 16 bits, colour type 2 (RGB), no interlace
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows.tobytes(), 1))
+        + chunk(b"IEND", b"")
+    )
+
+
+def decode_normals(data: bytes) -> np.ndarray:
+    """RGB PNG (8 or 16 bits) -> (H, W, 3) float32 unit vectors; v = (0, 0, 0) decodes to the zero vector."""
+    v = normals_levels(data)
+    n = v.astype(np.float32) * np.float32(2.0 / np.iinfo(v.dtype).max) - 1.0
+    norm = np.sqrt((n * n).sum(-1, keepdims=True))
+    missing = (v == 0).all(-1, keepdims=True)
+    return np.where(missing, 0.0, n / np.maximum(norm, 1e-6)).astype(np.float32)
+
+
+def normals_levels(data: bytes) -> np.ndarray:
+    """The stored (H, W, 3) uint8 or uint16 values of a normals member, through the safe decode path."""
+    try:
+        return load_vectors(data, max_pixels())
+    except BadImage as e:
+        raise FormatError(e.reason) from None
+
+
+def encode_normals_levels(v: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 or uint16 stored values (a source's normals file) -> the normals PNG, losslessly."""
+    if v.ndim != 3 or v.shape[2] != 3 or v.dtype not in (np.uint8, np.uint16):
+        raise FormatError(f"normals levels must be uint8 or uint16 (H, W, 3), got {v.dtype} {v.shape}")
+    if v.dtype == np.uint16:
+        return _png_rgb16(v)
+    buf = io.BytesIO()
+    Image.fromarray(v).save(buf, format="PNG", compress_level=1)  # level 1: see encode_depth
+    return buf.getvalue()
+
+
 def parse_cls(data: bytes) -> int:
     """A `cls` member: an ASCII integer."""
     text = data.decode("ascii").strip()
@@ -165,32 +221,98 @@ def parse_cls(data: bytes) -> int:
     return int(text)
 
 
-def encode_sample(modality: str, value: Any, num_classes: int | None = None, quality: int = 95) -> dict[str, bytes]:
+@dataclass(frozen=True)
+class Codec:
+    """How one kind's samples become tar members and back.
+
+    ext: the image member's extension; dtype: stored dtype (the manifest's, for classes up to 255); meta: the
+    field of the per-sample json member it needs, if any; encode(value, options) -> (image bytes, meta value or
+    None), options holding `quality` (JPEG), `num_classes` (ids) or `bits` (normals); decode(image bytes, meta
+    value or None) -> the decoded array.
+    """
+
+    ext: str
+    dtype: str
+    lossless: bool
+    encode: Callable[[Any, dict], tuple[bytes, Any]]
+    decode: Callable[[bytes, Any], np.ndarray]
+    meta: str | None = None
+
+
+def _encode_ids(ids: Any, options: dict) -> tuple[bytes, None]:
+    if options.get("num_classes") is None:
+        raise FormatError("encoding a class-id map needs num_classes")
+    return encode_semseg(ids, options["num_classes"]), None
+
+
+CODECS: dict[str, Codec] = {
+    "jpeg": Codec("jpg", "uint8", False, lambda v, o: (encode_rgb(v, o.get("quality", 95)), None),
+                  lambda data, _: decode_rgb(data)),
+    "range16": Codec("png", "uint16", False, lambda v, o: encode_depth(v), decode_depth, meta="depth_range"),
+    "ids": Codec("png", "uint8", True, _encode_ids, lambda data, _: decode_semseg(data)),
+    "normals": Codec("png", "uint8", False, lambda v, o: (encode_normals(v, o.get("bits", 8)), None),
+                     lambda data, _: decode_normals(data)),
+}  # fmt: skip
+
+
+def codec(modality: str) -> Codec:
+    """The codec of a modality name ('depth_gt' -> range16)."""
+    name = registry.of(modality).codec
+    if name not in CODECS:
+        raise FormatError(f"modality {modality!r}: its kind names codec {name!r}, which is not in CODECS")
+    return CODECS[name]
+
+
+def member_name(modality: str) -> str:
+    """The image member's suffix of a modality: 'depth_gt' -> 'depth_gt.png'."""
+    return f"{modality}.{codec(modality).ext}"
+
+
+def meta_members(modality: str, image: bytes, meta: Any) -> dict[str, bytes]:
+    """The tar members (without the key prefix) of one sample: the image and, where its codec has a per-sample
+    field, the json holding it."""
+    c = codec(modality)
+    members = {f"{modality}.{c.ext}": image}
+    if c.meta is not None:
+        members[f"{modality}.json"] = fs.dumps_json({c.meta: meta})
+    return members
+
+
+def depth_members(modality: str, png: bytes, depth_range: list[float]) -> dict[str, bytes]:
+    """The tar members (without the key prefix) of one depth sample: the PNG and its depth_range json."""
+    return meta_members(modality, png, depth_range)
+
+
+def encode_sample(modality: str, value: Any, num_classes: int | None = None, quality: int = 95, **options: Any
+                  ) -> dict[str, bytes]:  # fmt: skip
     """Tar members (without the key prefix) for one modality of one sample."""
-    kind = modality_kind(modality)
-    if kind == "rgb":
-        return {f"{modality}.jpg": encode_rgb(value, quality)}
-    if kind == "depth":
-        return depth_members(modality, *encode_depth(value))
-    if num_classes is None:
-        raise FormatError(f"encoding {modality!r} needs num_classes")
-    return {f"{modality}.png": encode_semseg(value, num_classes)}
+    image, meta = codec(modality).encode(value, {"num_classes": num_classes, "quality": quality, **options})
+    return meta_members(modality, image, meta)
 
 
 def decode_sample(modality: str, members: dict[str, bytes]) -> np.ndarray:
     """Inverse of encode_sample: members keyed by extension, e.g. {'depth.png': ..., 'depth.json': ...}."""
-    kind = modality_kind(modality)
-    name = f"{modality}.{EXTENSIONS[kind]}"
+    c = codec(modality)
+    name = f"{modality}.{c.ext}"
     if name not in members:
         raise FormatError(f"sample has no member {name!r} (members: {sorted(members)})")
-    if kind == "rgb":
-        return decode_rgb(members[name])
-    if kind == "depth":
-        meta = members.get(f"{modality}.json")
-        if meta is None:
-            raise FormatError(f"depth sample has no {modality}.json with depth_range")
-        return decode_depth(members[name], parse_depth_range(meta))
-    return decode_semseg(members[name])
+    meta = None
+    if c.meta is not None:
+        raw = members.get(f"{modality}.json")
+        if raw is None:
+            raise FormatError(f"{registry.of(modality).kind} sample has no {modality}.json with {c.meta}")
+        meta = parse_meta(raw, c.meta)
+    return c.decode(members[name], meta)
+
+
+def parse_meta(raw: bytes, field: str) -> Any:
+    """The per-sample field of a json member (validated where the toolkit knows the field)."""
+    if field == "depth_range":
+        return parse_depth_range(raw)
+    try:
+        return json.loads(raw)[field]
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError) as e:
+        raise FormatError(f"json member has no {field} ({type(e).__name__}: {printable(str(e))})") from None
 
 
 def parse_depth_range(meta: bytes) -> list[float]:
@@ -294,13 +416,15 @@ def update_manifest(root: str, modalities: dict[str, dict], shards: list[dict] |
     return manifest
 
 
-def modality_entry(modality: str, producer: dict, *, meaning: str, classes: list[str] | None = None) -> dict:
-    """A manifest entry for one modality."""
-    kind = modality_kind(modality)
-    dtype = "uint16" if kind == "depth" or (classes is not None and len(classes) > 255) else "uint8"
-    entry = {"kind": kind, "ext": EXTENSIONS[kind], "dtype": dtype, "meaning": meaning, "producer": producer}
-    if kind == "semseg":
+def modality_entry(modality: str, producer: dict, *, meaning: str, classes: list[str] | None = None,
+                   dtype: str | None = None) -> dict:  # fmt: skip
+    """A manifest entry for one modality (dtype: the stored dtype when not the codec's, e.g. 16-bit normals)."""
+    kind, c = modality_kind(modality), codec(modality)
+    if dtype is None:
+        dtype = "uint16" if c.dtype == "uint16" or (classes is not None and len(classes) > 255) else c.dtype
+    entry = {"kind": kind, "ext": c.ext, "dtype": dtype, "meaning": meaning, "producer": producer}
+    if registry.get(kind).is_classes:
         if classes is None:
-            raise FormatError(f"semseg modality {modality!r} needs its class list")
+            raise FormatError(f"{kind} modality {modality!r} needs its class list")
         entry["classes"] = list(classes)
     return entry

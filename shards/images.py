@@ -17,6 +17,9 @@ resized so the shorter side is `size` (never upscaled):
 it is stored: (H, W) uint8, uint16, int32 or float32, never rescaled, no EXIF rotation; anything else raises
 `BadImage` with the same reasons.
 
+`load_vectors(data, max_pixels)` decodes an RGB PNG of per-pixel vectors (surface normals) as stored: (H, W, 3)
+uint8 or uint16.
+
 `open_image(data, formats, max_pixels)` is the one way the toolkit opens image bytes (sources here, shard
 members in `shards.format`): only the Pillow plugins named in `formats` may identify the data, and the
 pixel count in the header is checked before anything is decoded. The allow-lists hold plugins that
@@ -162,6 +165,27 @@ def load_plane(data: bytes, max_pixels: int = MAX_PIXELS, formats: Sequence[str]
             raise BadImage(f"not single-channel: mode {im.mode} (store one value per pixel: ids or depth levels)")
         im.load()
         return np.asarray(im).astype(dtype, copy=False)  # (H, W)
+
+
+def load_vectors(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """An RGB PNG holding one vector per pixel (surface normals) -> (H, W, 3) of the stored values: uint8, or
+    uint16 for a 16-bit PNG (Pillow keeps only 8 of its 16 bits, so those are decoded by libpng through
+    torchvision). Raises BadImage as `load_plane` does, and for images that are not 3-channel RGB."""
+    with _decoding():
+        im = open_image(data, ("PNG",), max_pixels)
+        if im.mode != "RGB":
+            raise BadImage(f"not an RGB vector map: mode {im.mode} (store x, y, z as the R, G, B of a PNG)")
+        if data[24] != 16:  # IHDR (the first chunk) bit depth
+            im.load()
+            return np.asarray(im)
+        import torch
+        from torchvision.io import ImageReadMode, decode_png
+
+        try:
+            planes = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
+        except RuntimeError as e:
+            raise BadImage(f"corrupt: {str(e).splitlines()[0][:200]}") from None
+        return planes.permute(1, 2, 0).numpy().astype(np.uint16)  # (H, W, 3)
 
 
 def _decode(im: Image.Image, size: int | None) -> tuple[np.ndarray, tuple[int, int]]:

@@ -12,12 +12,12 @@ from collections import Counter
 
 import numpy as np
 
-from .format import FormatError, decode_semseg, modality_kind, parse_cls, read_manifest
+from . import modalities as registry
+from .format import FormatError, decode_semseg, parse_cls, read_manifest
 from .tars import iter_samples
 from .writer import read_stats, shard_is_complete, tar_path
 
 BAR_WIDTH = 30
-KIND_ORDER = {"rgb": 0, "depth": 1, "semseg": 2}
 
 
 def _mb(n: int) -> str:
@@ -117,7 +117,7 @@ def info_text(root: str, semseg_samples: int = 256, max_classes: int = 12) -> st
     ]
     rows = [("modality", "kind", "shards", "samples", "bytes", "skipped", "meaning", "producer")]
     skips: set[tuple[str, str, str]] = set()
-    order = sorted(manifest["modalities"], key=lambda m: (KIND_ORDER[modality_kind(m)], m))
+    order = sorted(manifest["modalities"], key=registry.display_order)
     for m in order:
         entry = manifest["modalities"][m]
         st = modality_stats(root, m, names)
@@ -156,7 +156,7 @@ def info_text(root: str, semseg_samples: int = 256, max_classes: int = 12) -> st
 
     for m in order:
         entry = manifest["modalities"][m]
-        if modality_kind(m) != "semseg" or semseg_samples <= 0:
+        if not registry.of(m).is_classes or semseg_samples <= 0:
             continue
         counts, seen = semseg_shares(root, m, names, semseg_samples)
         if not seen:

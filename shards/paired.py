@@ -1,22 +1,26 @@
 """The `paired` source: ground-truth datasets stored as one folder per modality.
 
-``--modalities rgb=images depth_gt=depth semseg_gt=labels`` names each modality and its folder below
-``--root``; the kind comes from the name (``rgb*``, ``depth*``, ``semseg*``) and exactly one is rgb. Files are
-matched by their relative path without extension (``images/a/0001.jpg`` with ``depth/a/0001.png``); a sample
-that one folder lacks is skipped and recorded with the folder that lacks it. This reads NYUv2, ADE20K and
-Hypersim exports, and the official MultiMAE task-folder layout ``ROOT/<task>/<class>/<file>`` directly
-(``--class-from-parent`` then gives ``cls`` from the ``<class>`` level, as the folder source does).
+``--modalities rgb=images depth_gt=depth semseg_gt=labels normals_gt=normals`` names each modality and its
+folder below ``--root``; the kind comes from the name (``rgb*``, ``depth*``, ``semseg*``, ``normals*`` or any
+registered kind) and exactly one is rgb. Files are matched by their relative path without extension
+(``images/a/0001.jpg`` with ``depth/a/0001.png``); a sample that one folder lacks is skipped and recorded with
+the folder that lacks it. This reads NYUv2, ADE20K, Hypersim, Taskonomy and Omnidata exports, and the official
+MultiMAE task-folder layout ``ROOT/<task>/<class>/<file>`` directly (``--class-from-parent`` then gives ``cls``
+from the ``<class>`` level, as the folder source does).
 
 - rgb goes through the same safe decoding as every source (`shards.images.load_rgb`).
 - depth: 16-bit (or 8-bit) PNG / TIFF levels are stored losslessly, value = level x ``--depth-scale`` (0.001
   for millimetres), 0 stays 0 (= missing); float TIFFs are multiplied by the scale (NaN and inf become 0).
   The manifest meaning is ``--depth-meaning`` (``metric_m`` by default).
-- semseg: 8/16-bit label PNGs hold class ids, 255 (`IGNORE_ID`) = unlabelled; names come from
-  ``--semseg-classes FILE`` (one per line, line i = id i), else ``class0 .. classN-1`` with N one more than the
-  largest id in the label files (read once before the build). An id outside the list skips the sample.
-- sizes: ``--size S`` brings the shorter side of rgb to S (bicubic, never upscaled); depth and labels follow
-  to the same size by nearest neighbour. Without it every modality keeps rgb's native size. A depth or label
-  map whose aspect ratio differs from its rgb image skips the sample ("size mismatch").
+- semseg (any class-id kind): 8/16-bit label PNGs hold class ids, 255 (`IGNORE_ID`) = unlabelled; names come
+  from ``--semseg-classes FILE`` (one per line, line i = id i), else ``class0 .. classN-1`` with N one more than
+  the largest id in the label files (read once before the build). An id outside the list skips the sample.
+- normals: 8- or 16-bit RGB PNGs (Taskonomy / Omnidata: n = 2 v / (2^bits - 1) - 1) are stored losslessly, at
+  the bit depth they have.
+- other value kinds (one channel, e.g. a registered ``edges``): PNG / TIFF values are stored as they are.
+- sizes: ``--size S`` brings the shorter side of rgb to S (bicubic, never upscaled); the other modalities
+  follow to the same size by nearest neighbour. Without it every modality keeps rgb's native size. A map whose
+  aspect ratio differs from its rgb image skips the sample ("size mismatch").
 """
 
 from __future__ import annotations
@@ -29,16 +33,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import fs
+from . import modalities as registry
 from .format import (
     IGNORE_ID,
     FormatError,
     depth_members,
     encode_depth,
     encode_depth_levels,
+    encode_normals_levels,
     encode_semseg,
+    member_name,
     modality_kind,
 )
-from .images import BadImage, load_plane
+from .images import BadImage, load_plane, load_vectors
 from .sources import (
     ClassList,
     Item,
@@ -55,7 +62,8 @@ from .sources import (
     unique_keys,
 )
 
-DEPTH_MEANINGS = ("metric_m", "relative", "inverse_relative")
+DEPTH_MEANINGS = registry.DEPTH.meanings
+READABLE_CODECS = ("range16", "ids", "normals")  # the kinds' files this source knows how to read
 ASPECT_TOLERANCE = 0.01  # relative difference of width / height between rgb and a depth or label map
 SCAN_THREADS = 8  # label files decoded at once when the class count is read from the data
 
@@ -96,7 +104,7 @@ def paired_source(
         else:
             loc = {m: fs.join(root, modalities[m], files[m][stem]) for m in order}
         items.append(Item(key, ref, loc, cls, label))
-    semseg = [m for m in order if kinds[m] == "semseg"]
+    semseg = [m for m in order if registry.get(kinds[m]).is_classes]
     class_names = _semseg_names(semseg_classes, items, semseg, encoder.max_pixels) if semseg else None
     options = {
         **encoder_options(encoder),
@@ -108,7 +116,7 @@ def paired_source(
         "class_from_parent": class_from_parent,
     }
     maker = PairedMaker(encoder, tuple(order), depth_scale, len(class_names or []), semseg_classes or "the data")
-    meanings = {m: {"rgb": "image", "depth": depth_meaning, "semseg": "class_ids"}[kinds[m]] for m in order}
+    meanings = {m: depth_meaning if kinds[m] == "depth" else registry.get(kinds[m]).meanings[0] for m in order}
     return Source("paired", root, items, maker, options, tuple(order), cls_classes, class_names, meanings=meanings)
 
 
@@ -131,6 +139,12 @@ def _check_options(
     kinds: dict[str, str], depth_scale: float | None, depth_meaning: str, semseg_classes: str | None
 ) -> None:
     has = set(kinds.values())
+    for m, kind in kinds.items():
+        if kind != "rgb" and registry.get(kind).codec not in READABLE_CODECS:
+            raise SourceError(
+                f"--modalities {m}: --src paired reads {', '.join(READABLE_CODECS)} kinds; {kind} is stored "
+                f"with codec {registry.get(kind).codec}"
+            )
     if "depth" in has and depth_scale is None:
         raise SourceError(
             "--src paired with a depth modality needs --depth-scale (metres per stored level: 0.001 for "
@@ -223,23 +237,34 @@ class PairedMaker:
         out = {rgb_name: self.encoder.pack(rgb, orig, meta, item.cls, rgb_name)}
         for m in self.modalities[1:]:
             try:
-                plane = fit(load_plane(read_image_file(item.loc[m]), self.encoder.max_pixels), orig, rgb.shape[:2])
-                out[m] = self.depth(m, plane) if modality_kind(m) == "depth" else self.semseg(m, plane)
+                out[m] = self.encode(m, read_image_file(item.loc[m]), orig, rgb.shape[:2])
             except BadImage as e:
                 category, _, detail = e.reason.partition(":")
                 raise BadImage(f"{category}: {m}{':' + detail if detail else ''}") from None
         return out
 
-    def depth(self, modality: str, plane: np.ndarray) -> dict[str, bytes]:
-        """(H, W) stored levels -> depth members: integers exactly (level x scale), floats scaled."""
+    def encode(self, modality: str, data: bytes, orig: tuple[int, int], size: tuple[int, int]) -> dict[str, bytes]:
+        """One modality's file -> its members at rgb's stored `size`, by the codec of its kind."""
+        kind = registry.of(modality)
+        if kind.codec == "normals":
+            levels = fit(load_vectors(data, self.encoder.max_pixels), orig, size)
+            return {member_name(modality): encode_normals_levels(levels)}
+        plane = fit(load_plane(data, self.encoder.max_pixels), orig, size)
+        if kind.is_classes:
+            return self.semseg(modality, plane)
+        return self.values(modality, plane, self.depth_scale if kind.kind == "depth" else 1.0)
+
+    def values(self, modality: str, plane: np.ndarray, scale: float) -> dict[str, bytes]:
+        """(H, W) stored levels -> members of a 16-bit value map (depth: metres): integers exactly (level x
+        scale), floats scaled; negative values refused."""
         if plane.dtype.kind in "ui":
             if plane.size and (plane.min() < 0 or plane.max() > 65535):
-                raise BadImage(f"corrupt: depth levels [{plane.min()}, {plane.max()}] outside 16 bits")
-            return depth_members(modality, *encode_depth_levels(plane.astype(np.uint16), self.depth_scale))
-        metres = np.where(np.isfinite(plane), plane.astype(np.float64) * self.depth_scale, 0.0)  # (H, W)
-        if (metres < 0).any():
-            raise BadImage(f"corrupt: negative depth {metres.min():.4g}")
-        return depth_members(modality, *encode_depth(metres))
+                raise BadImage(f"corrupt: {modality} levels [{plane.min()}, {plane.max()}] outside 16 bits")
+            return depth_members(modality, *encode_depth_levels(plane.astype(np.uint16), scale))
+        values = np.where(np.isfinite(plane), plane.astype(np.float64) * scale, 0.0)  # (H, W)
+        if (values < 0).any():
+            raise BadImage(f"corrupt: negative {registry.of(modality).kind} {values.min():.4g}")
+        return depth_members(modality, *encode_depth(values))
 
     def semseg(self, modality: str, plane: np.ndarray) -> dict[str, bytes]:
         """(H, W) class ids -> the semseg member; ids outside the class list (IGNORE_ID aside) skip the sample."""
@@ -256,13 +281,13 @@ class PairedMaker:
 
 
 def fit(plane: np.ndarray, orig: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
-    """A (h, w) map resized by nearest neighbour to `size` (rgb's stored (H, W)); BadImage when its aspect
+    """A (h, w) or (h, w, C) map resized by nearest neighbour to `size` (rgb's stored (H, W)); BadImage when its aspect
     ratio differs from rgb's original (h, w) `orig`."""
-    (ph, pw), (oh, ow), (h, w) = plane.shape, orig, size
+    (ph, pw), (oh, ow), (h, w) = plane.shape[:2], orig, size
     if abs(pw * oh - ow * ph) > ASPECT_TOLERANCE * ow * ph:
         raise BadImage(f"size mismatch: {pw}x{ph} px, its rgb image {ow}x{oh} px")
     if (ph, pw) == (h, w):
         return plane
     rows = np.minimum(((np.arange(h) + 0.5) * ph / h).astype(np.int64), ph - 1)  # (H,) source row of each row
     cols = np.minimum(((np.arange(w) + 0.5) * pw / w).astype(np.int64), pw - 1)  # (W,)
-    return plane[rows[:, None], cols[None, :]]  # (H, W)
+    return plane[rows[:, None], cols[None, :]]  # (H, W) or (H, W, C)

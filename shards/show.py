@@ -1,7 +1,8 @@
 """`multimae-shard show DATA --out FILE.png`: a picture grid of samples, one row per sample, one column per modality.
 
-rgb is shown as stored, depth with a colour map over the sample's own range (printed above it), and
-segmentation with a fixed palette (class id -> colour, the same in every picture) plus a legend of the
+Each kind is drawn by its picture rule (`shards.modalities`): rgb as stored, depth (and other scalar maps) with
+a colour map over the sample's own range (printed above it), normals as the usual normal-map colours
+(n + 1) / 2, and segmentation with a fixed palette (class id -> colour, the same in every picture) plus a legend of the
 classes present. Samples are decoded with the reader (`shards.reader`), so what you see is what a
 trainer gets.
 """
@@ -14,10 +15,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import fs
-from .format import FormatError, modality_kind, read_manifest
+from . import modalities as registry
+from .format import FormatError, read_manifest
 from .reader import decode_members, iter_shard_members
 
-KIND_ORDER = {"rgb": 0, "depth": 1, "semseg": 2}
 DEPTH_CMAP = "turbo"
 
 
@@ -30,6 +31,13 @@ def palette(n: int) -> np.ndarray:
         return base[:n]
     extra = np.random.default_rng(12345).uniform(0.1, 0.95, size=(n - len(base), 3))
     return np.concatenate([base, extra])
+
+
+def normals_picture(normals: np.ndarray) -> np.ndarray:
+    """(H, W, 3) unit normals -> (H, W, 3) uint8 colours (n + 1) / 2, the usual normal-map colours (a surface
+    facing the camera is light blue); missing pixels (zero vectors) are black."""
+    colours = np.rint((np.clip(normals, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+    return np.where((normals == 0).all(-1, keepdims=True), 0, colours).astype(np.uint8)
 
 
 def _pick(root: str, names: list[str], modalities: list[str], keys: Sequence[str] | None, n: int) -> list[dict]:
@@ -68,7 +76,7 @@ def show(
 
     manifest = read_manifest(root)
     available = manifest["modalities"]
-    mods = list(modalities) if modalities else sorted(available, key=lambda m: (KIND_ORDER[modality_kind(m)], m))
+    mods = list(modalities) if modalities else sorted(available, key=registry.display_order)
     unknown = [m for m in mods if m not in available]
     if unknown:
         raise FormatError(f"{root}/manifest.json has no modality {unknown[0]!r} (it has {sorted(available)})")
@@ -80,16 +88,19 @@ def show(
 
     rows, cols = len(samples), len(mods)
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows + 0.9), squeeze=False)
-    present: dict[str, set[int]] = {m: set() for m in mods if modality_kind(m) == "semseg"}
+    present: dict[str, set[int]] = {m: set() for m in mods if registry.of(m).is_classes}
     for r, sample in enumerate(samples):
         for c, m in enumerate(mods):
             ax = axes[r, c]
             value = sample[m]
-            kind = modality_kind(m)
-            if kind == "rgb":
+            picture = registry.of(m).picture
+            if picture == "image":
                 ax.imshow(value)  # (H, W, 3) uint8
                 title = m
-            elif kind == "depth":
+            elif picture == "normals":
+                ax.imshow(normals_picture(value))  # (H, W, 3) unit vectors -> colours
+                title = m
+            elif picture == "colormap":
                 lo, hi = float(value.min()), float(value.max())
                 ax.imshow(value, cmap=DEPTH_CMAP, vmin=lo, vmax=hi)  # (H, W) float32
                 title = f"{m} [{lo:.3g}, {hi:.3g}]"

@@ -34,6 +34,7 @@ from . import __version__, fs, limits
 from .errors import printable
 from .format import FormatError, encode_rgb, encode_sample, modality_entry, read_manifest
 from .images import MAX_PIXELS, BadImage, load_rgb
+from .modalities import of
 from .tars import header_problem, next_member, open_tar
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pnm")
@@ -251,6 +252,7 @@ class SceneMaker:
     seed: int
     size: int
     quality: int = 95
+    normals: bool = False  # also normals_gt
 
     def __call__(self, item: Item) -> Members:
         from . import synthetic
@@ -262,11 +264,14 @@ class SceneMaker:
             "cls": str(int(scene["cls"])).encode(),
             "json": fs.dumps_json(meta),
         }
-        return {
+        out = {
             "rgb": rgb,
             "depth_gt": encode_sample("depth_gt", scene["depth_gt"]),
             "semseg_gt": encode_sample("semseg_gt", scene["semseg_gt"], num_classes=len(synthetic.SEMSEG_CLASSES)),
         }
+        if self.normals:
+            out["normals_gt"] = encode_sample("normals_gt", scene["normals_gt"])
+        return out
 
 
 # --- sources --------------------------------------------------------------------------------------
@@ -296,7 +301,7 @@ class Source:
         producer = self.producer()
         return {
             m: modality_entry(
-                m, producer, meaning=self.meanings[m], classes=self.semseg_classes if m.startswith("semseg") else None
+                m, producer, meaning=self.meanings[m], classes=self.semseg_classes if of(m).is_classes else None
             )
             for m in self.modalities
         }
@@ -406,23 +411,28 @@ def webdataset_source(root: str, encoder: RgbEncoder) -> Source:
     return Source("webdataset", root, items, TarSampleMaker(encoder), encoder_options(encoder))
 
 
-def synthetic_source(num: int, size: int = 128, seed: int = 0, quality: int = 95) -> Source:
-    """`num` procedurally rendered scenes (shards/synthetic.py) with exact depth_gt, semseg_gt and cls."""
+def synthetic_source(num: int, size: int = 128, seed: int = 0, quality: int = 95, normals: bool = False) -> Source:
+    """`num` procedurally rendered scenes (shards/synthetic.py) with exact depth_gt, semseg_gt and cls (and
+    normals_gt with `normals`)."""
     from . import synthetic
 
     if num <= 0:
         raise SourceError("--num must be positive for the synthetic source")
     items = [Item(synthetic.scene_key(seed, i), f"synthetic:{seed}:{i}", i) for i in range(num)]
+    meanings = {"rgb": "image", "depth_gt": "metric_m", "semseg_gt": "class_ids"}
+    if normals:
+        meanings["normals_gt"] = "camera_normals"
     return Source(
         "synthetic",
         None,
         items,
-        SceneMaker(seed, size, quality),
-        {"num": num, "size": size, "seed": seed, "quality": quality},
-        modalities=("rgb", "depth_gt", "semseg_gt"),
+        SceneMaker(seed, size, quality, normals),
+        # `normals` recorded only when set, so shard sets built before it existed resume unchanged
+        {"num": num, "size": size, "seed": seed, "quality": quality, **({"normals": True} if normals else {})},
+        modalities=tuple(meanings),
         cls_classes=list(synthetic.CLS_CLASSES),
         semseg_classes=list(synthetic.SEMSEG_CLASSES),
-        meanings={"rgb": "image", "depth_gt": "metric_m", "semseg_gt": "class_ids"},
+        meanings=meanings,
     )
 
 
@@ -448,6 +458,7 @@ def open_source(
     semseg_classes: str | None = None,
     shuffle_seed: int | None = None,
     shuffle: bool = True,
+    normals: bool = False,
 ) -> Source:
     """The source named `src`, enumerated and put in build order.
 
@@ -467,9 +478,10 @@ def open_source(
         depth_meaning=None if depth_meaning == "metric_m" else depth_meaning,  # metric_m: the default
         semseg_classes=semseg_classes,
         class_from_parent=class_from_parent,
+        normals=normals,
     )
     if src == "synthetic":
-        source = synthetic_source(1024 if num is None else num, size or 128, seed, quality)
+        source = synthetic_source(1024 if num is None else num, size or 128, seed, quality, normals)
         return _ordered(source, shuffle_seed if shuffle else None, None)
     if not root:
         raise SourceError(f"--src {src} needs --root (the folder to read)")
@@ -517,6 +529,7 @@ APPLIES = {
     "depth_meaning": ("paired",),
     "semseg_classes": ("paired",),
     "class_from_parent": ("folder", "paired"),
+    "normals": ("synthetic",),
 }
 
 

@@ -10,9 +10,9 @@ camera with random height, heading, pitch and field of view looks at one "hero" 
 
 Each pixel casts one ray through its centre. Room surfaces, spheres, boxes, cylinders, cones and
 capsules are intersected analytically; tori by sphere tracing their signed distance (error below
-0.1 mm). The first hit gives every output at once, so `rgb`, metric z-depth (`depth_gt`) and
-class (`semseg_gt`) are exactly consistent. Work is vectorised over pixels; Python loops only run
-over the few objects (and the sphere-tracing steps of a torus).
+0.1 mm). The first hit gives every output at once, so `rgb`, metric z-depth (`depth_gt`), class
+(`semseg_gt`) and surface normal (`normals_gt`) are exactly consistent. Work is vectorised over pixels;
+Python loops only run over the few objects (and the sphere-tracing steps of a torus).
 """
 
 from __future__ import annotations
@@ -550,10 +550,13 @@ def render(scene: Scene, size: int = 128) -> dict[str, np.ndarray | int]:
     srgb += np.random.default_rng(scene.noise_seed).normal(0.0, scene.noise_sigma, srgb.shape)
     rgb = np.clip(np.rint(srgb * 255), 0, 255).astype(np.uint8).reshape(size, size, 3)
     counts = np.bincount(semseg, minlength=len(SEMSEG_CLASSES))[_FIRST_OBJECT_ID:]
+    forward, right, up = scene.camera.basis()
+    camera_normals = normal @ np.stack([right, up, -forward], 1)  # (P, 3): x right, y up, z toward the camera
     return {
         "rgb": rgb,
         "depth_gt": (t * cos_axis).astype(np.float32).reshape(size, size),  # z-depth = t * cos(angle to axis)
         "semseg_gt": semseg.reshape(size, size),
+        "normals_gt": camera_normals.astype(np.float32).reshape(size, size, 3),
         "cls": int(counts.argmax()),
         "instance": instance.reshape(size, size),
     }
@@ -567,6 +570,8 @@ def render_scene(seed: int, index: int, size: int = 128) -> dict[str, np.ndarray
     rgb       (size, size, 3) uint8
     depth_gt  (size, size) float32, metric depth in metres along the camera z axis (> 0 everywhere)
     semseg_gt (size, size) uint8 class ids into SEMSEG_CLASSES
+    normals_gt (size, size, 3) float32 unit surface normals in camera coordinates (x right, y up, z toward
+              the camera): the geometry's exact normal at the first hit
     cls       int, index into CLS_CLASSES: the object type covering the most pixels
     """
     out = render(sample_scene(seed, index), size)

@@ -2,8 +2,9 @@
 
 For every shard of every modality in the manifest: the tar and its stats json exist and the tar
 reads to the end through `shards.tars` (plain tar, regular members within the size limit, valid
-adjacent keys); every member the format names decodes (rgb JPEG, 16-bit depth PNG with a valid
-range, semseg ids within the class list or `IGNORE_ID`, cls within `cls_classes`) and no other member is present;
+adjacent keys); every member the format names decodes through its kind's codec (rgb JPEG, 16-bit depth PNG
+with a valid range, class ids within the class list or `IGNORE_ID`, normals RGB PNG, cls within
+`cls_classes`) and no other member is present;
 keys are aligned across modalities (same keys, same order, same image size); counts agree between
 tar, stats json and manifest, and the stats' keys digest matches. With `deep`, every member's bytes
 are also checked against the sha256 its stats json records (shards written without digests are
@@ -21,16 +22,17 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 from . import fs
+from . import modalities as registry
 from .errors import printable
 from .format import (
-    EXTENSIONS,
     IGNORE_ID,
     MANIFEST,
     FormatError,
+    codec,
     decode_sample,
+    member_name,
     modality_kind,
     parse_cls,
-    parse_depth_range,
     read_json_file,
     read_manifest,
 )
@@ -69,11 +71,10 @@ class _Scan(NamedTuple):
 
 def _allowed_members(modality: str) -> tuple[set[str], set[str]]:
     """(required, optional) member suffixes of one sample in this modality's tar."""
-    kind = modality_kind(modality)
-    required = {f"{modality}.{EXTENSIONS[kind]}"}
-    if kind == "depth":
+    required = {member_name(modality)}
+    if codec(modality).meta is not None:
         required.add(f"{modality}.json")
-    optional = {"cls", "json"} if kind == "rgb" else set()
+    optional = {"cls", "json"} if modality_kind(modality) == "rgb" else set()  # rgb carries the sample's cls
     return required, optional
 
 
@@ -90,12 +91,10 @@ def _check_sample(
         return what + [f"missing member(s) {sorted('.' + s for s in missing)}"], None
     kind = modality_kind(modality)
     try:
-        if kind == "depth":
-            parse_depth_range(members[f"{modality}.json"])
         value = decode_sample(modality, members)
     except Exception as exc:
         return what + [f"{modality} does not decode ({type(exc).__name__}: {exc})"], None
-    labelled = value[value != IGNORE_ID] if kind == "semseg" else value[:0]
+    labelled = value[value != IGNORE_ID] if registry.get(kind).is_classes else value[:0]
     if labelled.size:
         classes = entry.get("classes") or []
         if labelled.min() < 0 or labelled.max() >= len(classes):

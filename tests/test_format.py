@@ -61,7 +61,7 @@ def test_rgb_roundtrip_within_jpeg_tolerance():
 
 def test_modality_names_and_keys_are_checked():
     assert F.modality_kind("depth_gt") == "depth" and F.modality_kind("semseg") == "semseg"
-    for bad in ["normals", "rgb.x", ""]:
+    for bad in ["edges", "rgb.x", "", "Depth"]:
         with pytest.raises(F.FormatError):
             F.modality_kind(bad)
     for bad in ["a.b", "", "a/b", "_x"]:

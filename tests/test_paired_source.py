@@ -159,8 +159,8 @@ def test_paired_user_errors(nyu, tmp_path):
         paired(nyu, modalities={"rgb": "rgb", "semseg_gt": "nope"}, depth_scale=None)
     with pytest.raises(SourceError, match="--depth-scale 0.001: needs a depth modality"):
         paired(nyu, modalities={"rgb": "rgb", "semseg_gt": "labels"})
-    with pytest.raises(SourceError, match="--modalities: unknown modality 'normals'"):
-        paired(nyu, modalities={"rgb": "rgb", "normals": "depth"})
+    with pytest.raises(SourceError, match="--modalities: unknown modality 'edges'"):
+        paired(nyu, modalities={"rgb": "rgb", "edges": "depth"})
     twin = tmp_path / "twin"
     (twin / "rgb").mkdir(parents=True)
     for ext in ("jpg", "png"):

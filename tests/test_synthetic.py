@@ -100,12 +100,30 @@ def _sdf(obj: Primitive, p: np.ndarray) -> np.ndarray:
 
 def test_same_seed_and_index_give_identical_arrays() -> None:
     a, b = render_scene(3, 7, SIZE), render_scene(3, 7, SIZE)
-    assert a.keys() == b.keys() == {"rgb", "depth_gt", "semseg_gt", "cls"}
-    for key in ("rgb", "depth_gt", "semseg_gt"):
+    assert a.keys() == b.keys() == {"rgb", "depth_gt", "semseg_gt", "normals_gt", "cls"}
+    for key in ("rgb", "depth_gt", "semseg_gt", "normals_gt"):
         np.testing.assert_array_equal(a[key], b[key])
     assert a["cls"] == b["cls"]
     assert _digest(render_scene(3, 8, SIZE)) != _digest(a)
     assert _digest(render_scene(4, 7, SIZE)) != _digest(a)
+
+
+def test_normals_gt_are_the_geometry_normals_in_camera_coordinates() -> None:
+    scene = sample_scene(3, 7)
+    out = render(scene, SIZE)
+    n = out["normals_gt"]
+    assert n.shape == (SIZE, SIZE, 3) and n.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(n, axis=-1), 1.0, atol=1e-5)
+    forward, right, up = scene.camera.basis()
+    floor = out["semseg_gt"] == 0
+    assert floor.sum() > 50
+    world_up = np.array([right[1], up[1], -forward[1]])  # (0, 1, 0) in camera coordinates (x right, y up, z back)
+    np.testing.assert_allclose(n[floor], np.broadcast_to(world_up, n[floor].shape), atol=1e-6)
+    # every visible surface faces the camera: its normal points against the pixel's ray (x right, y up, -z ahead)
+    half = np.tan(scene.camera.fov / 2)
+    s = ((np.arange(SIZE) + 0.5) / SIZE * 2 - 1) * half
+    rays = np.stack(np.broadcast_arrays(s[None, :], -s[:, None], -1.0), -1)  # (H, W, 3)
+    assert ((n * rays).sum(-1) < 1e-3).all()
 
 
 def test_same_output_in_another_process() -> None:

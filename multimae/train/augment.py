@@ -2,8 +2,9 @@
 
 A recipe (`data.augment`) says how a sample is cropped, resized, flipped, padded and colour-augmented, for
 training and for evaluation. Geometry is a `Plan`: take a box of the source (fractions), resize it, pad it at
-the bottom/right, maybe flip; rgb is resized bicubic, depth bilinear, semseg nearest (semseg *inputs* at
-1/SEMSEG_STRIDE resolution). Colour augmentations touch rgb only.
+the bottom/right, maybe flip. Each kind follows its registry rules (`shards.modalities`): rgb is resized bicubic,
+depth and normals bilinear, semseg nearest (semseg *inputs* at 1/SEMSEG_STRIDE resolution); normals are
+renormalised after resizing and a flip negates their x component. Colour augmentations touch rgb only.
 
   crop    MultiMAE / MAE pre-training: RandomResizedCrop (`data.crop_scale`, `data.crop_ratio`) + flip;
           eval resizes the whole image to the square size.
@@ -31,12 +32,15 @@ import torch.nn.functional as F
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 
+from shards import modalities
+
 RECIPES = ("crop", "cls", "semseg", "depth")
 EVAL_CROP_PCT = 0.875  # timm's default eval crop for ImageNet
 LSJ_SCALE = (0.1, 2.0)  # large-scale jitter range of the official segmentation recipe
 RGB_PAD = 128  # grey, before normalization (official pad_value)
-INTERPOLATION = {"rgb": TF.InterpolationMode.BICUBIC, "depth": TF.InterpolationMode.BILINEAR,
-                 "semseg": TF.InterpolationMode.NEAREST_EXACT}  # fmt: skip
+#: the registry's resize rules (`Modality.interpolation`)
+INTERPOLATION = {"bicubic": TF.InterpolationMode.BICUBIC, "bilinear": TF.InterpolationMode.BILINEAR,
+                 "nearest": TF.InterpolationMode.NEAREST_EXACT}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -130,10 +134,30 @@ def apply_plan(
     top, left = int(round(plan.box[0] * H)), int(round(plan.box[1] * W))
     h, w = max(1, int(round(plan.box[2] * H))), max(1, int(round(plan.box[3] * W)))
     size = [max(1, plan.size[0] // stride), max(1, plan.size[1] // stride)]
-    out = TF.resized_crop(x, top, left, h, w, size, interpolation=INTERPOLATION[kind], antialias=kind != "semseg")
+    rule = modalities.get(kind)
+    mode = INTERPOLATION[rule.interpolation]
+    out = TF.resized_crop(x, top, left, h, w, size, interpolation=mode, antialias=rule.interpolation != "nearest")
+    if rule.unit_vectors:
+        out = renormalize(out)
     if plan.flip:
-        out = out.flip(-1)
+        out = flip_horizontal(out, rule.flip)
     return pad_to(out, plan, stride=stride, fill=fill) if pad else out
+
+
+def renormalize(v: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) vectors resampled from unit vectors -> unit vectors again; pixels whose interpolated vector is
+    shorter than 0.5 (mostly missing neighbours, or opposite directions) become 0 = missing."""
+    norm = v.norm(dim=0, keepdim=True)
+    return torch.where(norm >= 0.5, v / norm.clamp_min(1e-6), torch.zeros_like(v))
+
+
+def flip_horizontal(x: torch.Tensor, rule: str = "mirror") -> torch.Tensor:
+    """x (C, H, W) mirrored left-right; rule "negate_x" also negates channel 0 (a vector's x component, which
+    points right: mirrored, a surface facing right faces left)."""
+    out = x.flip(-1)
+    if rule == "negate_x":
+        out[0].neg_()
+    return out
 
 
 def pad_to(x: torch.Tensor, plan: Plan, *, stride: int = 1, fill: float = 0.0) -> torch.Tensor:

@@ -13,14 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from multimae.sizes import MODEL_NAMES
+from shards import modalities as registry
 from shards.config import ConfigError, build, load_config
 from shards.format import FormatError, modality_kind
 
 __all__ = ["ConfigError", "RunConfig", "from_dict", "load_run_config"]
 
-Objective = Literal["pretrain", "cls", "semseg", "depth"]
-#: Model input domains the trainer can feed (each reads a shard modality of the same kind).
-DOMAINS = ("rgb", "depth", "semseg")
+Objective = Literal["pretrain", "cls", "semseg", "depth", "dense"]
 #: data settings that say how the storage is reached; left out of saved configs and run identities
 STORAGE_KEYS = ("readahead", "storage_options")
 
@@ -60,7 +59,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     inputs: dict[str, str] = field(default_factory=lambda: {"rgb": "rgb"})  # model domain -> shard modality
-    target: str | None = None  # fine-tuning target modality (semseg_gt, depth_gt, ...) or `cls`
+    target: str | None = None  # fine-tuning target modality (semseg_gt, depth_gt, normals_gt ...) or `cls`
     image_size: int = 224
     # augmentation recipe (multimae/train/augment.py): crop (pre-training), cls, semseg, depth (official fine-tuning)
     augment: Literal["crop", "cls", "semseg", "depth"] = "crop"
@@ -90,8 +89,8 @@ class DataConfig:
         if not self.inputs:
             raise ConfigError("inputs: at least one input modality is needed")
         for domain, modality in self.inputs.items():
-            if domain not in DOMAINS:
-                raise ConfigError(f"inputs.{domain}: unknown input domain (known: {', '.join(DOMAINS)})")
+            if domain not in registry.kinds():  # a model domain is a modality kind; it reads a modality of it
+                raise ConfigError(f"inputs.{domain}: unknown input domain (known: {', '.join(registry.kinds())})")
             kind = _kind(f"inputs.{domain}", modality)
             if kind != domain:
                 raise ConfigError(f"inputs.{domain}: modality {modality!r} is {kind}, not {domain}")
@@ -124,6 +123,9 @@ class OptimConfig:
     clip_grad: float | None = None  # max global grad norm
     label_smoothing: float = 0.0  # classification
     depth_loss: Literal["berhu", "l1"] = "berhu"  # depth fine-tuning
+    dense_loss: str | None = (
+        None  # objective dense: a loss of the target's kind (null: its default; normals: l1, angular)
+    )
 
     def check(self) -> None:
         if len(self.betas) != 2:
@@ -188,6 +190,27 @@ class RunConfig:
     def pretraining(self) -> bool:
         return self.objective == "pretrain"
 
+    def _check_target(self) -> None:
+        """The fine-tuning target fits the objective: cls, a semseg or depth modality, or for `dense` any
+        registered dense kind (depth, normals, ...), with a loss that kind has."""
+        target, objective = self.data.target, self.objective
+        if (target == "cls") != (objective == "cls"):
+            raise ConfigError(f"data.target: {target!r} is not a target for objective {objective}")
+        if target == "cls":
+            return
+        entry = registry.of(target)
+        if objective == "dense":
+            if not entry.dense:
+                dense = [k for k in registry.kinds() if registry.get(k).dense]
+                raise ConfigError(f"data.target: {target!r} is {entry.kind}, not a dense kind ({', '.join(dense)})")
+            loss = self.optim.dense_loss
+            if loss is not None and loss not in entry.losses:
+                raise ConfigError(
+                    f"optim.dense_loss: {loss!r} is not a loss of {entry.kind} ({', '.join(entry.losses)})"
+                )
+        elif entry.kind != objective:
+            raise ConfigError(f"data.target: {target!r} is not a target for objective {objective}")
+
     def check(self) -> None:
         """Rules across sections (each section checked its own fields already)."""
         m, d = self.model, self.data
@@ -197,9 +220,10 @@ class RunConfig:
         if not m.name.startswith(family + "-"):
             raise ConfigError(f"model.name: objective {self.objective} needs a {family}-* model, got {m.name!r}")
         if self.pretraining:
-            unknown = [o for o in m.out_domains or [] if o not in DOMAINS + ("norm_rgb",)]
+            unknown = [o for o in m.out_domains or [] if o not in registry.kinds() + ("norm_rgb",)]
             if unknown:
-                raise ConfigError(f"model.out_domains: unknown {unknown} (known: {', '.join(DOMAINS)}, norm_rgb)")
+                known = ", ".join(registry.kinds())
+                raise ConfigError(f"model.out_domains: unknown {unknown} (known: {known}, norm_rgb)")
             missing = [o for o in m.out_domains or [] if ("rgb" if o == "norm_rgb" else o) not in d.inputs]
             if missing:
                 raise ConfigError(f"model.out_domains: {missing} need an input modality in data.inputs")
@@ -208,10 +232,7 @@ class RunConfig:
                 raise ConfigError(
                     f"data.target: required for objective {self.objective} (e.g. semseg_gt, depth_gt, cls)"
                 )
-            if (d.target == "cls") != (self.objective == "cls") or (
-                d.target != "cls" and modality_kind(d.target) != self.objective
-            ):
-                raise ConfigError(f"data.target: {d.target!r} is not a target for objective {self.objective}")
+            self._check_target()
         if m.trainable_blocks is not None and (self.pretraining or m.trainable_blocks < 0):
             raise ConfigError("model.trainable_blocks: how many last encoder blocks fine-tune (>= 0; not for pretrain)")
         if (d.mixup or d.cutmix or d.augment == "cls") and self.objective != "cls":

@@ -6,7 +6,8 @@ Stages, in order:
   2. `SampleTransform` (run inside the DataLoader workers) brings every depth modality to one space
      (`data.depth_space`, from the `meaning` the manifest records), then applies ONE geometry of the
      augmentation recipe (augment.py) to every modality of the sample, colour augmentation to rgb, and
-     normalizes rgb with the ImageNet mean/std; semseg *inputs* come out at 1/SEMSEG_STRIDE resolution.
+     normalizes rgb with the ImageNet mean/std; semseg *inputs* come out at 1/SEMSEG_STRIDE resolution. Each
+     kind follows its rules in `shards.modalities` (dtype, resize, flip, padding, standardization).
   3. `default_collate` builds the batch: {domain: (B, C, H, W) or (B, H, W), "target": ..., "__key__": [...]}.
 
 Exact resume: the stream is cut into chunks of `chunk_steps` optimizer steps. Chunk c is a fresh DataLoader
@@ -26,9 +27,9 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, default_collate, get_worker_info
 
-from multimae.input_adapters import SEMSEG_STRIDE
 from multimae.losses import robust_standardize_depth
 from shards import format as fmt
+from shards import modalities
 
 from .augment import RGB_PAD, ColorAugment, apply_plan, eval_plan, pad_to, train_plan
 
@@ -37,14 +38,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def to_tensor(kind: str, value: np.ndarray) -> torch.Tensor:
-    """Reader numpy -> torch (C, H, W): rgb uint8 (3,H,W), depth float32 (1,H,W), semseg int64 (1,H,W)."""
+    """Reader numpy -> torch (C, H, W) in the kind's decoded dtype: rgb uint8 (3,H,W), depth float32 (1,H,W),
+    semseg int64 (1,H,W), normals float32 (3,H,W)."""
     if not value.flags.writeable:  # decoded images can be read-only views; torch wants writable memory
         value = value.copy()
-    if kind == "rgb":
-        return torch.from_numpy(np.ascontiguousarray(value)).permute(2, 0, 1)
-    if kind == "depth":
-        return torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))[None]
-    return torch.from_numpy(np.ascontiguousarray(value, dtype=np.int64))[None]
+    t = torch.from_numpy(np.ascontiguousarray(value, dtype=modalities.get(kind).decoded))
+    return t.permute(2, 0, 1) if t.ndim == 3 else t[None]
 
 
 def normalize_rgb(rgb: torch.Tensor) -> torch.Tensor:
@@ -148,18 +147,18 @@ class SampleTransform:
         out: dict[str, Any] = {"__key__": sample["__key__"]}
         for name, kind, x in items:
             target = name == "target"
-            # semseg inputs at the adapter's resolution; a semseg fine-tuning target at full resolution
-            stride = SEMSEG_STRIDE if kind == "semseg" and not target else 1
-            if kind == "rgb":
+            rule = modalities.get(kind)
+            if rule.pad == "grey":  # rgb: colour, then normalization
                 y = apply_plan(x, kind, plan, pad=False)
                 y = self.color(y, self.rng()) if self.train else y
                 y = normalize_rgb(pad_to(y, plan, fill=RGB_PAD))  # (3, S, S)
-            elif kind == "semseg":
+            elif rule.is_classes:  # inputs at the adapter's resolution; a fine-tuning target at full resolution
                 ids = map_semseg_labels(x, self.reduce_zero_label, self.ignore_index) if target else x
+                stride = 1 if target else rule.input_stride
                 y = apply_plan(ids, kind, plan, stride=stride, fill=self.ignore_index)[0]  # (S', S') int64
-            else:  # depth (1, S, S) float32; padding is invalid: 0 for targets, NaN for inputs (left out of
-                # the standardization statistics, then 0)
-                y = apply_plan(x, kind, plan, fill=0.0 if target else float("nan"))
+            else:  # values (C, S, S) float32; padding is invalid: 0 (normals: missing), and NaN for inputs
+                # that are standardized (left out of the statistics, then 0)
+                y = apply_plan(x, kind, plan, fill=float("nan") if rule.standardize and not target else 0.0)
             out[name] = y
         if self.target == "cls":
             if "cls" not in sample:
@@ -320,7 +319,7 @@ def standardize_depth_inputs(batch: dict[str, Any], inputs: dict[str, str], enab
     """Depth inputs, in place: robust (10-90 % trimmed) per-sample standardization over the valid (finite)
     pixels when `enabled`; invalid pixels (padding) become 0 either way."""
     for domain, modality in inputs.items():
-        if fmt.modality_kind(modality) == "depth":
+        if modalities.of(modality).standardize:
             x = batch[domain]
             valid = torch.isfinite(x)
             if enabled:

@@ -19,13 +19,14 @@ import numpy as np
 import torch
 
 from multimae.losses import finetune_loss, pretraining_loss
-from shards import fs
+from shards import fs, modalities
 
 from . import data as mdata
 from .distributed import all_reduce_sum
 from .logger import fmt_eta, truncate_keys_after
 
 if TYPE_CHECKING:
+    from .config import RunConfig
     from .main import Run
 
 
@@ -74,8 +75,18 @@ def forward_loss(run: Run, model: torch.nn.Module, batch: dict[str, Any]) -> tup
         label_smoothing=o.label_smoothing,
         ignore_index=cfg.data.ignore_index,
         depth_loss=o.depth_loss,
+        **dense_loss_args(cfg),
     )
     return {cfg.objective: loss, "total": loss}, output
+
+
+def dense_loss_args(cfg: RunConfig) -> dict[str, Any]:
+    """The `dense` objective's loss options from its target's kind: the loss (optim.dense_loss or the kind's
+    default) and whether the values are unit vectors."""
+    if cfg.objective != "dense":
+        return {}
+    entry = modalities.of(cfg.data.target)
+    return {"dense_loss": cfg.optim.dense_loss or entry.losses[0], "unit_vectors": entry.unit_vectors}
 
 
 def prepare_batch(run: Run, batch: dict[str, Any]) -> dict[str, Any]:

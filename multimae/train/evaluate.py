@@ -4,7 +4,11 @@ Scores come from `multimae.metrics` (its docstring defines each one). Here they 
 float64 tensor per objective, so ranks add their parts with a single all_reduce:
   - cls: correct@1, correct@5 (with at least 5 classes), samples -> top1, top5 (%);
   - semseg: the confusion matrix -> mIoU, pixel_acc (%), pooled over every pixel of the set;
-  - depth: per-image delta1 (%), AbsRel, RMSE summed over images -> their mean over images.
+  - depth: per-image delta1 (%), AbsRel, RMSE summed over images -> their mean over images;
+  - normals: angle sum, pixel count, counts under 11.25 / 22.5 / 30 degrees and a 0.01-degree histogram of the
+    angles -> mean_angle_deg, median_angle_deg, within_* (%), pooled over every valid pixel of the set;
+  - dense (any other dense target): sums of |error| and error^2 and the value count -> L1, RMSE, pooled over
+    every valid pixel and channel of the set.
 """
 
 from __future__ import annotations
@@ -23,15 +27,17 @@ class MetricSums:
     """Running sums of one objective's metrics (`sums` is the tensor ranks all_reduce)."""
 
     def __init__(self, objective: str, num_classes: int | None = None, ignore_index: int = 255):
-        if objective not in ("cls", "semseg", "depth"):
+        if objective not in ("cls", "semseg", "depth", "normals", "dense"):
             raise ValueError(f"no metric for objective {objective!r}")
         self.objective, self.ignore_index = objective, ignore_index
         self.num_classes = num_classes or 1
-        size = {"cls": 3, "semseg": self.num_classes**2, "depth": 4}[objective]
-        self.sums = torch.zeros(size, dtype=torch.float64)
+        sizes = {"cls": 3, "semseg": self.num_classes**2, "depth": 4, "normals": metrics.NORMAL_SUMS_SIZE, "dense": 4}
+        self.sums = torch.zeros(sizes[objective], dtype=torch.float64)
 
     def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
-        """cls: logits (B, K), target (B,); semseg: class ids (B, H, W) x2; depth: (B, H, W) x2."""
+        """cls: logits (B, K), target (B,); semseg: class ids (B, H, W) x2; depth: (B, H, W) x2;
+        normals: (B, 3, H, W) x2; dense: (B, C, H, W) or (B, H, W) x2 (a (B, 1, H, W) target fits (B, H, W) too).
+        """
         output, target = output.detach().cpu(), target.cpu()
         if self.objective == "cls":
             k5 = metrics.topk_correct(output, target, 5) if self.num_classes >= 5 else 0
@@ -39,6 +45,10 @@ class MetricSums:
         elif self.objective == "semseg":
             cm = metrics.confusion_matrix(output, target, self.num_classes, self.ignore_index)
             self.sums += cm.flatten().double()
+        elif self.objective == "normals":
+            self.sums += metrics.normal_sums(metrics.angular_errors_deg(output, target))
+        elif self.objective == "dense":
+            self.sums += metrics.dense_error_sums(output, target)
         else:
             for p, t in zip(output.float(), target.float()):
                 errors = metrics.depth_errors(p, t)
@@ -57,6 +67,11 @@ class MetricSums:
             cm = s.view(self.num_classes, self.num_classes)
             scores = metrics.segmentation_scores(cm)
             return {"mIoU": 100.0 * scores["mIoU"], "pixel_acc": 100.0 * scores["pixel_acc"], "pixels": int(cm.sum())}
+        if self.objective == "normals":
+            scores = {k: 100.0 * v if k.startswith("within_") else v for k, v in metrics.normal_scores(s).items()}
+            return {**scores, "pixels": int(s[1].item())}
+        if self.objective == "dense":
+            return {**metrics.dense_scores(s), "pixels": int(s[3].item())}
         n = max(s[3].item(), 1.0)
         return {
             "delta1": 100.0 * s[0].item() / n,
@@ -67,10 +82,13 @@ class MetricSums:
 
 
 def to_prediction(objective: str, output: torch.Tensor) -> torch.Tensor:
-    """Model output -> stored prediction: class ids (cls: (B,), semseg: (B, H, W)) or depth (B, H, W)."""
+    """Model output -> stored prediction: class ids (cls: (B,), semseg: (B, H, W)), depth (B, H, W), or the
+    dense output as is (normals (B, 3, H, W); one channel (B, 1, H, W) -> (B, H, W))."""
     if objective in ("cls", "semseg"):
         return output.argmax(1)
-    return output[:, 0] if output.dim() == 4 else output
+    if objective == "depth":
+        return output[:, 0] if output.dim() == 4 else output
+    return output[:, 0] if output.dim() == 4 and output.shape[1] == 1 else output
 
 
 class PredictionStore:
@@ -114,8 +132,8 @@ def evaluate(
     for batch in batches:
         output = predict(batch)
         target = batch["target"]
-        if objective == "depth" and target.dim() == 4:
-            target = target[:, 0]  # (B, 1, H, W) -> (B, H, W)
+        if objective in ("depth", "dense") and target.dim() == 4 and target.shape[1] == 1:
+            target = target[:, 0]  # (B, 1, H, W) -> (B, H, W), as the prediction
         pred = to_prediction(objective, output)
         sums.update(output if objective == "cls" else pred, target)
         if store is not None:

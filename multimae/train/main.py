@@ -22,7 +22,7 @@ import multimae
 from multimae.model import OBJECTIVE_DEFAULTS
 from multimae.precision import autocast_dtype, dtype_name
 from shards import format as fmt
-from shards import fs
+from shards import fs, modalities
 
 from . import checkpoints as ckpt
 from . import data as mdata
@@ -134,6 +134,8 @@ def model_spec(cfg: RunConfig, manifest: dict) -> dict[str, Any]:
         return {"name": m.name, "kwargs": kwargs}
     head = m.head or OBJECTIVE_DEFAULTS[cfg.objective][0]
     num_classes = len(labels[cfg.objective]) if cfg.objective in labels else None
+    if cfg.objective == "dense":
+        num_classes = modalities.of(d.target).channels  # the head predicts the target kind's channels
     head_kwargs = {}
     names = {
         "dpt": {"head_dim": "feature_dim", "head_layer_dims": "layer_dims"},
@@ -374,7 +376,7 @@ def setup(
         eval_manifest = read_shard_set(cfg.data.eval_root, cfg)
         check_same_labels(cfg, manifest, eval_manifest)
     if eval_only and cfg.pretraining:
-        raise ConfigError("--eval-only needs a fine-tuning config (objective cls, semseg or depth)")
+        raise ConfigError("--eval-only needs a fine-tuning config (objective cls, semseg, depth or dense)")
     plan = make_plan(cfg, manifest, d.world, eval_only, eval_manifest if cfg.data.eval_root else None)
     if (cfg.data.mixup or cfg.data.cutmix) and plan.micro_batch % 2:
         raise ConfigError(
@@ -578,15 +580,29 @@ def evaluate_run(run: Run, store: mevaluate.PredictionStore | None = None) -> di
     samples = mdata.eval_samples(run.eval_root, shards, run.eval_transform_args)
     batches = mdata.batched(samples, max(1, run.plan.micro_batch))
     num_classes = len(run.labels[run.cfg.objective]) if run.cfg.objective in run.labels else None
-    return mevaluate.evaluate(
+    scores = mevaluate.evaluate(
         predict_fn(run),
         batches,
-        run.cfg.objective,
+        metric_family(run.cfg),
         num_classes,
         ignore_index=run.cfg.data.ignore_index,
         store=store,
         reduce=(lambda x: all_reduce_sum(x, d)) if store is None else None,
     )
+    return metric_names(run.cfg, scores)
+
+
+def metric_family(cfg: RunConfig) -> str:
+    """The metrics a fine-tuning run is scored with: its objective's, or for `dense` its target kind's
+    (normals: angular errors; depth: delta1, AbsRel, RMSE; other dense kinds: L1, RMSE)."""
+    return modalities.of(cfg.data.target).metrics if cfg.objective == "dense" else cfg.objective
+
+
+def metric_names(cfg: RunConfig, results: dict[str, Any]) -> dict[str, Any]:
+    """eval.json's metric names: `dense` runs name them after the target kind (normals/mean_angle_deg, ...)."""
+    if cfg.objective != "dense":
+        return results
+    return {f"{modalities.of(cfg.data.target).kind}/{k}": v for k, v in results.items()}
 
 
 def final_eval(run: Run, save_predictions: bool, source: str) -> dict[str, Any]:

@@ -20,7 +20,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from multimae.input_adapters import SEMSEG_STRIDE  # noqa: E402
-from shards.show import DEPTH_CMAP, palette  # noqa: E402
+from shards import modalities  # noqa: E402
+from shards.show import DEPTH_CMAP, normals_picture, palette  # noqa: E402
 
 from .data import denormalize_rgb  # noqa: E402
 
@@ -33,9 +34,14 @@ def _pixel_mask(mask: torch.Tensor, size: tuple[int, int], grid: tuple[int, int]
 
 def _picture(domain: str, x: torch.Tensor, lo: float | None = None, hi: float | None = None) -> np.ndarray:
     """One modality of one sample -> (H, W, 3) float image in [0, 1]."""
-    if domain.endswith("rgb"):
+    rule = modalities.find("rgb" if domain == "norm_rgb" else domain)
+    picture = rule.picture if rule is not None else "colormap"  # the kind's picture rule, as `show` draws it
+    if picture == "image":
         return denormalize_rgb(x).permute(1, 2, 0).cpu().numpy()  # (3, H, W) -> (H, W, 3)
-    if x.dim() == 3 and x.shape[0] > 1:  # semseg logits (K, H, W)
+    if picture == "normals":
+        v = x.float().permute(1, 2, 0).cpu().numpy()  # (3, H, W) -> (H, W, 3), predictions not quite unit
+        return normals_picture(v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-6)) / 255.0
+    if picture == "palette" and x.dim() == 3 and x.shape[0] > 1:  # semseg logits (K, H, W)
         x = x.argmax(0)
     if x.dtype in (torch.int64, torch.int32):
         ids = x.cpu().numpy()
@@ -69,7 +75,7 @@ def save_reconstruction_png(
         for j, (title, what, d) in enumerate(cols):
             target = batch[d][i]
             lo = hi = None
-            if target.dtype.is_floating_point and not d.endswith("rgb"):
+            if target.dtype.is_floating_point and target.dim() == 3 and target.shape[0] == 1:  # scalar colour range
                 lo, hi = float(target.min()), float(target.max())
             if what == "pred":
                 img = _picture(d, preds[d][i].float(), lo, hi)
