@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+#: The ground truth a scene renders, by modality kind (`render_scene` names them <kind>_gt).
+GROUND_TRUTH: tuple[str, ...] = ("depth", "semseg", "normals")
 SEMSEG_CLASSES: list[str] = ["floor", "wall", "ceiling", "sphere", "box", "cylinder", "cone", "torus", "capsule"]
 CLS_CLASSES: list[str] = SEMSEG_CLASSES[3:]  # image-level class = object type covering most pixels
 TEXTURES: tuple[str, ...] = ("flat", "checker", "stripes", "noise")

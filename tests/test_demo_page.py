@@ -36,7 +36,9 @@ from multimae.demo import (
     upload_sample,
     visible_masks,
 )
+from multimae.demo.app import PICTURES, ROWS
 from multimae.demo.cli import main as cli_main
+from multimae.demo.loading import KINDS
 from multimae.demo.predict import MASK_GREY
 from multimae.train.checkpoints import CHECKPOINT
 from multimae.train.export import export_run
@@ -318,28 +320,36 @@ def ask(
     seed=0,
     visible=(3, 2, 1),
 ):
+    visible = (*visible, *[0] * (len(KINDS) - len(visible)))  # one slider per kind the page draws
     return client.predict(choice, scene, upload, inputs_from, rgb_only, seed, *visible, api_name="/predict")
 
 
-def picture(result, index: int) -> np.ndarray:
+STATUS, LEGEND = len(PICTURES), len(PICTURES) + 1  # the outputs after the pictures
+
+
+def picture(result, index: int | str) -> np.ndarray:
+    """A picture of the page's outputs, by position or by name ("depth input")."""
+    index = PICTURES.index(index) if isinstance(index, str) else index
     path = result[index] if isinstance(result[index], str) else result[index]["path"]
     return np.asarray(Image.open(path).convert("RGB"))
 
 
 def test_page_predicts_a_scene(client):
     result = ask(client, visible=(3, 2, 1), seed=5)
-    assert len(result) == 11  # 9 pictures (inputs, predictions, targets x rgb, depth, semseg), status, legend
-    pics = [picture(result, i) for i in range(9)]
+    assert len(result) == len(PICTURES) + 2  # pictures (inputs, predictions, targets x each kind), status, legend
+    drawn = [f"{d} {what}" for what in ROWS for d in ("rgb", "depth", "semseg")]  # the model's modalities
+    assert all(result[PICTURES.index(k)] is None for k in PICTURES if k not in drawn)  # normals: not this model's
+    pics = [picture(result, k) for k in drawn]
     for pic in pics:
         assert pic.shape == (256, 256, 3) and pic.std() > 0
     for i, k in enumerate((3, 2, 1)):  # the input row: exactly the chosen visible patches
         assert int((~grey_patches(pics[i])).sum()) == k
-    assert "scene 3" in result[9] and "rgb 3/16, depth 2/16, semseg 1/16" in result[9]
-    assert "floor" in result[10]
+    assert "scene 3" in result[STATUS] and "rgb 3/16, depth 2/16, semseg 1/16" in result[STATUS]
+    assert "floor" in result[LEGEND]
     rgb_only = ask(client, rgb_only=True, visible=(5, 7, 7), inputs_from="scene ground truth")
-    assert int((~grey_patches(picture(rgb_only, 0))).sum()) == 5
-    assert grey_patches(picture(rgb_only, 1)).all() and grey_patches(picture(rgb_only, 2)).all()
-    assert "inputs from scene ground truth" in rgb_only[9]
+    assert int((~grey_patches(picture(rgb_only, "rgb input"))).sum()) == 5
+    assert all(grey_patches(picture(rgb_only, f"{d} input")).all() for d in ("depth", "semseg"))
+    assert "inputs from scene ground truth" in rgb_only[STATUS]
 
 
 def test_page_reports_bad_input_and_keeps_serving(client, server, tmp_path, caplog):
@@ -366,7 +376,8 @@ def test_page_reports_bad_input_and_keeps_serving(client, server, tmp_path, capl
     good = tmp_path / "good.jpg"
     Image.fromarray(scene_sample(8).rgb).save(good)
     result = ask(client, choice="uploaded image", upload=handle_file(str(good)))  # still serving
-    assert "**good.jpg**" in result[9] and "targets: teacher labels" in result[9] and picture(result, 8).std() > 0
+    assert "**good.jpg**" in result[STATUS] and "targets: teacher labels" in result[STATUS]
+    assert picture(result, "semseg target").std() > 0
 
 
 @pytest.mark.slow
@@ -397,3 +408,28 @@ def test_page_renders_in_a_real_browser(server, tmp_path):
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     assert pixels.shape == (1600, 1280, 3)
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 1000  # rendered pictures, not a blank page
+
+
+def test_a_model_with_normals_gets_normals_rows(tmp_path):
+    """A run pre-trained on rgb + normals_gt: the page feeds the scene's exact normals and draws their rows."""
+    data = str(tmp_path / "data")
+    build(synthetic_source(16, size=64, seed=4, normals=True), data, shard_size=8, progress=False)
+    out = str(tmp_path / "run")
+    over = [*PRETRAIN, "data.inputs={rgb: rgb, normals: normals_gt}", "model.out_domains=[rgb, normals]"]
+    over += ["train.steps=1"]
+    run(cfg_of("pretrain-demo.yaml", over), data, out)
+    model = load_demo_model(out)
+    assert model.in_domains == ["rgb", "normals"] and set(model.out_domains) == {"rgb", "normals"}
+    with pytest.raises(DemoError, match="no normals teacher"):
+        check_teachers(model, {})
+    sample = scene_sample(3)
+    assert sample.truth["normals"].shape == (128, 128, 3)
+    images = model_inputs(sample, {}, from_truth=True, kinds=("normals",))
+    pred = predict(model, images, {"rgb": 4, "normals": 3}, seed=1)
+    assert pred.inputs["normals"].shape == (32, 32, 3) and pred.predictions["normals"].shape == (32, 32, 3)
+    np.testing.assert_allclose(np.linalg.norm(pred.targets["normals"], axis=-1), 1.0, atol=1e-5)
+    masked = pred.masked_inputs["normals"]
+    assert np.isnan(masked).any(axis=-1).sum() == (32 * 32) - 3 * 8 * 8  # 3 visible 8 px patches
+    pics = pictures(model, pred)
+    assert {"normals input", "normals prediction", "normals target"} <= set(pics)
+    assert pics["normals target"].shape == (256, 256, 3) and pics["normals target"].std() > 0

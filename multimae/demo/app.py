@@ -1,9 +1,10 @@
 """The demo page: a Gradio front end over `predict.py` (gradio is imported when the page is built).
 
-Left column: the image (a bundled synthetic scene or an uploaded file), where depth/semseg inputs come from
+Left column: the image (a bundled synthetic scene or an uploaded file), where the other inputs come from
 (the teachers, or a scene's exact ground truth), "RGB only", one visible-token slider per input modality and the
 seed that orders the patches. Right: three rows of pictures, masked inputs, predictions and targets, one column
-per modality. Every control re-runs the prediction; the endpoint `/predict` serves `gradio_client` the same way.
+per modality the model has (rgb, depth, semseg, normals). Every control re-runs the prediction; the endpoint
+`/predict` serves `gradio_client` the same way.
 
 A problem the user can fix (an image that cannot be decoded or is too large, a run folder with no checkpoint
 yet, teachers that do not fit the model) shows one error box on the page and writes one line to the log; the
@@ -46,10 +47,11 @@ PICTURES = [f"{d} {what}" for what in ROWS for d in KINDS]  # the order of the i
 MAX_UPLOAD = "64mb"
 
 INTRO = f"""# {TITLE}
-Give a pre-trained MultiMAE a few visible patches of RGB, depth and semantic segmentation, and see what it
-predicts for every modality. Depth and segmentation inputs come from the teachers (pseudo labels) or, for the
-synthetic scenes, from the exact ground truth; targets are the ground truth where the scene has it, else the
-teachers' labels. Depth is shown standardized (10-90 % trimmed mean and std), coloured over the target's range.
+Give a pre-trained MultiMAE a few visible patches of RGB, depth and semantic segmentation (and surface normals,
+when the model has them), and see what it predicts for every modality. The inputs besides RGB come from the
+teachers (pseudo labels) or, for the synthetic scenes, from the exact ground truth; targets are the ground truth
+where the scene has it, else the teachers' labels. Depth is shown standardized (10-90 % trimmed mean and std),
+coloured over the target's range; normals as normal-map colours (x, y, z as red, green, blue).
 """
 
 
@@ -118,7 +120,7 @@ class Page:
         source = TRUTH if inputs_from == TRUTH and sample.truth else f"teachers ({self.teachers_from})"
         shown = ", ".join(f"{d} {pred.visible[d]}/{model.tokens[d]}" for d in model.tokens)
         status = (
-            f"**{sample.name}**, visible tokens: {shown}, seed {int(seed or 0)}; depth/semseg inputs from {source}; "
+            f"**{sample.name}**, visible tokens: {shown}, seed {int(seed or 0)}; other inputs from {source}; "
             f"targets: {'ground truth' if sample.truth else 'teacher labels'} ({time.time() - t0:.2f} s)  \n"
             f"model: {model.describe()}"
         )
@@ -202,8 +204,8 @@ def build_page(source: ModelSource, teachers: dict[str, Teacher], teachers_from:
                     0, NUM_SCENES - 1, step=1, value=0, label=f"scene (synthetic world, seed {SCENE_SEED})"
                 )
                 upload = gr.File(label="image file (JPEG, PNG, ...)", type="filepath")
-                inputs_from = gr.Radio([TEACHERS, TRUTH], value=TEACHERS, label="depth / semseg inputs from")
-                rgb_only = gr.Checkbox(label="RGB only (depth and semseg fully masked)")
+                inputs_from = gr.Radio([TEACHERS, TRUTH], value=TEACHERS, label="inputs besides RGB from")
+                rgb_only = gr.Checkbox(label="RGB only (the other modalities fully masked)")
                 sliders = [gr.Slider(minimum=0, step=1, **slider_settings(model, d)) for d in KINDS]
                 seed = gr.Number(value=0, precision=0, minimum=0, label="seed (which patches are visible)")
                 button = gr.Button("Predict", variant="primary")

@@ -3,8 +3,8 @@
 `ModelSource(path).get()` gives a `DemoModel`: the pre-trained MultiMAE of a run folder (its `checkpoint.pt`, read
 again whenever training writes a newer one) or of a Hub folder written by `multimae-train export`, with what the
 page needs to feed it (image size, patch size, tokens per input modality, semseg class names, depth
-standardization). `load_teachers()` loads the depth and semseg teachers that turn an RGB image into the model's
-other inputs: the shipped small teachers, or those of a labeling config.
+standardization). `load_teachers()` loads the teachers (depth, semseg, ...) that turn an RGB image into the
+model's other inputs: the shipped small teachers, or those of a labeling config.
 
 User-caused problems raise `DemoError` with one line naming the file and what to do.
 """
@@ -18,10 +18,12 @@ from dataclasses import dataclass
 import torch
 
 from labeling.teachers import DEFAULT_TEACHERS, Teacher
-from multimae.input_adapters import SEMSEG_STRIDE
+from shards import modalities
+from shards.synthetic import GROUND_TRUTH
 
-#: The input modalities the page can feed (each one a teacher, or the scene's ground truth, produces).
-KINDS = ("rgb", "depth", "semseg")
+#: The modalities the page can feed and draw, in registry order: rgb, and every kind the synthetic scenes have
+#: ground truth for (a teacher of the kind labels uploads): rgb, depth, semseg, normals.
+KINDS = tuple(k for k in modalities.kinds() if k == "rgb" or k in GROUND_TRUTH)
 
 
 class DemoError(Exception):
@@ -163,16 +165,21 @@ def _from_hub(path: str) -> tuple[torch.nn.Module, int | None, list[str] | None,
 
 
 def _token_counts(model: torch.nn.Module, size: int) -> dict[str, int]:
-    """Tokens per input domain for a size x size image (rgb, depth: full size; semseg ids at 1/stride)."""
-    dummy = {
-        "rgb": torch.zeros(1, 3, size, size),
-        "depth": torch.zeros(1, 1, size, size),
-        "semseg": torch.zeros(1, size // SEMSEG_STRIDE, size // SEMSEG_STRIDE, dtype=torch.long),
-    }
+    """Tokens per input domain for a size x size image (values at full size; class ids at 1/stride)."""
     device = next(model.parameters()).device
     with torch.inference_mode():
-        tokens, _ = model.tokenize({d: dummy[d].to(device) for d in model.input_adapters})
+        tokens, _ = model.tokenize({d: blank_input(d, size).to(device)[None] for d in model.input_adapters})
     return {d: int(t.shape[1]) for d, t in tokens.items()}
+
+
+def blank_input(kind: str, size: int) -> torch.Tensor:
+    """An all-zero input of one kind for a size x size image, as the model takes it (no batch dimension):
+    (C, S, S) float values, or (S / stride, S / stride) int64 class ids."""
+    rule = modalities.get(kind)
+    if rule.is_classes:
+        side = size // rule.input_stride
+        return torch.zeros(side, side, dtype=torch.long)
+    return torch.zeros(rule.channels, size, size)
 
 
 class ModelSource:
@@ -212,7 +219,7 @@ def _stamp(path: str) -> tuple[int, int, int] | None:
 
 
 def load_teachers(config: str | None = None, device: str = "cpu") -> dict[str, Teacher]:
-    """One teacher per kind ("depth", "semseg"): the shipped small ones, or those of a labeling config.
+    """One teacher per kind (depth, semseg, ...): the shipped small ones, or those of a labeling config.
 
     With a labeling config (e.g. pipelines/pseudolabel.yaml) its teachers load as the labeling job loads them
     (`resolve_model`, resolution, dtype); where it has two teachers of one kind, the first serves.
@@ -234,8 +241,8 @@ def load_teachers(config: str | None = None, device: str = "cpu") -> dict[str, T
 
 
 def check_teachers(model: DemoModel, teachers: dict[str, Teacher], where: str = "the shipped teachers") -> None:
-    """The teachers cover the model's depth/semseg inputs, and the semseg teacher's classes are the model's."""
-    for kind in ("depth", "semseg"):
+    """The teachers cover the model's inputs besides rgb, and the semseg teacher's classes are the model's."""
+    for kind in KINDS[1:]:
         if kind in model.tokens and kind not in teachers:
             raise DemoError(f"{where}: no {kind} teacher, but {model.source} takes {kind} input")
     semseg = teachers.get("semseg")

@@ -28,15 +28,15 @@ import torch
 import torch.nn.functional as F
 
 from labeling.teachers import Teacher
-from multimae.input_adapters import SEMSEG_STRIDE
 from multimae.losses import robust_standardize_depth
 from multimae.train.augment import Plan, apply_plan
 from multimae.train.data import denormalize_rgb, normalize_rgb, to_depth_space, to_tensor
+from shards import modalities
 from shards.images import MAX_PIXELS, BadImage, load_rgb
-from shards.show import DEPTH_CMAP, palette
-from shards.synthetic import SEMSEG_CLASSES, render_scene
+from shards.show import DEPTH_CMAP, normals_picture, palette
+from shards.synthetic import GROUND_TRUTH, SEMSEG_CLASSES, render_scene
 
-from .loading import DemoError, DemoModel
+from .loading import KINDS, DemoError, DemoModel, blank_input
 
 #: The bundled scenes: synthetic world seed 2 (`make demo` trains on seeds 0 and 1), rendered on the fly.
 SCENE_SEED = 2
@@ -54,7 +54,8 @@ class Sample:
     """One image and what is known about it, at its own size.
 
     rgb: (H, W, 3) uint8; truth: exact labels where the source has them ({"depth": (H, W) float32 metres,
-    "semseg": (H, W) int64 ids into `truth_classes`}); name: how the page refers to it.
+    "semseg": (H, W) int64 ids into `truth_classes`, "normals": (H, W, 3) float32}); name: how the page refers
+    to it.
     """
 
     rgb: np.ndarray
@@ -84,10 +85,11 @@ class Prediction:
 
     @property
     def masked_inputs(self) -> dict[str, np.ndarray]:
-        """The inputs as the encoder sees them: masked patches grey (rgb), NaN (depth) or -1 (semseg)."""
+        """The inputs as the encoder sees them: masked patches grey (rgb), NaN (values) or -1 (class ids)."""
         out = {}
         for d, x in self.inputs.items():
-            fill = {"rgb": MASK_GREY, "depth": np.nan, "semseg": -1}[d]
+            rule = modalities.get(d)
+            fill = MASK_GREY if rule.picture == "image" else -1 if rule.is_classes else np.nan
             out[d] = x.copy()
             out[d][_pixel_mask(self.masks[d], x.shape[0])] = fill
         return out
@@ -97,11 +99,11 @@ class Prediction:
 
 
 def scene_sample(index: int, seed: int = SCENE_SEED, size: int = MIN_SCENE_SIZE) -> Sample:
-    """A synthetic scene rendered on the fly, with its exact depth (metres) and segmentation."""
+    """A synthetic scene rendered on the fly, with its exact depth (metres), segmentation and normals."""
     if index < 0:
         raise DemoError(f"scene number must be >= 0, got {index}")
     s = render_scene(seed, index, size)
-    truth = {"depth": s["depth_gt"], "semseg": s["semseg_gt"].astype(np.int64)}
+    truth = {kind: s[f"{kind}_gt"].astype(modalities.get(kind).decoded) for kind in GROUND_TRUTH}
     return Sample(
         rgb=s["rgb"], name=f"scene {index} (synthetic seed {seed})", truth=truth, truth_classes=SEMSEG_CLASSES
     )
@@ -117,7 +119,7 @@ def upload_sample(data: bytes, name: str = "upload", max_pixels: int = MAX_PIXEL
 
 
 def pseudo_labels(rgb: np.ndarray, teachers: Mapping[str, Teacher]) -> dict[str, np.ndarray]:
-    """Run each teacher on one (H, W, 3) uint8 image: {"depth": (H, W) float32, "semseg": (H, W) int64}."""
+    """Run each teacher on one (H, W, 3) uint8 image: {"depth": (H, W) float32, "semseg": (H, W) int64, ...}."""
     image = torch.from_numpy(np.array(rgb, dtype=np.uint8, order="C"))  # (H, W, 3) uint8, a writable copy
     return {kind: teacher([image])[0].numpy() for kind, teacher in teachers.items()}
 
@@ -129,12 +131,13 @@ def model_inputs(
     kinds: tuple[str, ...] | None = None,
     depth_space: str = "depth",
 ) -> dict[str, np.ndarray]:
-    """{"rgb", "depth", "semseg"} for the model: pseudo labels from the teachers, or the sample's ground truth.
+    """{"rgb", "depth", "semseg", ...} for the model: pseudo labels from the teachers, or the sample's ground truth.
 
-    kinds limits which of depth/semseg are made (teachers that are not needed do not run). Depth is brought to the
-    model's `depth_space` from what it means (a disparity teacher's output is inverted, as the trainer does).
+    kinds limits which of the kinds besides rgb are made (teachers that are not needed do not run). Depth is
+    brought to the model's `depth_space` from what it means (a disparity teacher's output is inverted, as the
+    trainer does).
     """
-    wanted = [k for k in ("depth", "semseg") if kinds is None or k in kinds]
+    wanted = [k for k in KINDS[1:] if kinds is None or k in kinds]
     if from_truth:
         missing = [k for k in wanted if k not in sample.truth]
         if missing:
@@ -194,32 +197,35 @@ def center_box(height: int, width: int) -> tuple[float, float, float, float]:
 
 def fit(kind: str, value: np.ndarray, size: int) -> torch.Tensor:
     """One modality at any size -> its central square at size x size: rgb (3, S, S) uint8, depth (1, S, S) float32,
-    semseg (1, S, S) int64 (bicubic / bilinear / nearest, as the trainer resizes)."""
+    semseg (1, S, S) int64, normals (3, S, S) float32 (each kind resized as the trainer resizes it)."""
     x = to_tensor(kind, value)
     return apply_plan(x, kind, Plan(center_box(*x.shape[-2:]), (size, size)))
 
 
-def _depth_space(depth: torch.Tensor, model: DemoModel) -> torch.Tensor:
-    """(1, S, S) depth -> the space the model reads and predicts (robustly standardized, as in training)."""
-    return robust_standardize_depth(depth[None])[0] if model.standardize_depth else depth
+def _depth_space(kind: str, x: torch.Tensor, model: DemoModel) -> torch.Tensor:
+    """(C, S, S) values -> the space the model reads and predicts: kinds the trainer standardizes (depth) robustly
+    standardized, as in training; others as they are."""
+    standardize = modalities.get(kind).standardize and model.standardize_depth
+    return robust_standardize_depth(x[None])[0] if standardize else x
 
 
 def model_batch(model: DemoModel, images: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
     """Images at any common size -> the model's batch of one: rgb (1, 3, S, S) normalized, depth (1, 1, S, S),
-    semseg (1, S/4, S/4) int64. A domain missing from `images` is filled with zeros (it must be fully masked)."""
+    semseg (1, S/4, S/4) int64, normals (1, 3, S, S). A domain missing from `images` is filled with zeros (it must
+    be fully masked)."""
     S = model.image_size
     batch = {}
     for d in model.in_domains:
+        rule = modalities.get(d)
         if d not in images:
-            shape = {"rgb": (3, S, S), "depth": (1, S, S), "semseg": (S // SEMSEG_STRIDE, S // SEMSEG_STRIDE)}[d]
-            batch[d] = torch.zeros(shape, dtype=torch.long if d == "semseg" else torch.float32)
-        elif d == "rgb":
-            batch[d] = normalize_rgb(fit("rgb", images[d], S))
-        elif d == "depth":
-            batch[d] = _depth_space(fit("depth", images[d], S), model)
+            batch[d] = blank_input(d, S)
+        elif rule.picture == "image":
+            batch[d] = normalize_rgb(fit(d, images[d], S))
+        elif not rule.is_classes:
+            batch[d] = _depth_space(d, fit(d, images[d], S), model)
         else:
-            batch[d] = fit("semseg", images[d], S // SEMSEG_STRIDE)[0]
-            n_classes = model.model.input_adapters["semseg"].num_classes
+            batch[d] = fit(d, images[d], S // rule.input_stride)[0]
+            n_classes = model.model.input_adapters[d].num_classes
             if int(batch[d].max()) >= n_classes:
                 raise DemoError(f"semseg input has class id {int(batch[d].max())}; the model knows {n_classes}")
     return {d: v[None].to(model.device) for d, v in batch.items()}
@@ -236,10 +242,11 @@ def fit_targets(
     S, out = model.image_size, {}
     for kind, value in targets.items():
         x = fit(kind, value, S)
-        if kind == "rgb":
+        rule = modalities.get(kind)
+        if rule.picture == "image":
             out[kind] = x.permute(1, 2, 0).numpy()  # (S, S, 3) uint8
-        elif kind == "depth":
-            out[kind] = _depth_space(x, model)[0].numpy()  # (S, S)
+        elif not rule.is_classes:
+            out[kind] = _channels_last(_depth_space(kind, x, model))  # (S, S) or (S, S, C)
         else:
             ids = x[0].numpy()  # (S, S)
             if classes is not None and model.semseg_classes is not None:
@@ -276,9 +283,11 @@ def predict(
     inputs = {}
     for d, x in batch.items():
         x = x[0].cpu()
-        inputs[d] = (denormalize_rgb(x) * 255).round().byte().permute(1, 2, 0).numpy() if d == "rgb" else x.numpy()
-        if d == "depth":
-            inputs[d] = inputs[d][0]  # (S, S)
+        rule = modalities.get(d)
+        if rule.picture == "image":
+            inputs[d] = (denormalize_rgb(x) * 255).round().byte().permute(1, 2, 0).numpy()  # (S, S, 3) uint8
+        else:
+            inputs[d] = x.numpy() if rule.is_classes else _channels_last(x)
     return Prediction(
         inputs=inputs,
         masks={d: m.view(model.grid, model.grid).bool().numpy() for d, m in masks.items()},
@@ -292,14 +301,22 @@ def _outputs(preds: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """Model outputs of a batch of one -> numpy (see `Prediction.predictions`)."""
     out = {}
     for d, p in preds.items():
+        rule = modalities.find(d)
+        if rule is None:  # norm_rgb
+            continue
         p = p[0].float().cpu()
-        if d == "rgb":
+        if rule.picture == "image":
             out[d] = (denormalize_rgb(p) * 255).round().byte().permute(1, 2, 0).numpy()  # (S, S, 3)
-        elif d == "depth":
-            out[d] = p[0].numpy()  # (S, S)
-        elif d == "semseg":
+        elif rule.is_classes:
             out[d] = p.argmax(0).numpy()  # (K, S/4, S/4) -> (S/4, S/4)
+        else:
+            out[d] = _channels_last(p)  # (S, S), or (S, S, C)
     return out
+
+
+def _channels_last(x: torch.Tensor) -> np.ndarray:
+    """(C, S, S) values -> (S, S) for one channel, (S, S, C) for more (normals)."""
+    return x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).numpy()
 
 
 # ------------------------------------------------------------------------------------------------ pictures
@@ -307,7 +324,8 @@ def _outputs(preds: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
 
 def pictures(model: DemoModel, pred: Prediction, display: int = DISPLAY_SIZE) -> dict[str, np.ndarray]:
     """(H, W, 3) uint8 pictures, keyed "<domain> input" (masked patches grey), "<domain> prediction",
-    "<domain> target": rgb as is, depth colour-mapped over the target's range, semseg in the toolkit palette."""
+    "<domain> target", each by its kind's picture rule: rgb as is, depth colour-mapped over the target's range,
+    semseg in the toolkit palette, normals as normal-map colours."""
     S = model.image_size
     factor = max(1, math.ceil(display / S))
     n_classes = model.model.output_adapters["semseg"].num_channels if "semseg" in model.out_domains else None
@@ -316,7 +334,7 @@ def pictures(model: DemoModel, pred: Prediction, display: int = DISPLAY_SIZE) ->
     depth_range = _range(pred.targets.get("depth", pred.predictions.get("depth")))
     out = {}
     for what, arrays in (("input", pred.inputs), ("prediction", pred.predictions), ("target", pred.targets)):
-        for d in ("rgb", "depth", "semseg"):
+        for d in KINDS:
             if d not in arrays or (what == "target" and d not in pred.predictions):
                 continue
             img = _picture(d, arrays[d], S, n_classes, depth_range if what != "input" else _range(arrays[d]))
@@ -339,9 +357,13 @@ def _picture(
     kind: str, x: np.ndarray, size: int, n_classes: int | None, depth_range: tuple[float, float]
 ) -> np.ndarray:
     """One modality -> (size, size, 3) uint8."""
-    if kind == "rgb":
+    picture = modalities.get(kind).picture
+    if picture == "image":
         return x.copy()
-    if kind == "depth":
+    if picture == "normals":
+        v = np.nan_to_num(x)  # masked input patches are NaN (painted grey afterwards); predictions are not unit
+        return normals_picture(v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-6))
+    if picture == "colormap":
         import matplotlib
 
         lo, hi = depth_range
