@@ -123,7 +123,7 @@ def safety_cost(files: list[Path], out: Path, repeats: int = 5) -> tuple[float, 
     """CPU seconds per image a build spends on its safety work, measured against the plain operation:
     reading a source file through `read_image_file` (stat + fstat, regular files only, bounded) instead of
     open().read(), and hashing every stored member for the stats json."""
-    from shards.sources import read_image_file
+    from shards.source import read_image_file
     from shards.tars import iter_samples
     from shards.writer import member_digest
 

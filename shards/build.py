@@ -28,7 +28,7 @@ from . import fs
 from .format import MANIFEST, FormatError, read_manifest, shard_name, update_manifest
 from .images import BadImage
 from .lock import output_lock
-from .sources import Item, Members, Refused, Source
+from .source import Item, Members, Refused, Source
 from .writer import ShardWriter, keys_digest, read_stats, stats_path, tar_path
 
 

@@ -73,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--shard-size", type=_positive, default=1000, help="samples per shard (default 1000)")
     b.add_argument("--workers", type=_positive, default=_cpus(), help="worker processes (default: CPU count)")
-    b.add_argument("--seed", type=int, default=0, help="synthetic scene seed (default 0)")
+    b.add_argument("--seed", type=int, help="synthetic scene seed (default 0)")
     b.add_argument("--quality", type=_quality, default=95, help="rgb JPEG quality, 1..100 (default 95)")
     b.add_argument(
         "--max-pixels",
@@ -98,7 +98,6 @@ def parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--depth-meaning",
-        default="metric_m",
         choices=DEPTH_MEANINGS,
         help="paired: what the depth values mean (default metric_m)",
     )

@@ -23,7 +23,7 @@ import re
 
 from . import fs
 from .errors import FormatError
-from .sources import (
+from .source import (
     IMAGE_EXTS,
     ClassList,
     FileMaker,
@@ -32,6 +32,7 @@ from .sources import (
     RgbEncoder,
     Source,
     SourceError,
+    SourceSpec,
     encoder_options,
     list_images,
     list_subdirs,
@@ -162,3 +163,11 @@ def read_val_labels(url: str) -> dict[str, str]:
 
 def _absolute(url: str) -> str:
     return os.path.abspath(url) if fs.is_local(url) else url
+
+
+IMAGENET = SourceSpec(
+    "imagenet",
+    lambda root, encoder, **options: imagenet_source(root, encoder, **options),
+    ("labels", "classes_from"),
+    shuffled=True,
+)

@@ -46,7 +46,7 @@ from .format import (
     modality_kind,
 )
 from .images import BadImage, load_plane, load_vectors
-from .sources import (
+from .source import (
     ClassList,
     Item,
     Members,
@@ -54,6 +54,7 @@ from .sources import (
     RgbEncoder,
     Source,
     SourceError,
+    SourceSpec,
     encoder_options,
     list_images,
     parent_classes,
@@ -291,3 +292,12 @@ def fit(plane: np.ndarray, orig: tuple[int, int], size: tuple[int, int]) -> np.n
     rows = np.minimum(((np.arange(h) + 0.5) * ph / h).astype(np.int64), ph - 1)  # (H,) source row of each row
     cols = np.minimum(((np.arange(w) + 0.5) * pw / w).astype(np.int64), pw - 1)  # (W,)
     return plane[rows[:, None], cols[None, :]]  # (H, W) or (H, W, C)
+
+
+PAIRED = SourceSpec(
+    "paired",
+    lambda root, encoder, modalities=None, **options: paired_source(root, encoder, modalities or {}, **options),
+    ("modalities", "depth_scale", "depth_meaning", "semseg_classes", "class_from_parent", "classes_from"),
+    shuffled=True,
+    default_size=None,  # paired data keeps its native size unless --size
+)

@@ -355,6 +355,23 @@ def test_webdataset_source_reshards_and_never_unpickles(tmp_path):
     assert [it.key for it in pattern.items] == [f"{t:05d}{i:04d}" for t in range(2) for i in range(5)]
 
 
+def test_the_registry_refuses_an_option_of_another_source_and_an_unknown_one(tmp_path):
+    from shards.sources import SOURCES
+
+    assert list(SOURCES) == ["imagenet", "folder", "paired", "webdataset", "synthetic"]
+    assert SOURCES["paired"].options[:2] == ("modalities", "depth_scale") and SOURCES["webdataset"].options == ()
+    with pytest.raises(SourceError, match="--class-from-parent applies to --src folder / paired, not --src imagenet"):
+        open_source("imagenet", str(tmp_path), class_from_parent=True)
+    with pytest.raises(SourceError, match="--depth-meaning applies to --src paired, not --src synthetic"):
+        open_source("synthetic", depth_meaning="relative")
+    with pytest.raises(SourceError, match="unknown source option 'depht_scale'"):
+        open_source("paired", str(tmp_path), depht_scale=0.001)
+    with pytest.raises(SourceError, match="--src folder needs --root"):
+        open_source("folder")
+    # not given (None / False) is not refused: the CLI passes every option
+    assert len(open_source("synthetic", num=3, labels=None, class_from_parent=False)) == 3
+
+
 def test_source_errors_name_the_path(tmp_path):
     with pytest.raises(SourceError, match=f"{tmp_path}/missing does not exist"):
         open_source("imagenet", str(tmp_path / "missing"))
