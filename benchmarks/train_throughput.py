@@ -28,7 +28,7 @@ from multimae.precision import cpu_bf16_units  # noqa: E402
 from multimae.train import data as mdata  # noqa: E402
 from multimae.train.config import load_run_config  # noqa: E402
 from multimae.train.distributed import Dist  # noqa: E402
-from multimae.train.engine import forward_loss, prepare_batch  # noqa: E402
+from multimae.train.engine import forward_loss  # noqa: E402
 from multimae.train.main import setup  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,7 +66,7 @@ def measure(cfg, root: str, device: torch.device, args) -> dict[str, float]:
 
     def step(batch):
         with run.autocast():
-            losses, _ = forward_loss(run, run.model, prepare_batch(run, batch))
+            losses, _ = forward_loss(run, run.model, run.prepare_batch(batch))
         losses["total"].backward()
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)

@@ -14,8 +14,9 @@ import zarr
 
 from multimae.train.cli import main as cli_main
 from multimae.train.config import load_run_config
-from multimae.train.engine import TrainingError, lr_at
+from multimae.train.engine import lr_at
 from multimae.train.main import run
+from multimae.train.state import TrainingError
 from shards.build import build
 from shards.reader import iter_shard
 from shards.sources import synthetic_source

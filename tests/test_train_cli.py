@@ -14,9 +14,9 @@ from multimae.interop import CheckpointError
 from multimae.train.checkpoints import load_checkpoint_file, load_model
 from multimae.train.cli import main as cli_main
 from multimae.train.config import load_run_config
-from multimae.train.engine import TrainingError
 from multimae.train.export import export_run
 from multimae.train.main import run
+from multimae.train.state import TrainingError
 from shards.build import build
 from shards.sources import synthetic_source
 
@@ -83,7 +83,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
         (
             "multimae.train.cli",
             ["--shards", "x", "--config", PRETRAIN_YAML, "data.inputs.depht=depth"],
-            "data.inputs.depht: unknown input domain (known: rgb, depth, semseg)",
+            "data.inputs.depht: unknown input domain (known: rgb, depth, semseg, normals)",
         ),
         (
             "labeling.cli",

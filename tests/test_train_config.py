@@ -8,7 +8,7 @@ import torch
 
 from multimae.train.config import ConfigError, from_dict
 from multimae.train.config import load_run_config as load_config
-from multimae.train.main import make_plan
+from multimae.train.state import make_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(

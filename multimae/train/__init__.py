@@ -4,10 +4,11 @@ Modules, in the order a run uses them:
   config.py       the typed run config (YAML + dotted overrides), no torch import
   cli.py          `multimae-train` (also `python -m multimae.train`, `torchrun -m multimae.train`)
   main.py         `run()`: setup (distributed, plan, model, precision, optimizer, resume) -> loop -> finish
+  state.py        `Plan`, `Run` (everything a job holds, built once) and `TrainingError`
   engine.py       the step loop: schedule, accumulation, autocast, clipping, logging, checkpoints
   data.py         shard stream -> joint crop/flip -> normalization -> batches, exact resume by chunks
-  evaluate.py     metric sums, eval.json, predictions.zarr
-  checkpoints.py  trainer checkpoints (weights-only) and `load_model(run)`
+  evaluate.py     a run's evaluation: metric sums, eval.json, predictions.zarr
+  checkpoints.py  trainer checkpoints (weights-only), `load_model(run)`, the --init and resume rules
   export.py       a run -> a Hugging Face Hub folder
   distributed.py, logger.py, visualize.py
 
@@ -20,7 +21,7 @@ from typing import Any
 _EXPORTS = {
     "run": "main",
     "setup": "main",
-    "TrainingError": "engine",
+    "TrainingError": "state",
     "load_model": "checkpoints",
     "RunConfig": "config",
     "load_run_config": "config",

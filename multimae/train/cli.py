@@ -121,8 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     from multimae.interop import CheckpointError
     from shards.format import FormatError
 
-    from .engine import NonFiniteLoss, TrainingError
+    from .engine import NonFiniteLoss
     from .main import run
+    from .state import TrainingError
 
     try:
         summary = run(

@@ -21,17 +21,15 @@ import torch
 from multimae.losses import finetune_loss, pretraining_loss
 from shards import fs, modalities
 
+from . import checkpoints as ckpt
 from . import data as mdata
 from .distributed import all_reduce_sum
+from .evaluate import evaluate_run
 from .logger import fmt_eta, truncate_keys_after
+from .state import Run, TrainingError
 
 if TYPE_CHECKING:
     from .config import RunConfig
-    from .main import Run
-
-
-class TrainingError(RuntimeError):
-    """A run cannot start or go on (incompatible checkpoint, another run in OUT); says why and what to do."""
 
 
 class NonFiniteLoss(TrainingError):
@@ -89,13 +87,6 @@ def dense_loss_args(cfg: RunConfig) -> dict[str, Any]:
     return {"dense_loss": cfg.optim.dense_loss or entry.losses[0], "unit_vectors": entry.unit_vectors}
 
 
-def prepare_batch(run: Run, batch: dict[str, Any]) -> dict[str, Any]:
-    """A collated batch on the run's device, depth inputs standardized."""
-    batch = mdata.to_device(batch, run.dist.device)
-    mdata.standardize_depth_inputs(batch, run.cfg.data.inputs, run.cfg.data.standardize_depth)
-    return batch
-
-
 def make_mixup(run: Run) -> Any:
     """timm's Mixup / CutMix with label smoothing for classification (None when both alphas are 0)."""
     d = run.cfg.data
@@ -138,7 +129,18 @@ def save(run: Run, step: int) -> None:
     if run.cfg.train.keep_checkpoints:
         urls.append(fs.join(run.out_dir, f"checkpoint-{step:08d}.pt"))
     for url in urls:
-        run.save_checkpoint(url, step)
+        ckpt.save_checkpoint(
+            url,
+            model=run.model,
+            optimizer=run.optimizer,
+            step=step,
+            config=run.cfg.to_dict(),
+            model_spec=run.spec,
+            labels=run.labels,
+            scheduler=run.schedule,
+            run=run.identity,
+            data=dict(seed=run.cfg.train.seed, chunk_steps=run.plan.chunk_steps, world_size=run.dist.world),
+        )
 
 
 def train_steps(run: Run, end: int) -> dict[str, float]:
@@ -181,7 +183,7 @@ def train_steps(run: Run, end: int) -> dict[str, float]:
             torch.manual_seed(step_seed(cfg.train.seed, step, d.rank))
             sums: dict[str, torch.Tensor] = {}
             for micro in range(accum):
-                batch = prepare_batch(run, next(batches))
+                batch = run.prepare_batch(next(batches))
                 if mixup is not None:
                     mix(run, mixup, batch, step_seed(cfg.train.seed, step, d.rank) + micro)
                 if keys_file is not None:
@@ -236,8 +238,6 @@ def train_steps(run: Run, end: int) -> dict[str, float]:
                 and step != plan.total_steps
                 and plan.eval_shards
             ):
-                from .main import evaluate_run
-
                 results = evaluate_run(run)
                 run.logger.log(
                     step,
@@ -259,7 +259,7 @@ def save_reconstructions(run: Run, step: int) -> str:
     shards = plan.eval_shards or plan.train_shards[:1]
     root, args = (run.eval_root, run.eval_transform_args) if plan.eval_shards else (run.shards_root, run.transform_args)
     samples = mdata.eval_samples(root, shards, args)
-    batch = prepare_batch(run, next(mdata.batched(samples, cfg.log.num_images)))
+    batch = run.prepare_batch(next(mdata.batched(samples, cfg.log.num_images)))
     model = run.model
     was_training = model.training
     model.eval()

@@ -1,5 +1,6 @@
 """Fine-tuning evaluation: metric sums over the evaluation shards, the zarr prediction dump, eval.json.
 
+`evaluate_run` / `final_eval` / `evaluate_only` score a `Run` on its evaluation shards (split across ranks).
 Scores come from `multimae.metrics` (its docstring defines each one). Here they are kept as sums in one
 float64 tensor per objective, so ranks add their parts with a single all_reduce:
   - cls: correct@1, correct@5 (with at least 5 classes), samples -> top1, top5 (%);
@@ -20,7 +21,12 @@ import numpy as np
 import torch
 
 from multimae import metrics
-from shards import fs
+from shards import fs, modalities
+
+from . import data as mdata
+from .config import ConfigError, RunConfig
+from .distributed import all_reduce_sum, barrier
+from .state import Run, TrainingError
 
 
 class MetricSums:
@@ -154,3 +160,96 @@ def format_table(results: dict[str, float]) -> str:
     vwidth = max(len("value"), *(len(v) for _, v in cells))
     lines = [f"{'metric':<{width}}  {'value':>{vwidth}}", f"{'-' * width}  {'-' * vwidth}"]
     return "\n".join(lines + [f"{k:<{width}}  {v:>{vwidth}}" for k, v in cells])
+
+
+# ---------------------------------------------------------------- a run's evaluation
+
+
+def evaluate_only(run: Run, state: dict[str, Any] | None, init: str | None, save_predictions: bool) -> dict:
+    """--eval-only: evaluate OUT/checkpoint.pt (or the --init weights when OUT has none); says which and the step."""
+    if state is not None:
+        try:
+            run.model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            detail = " ".join(str(e).split())[:300]
+            raise TrainingError(f"{run.ckpt_url} does not fit the model of this config: {detail}") from None
+        run.step, source = int(state["step"]), run.ckpt_url
+    elif init:
+        run.step, source = run.init_step, init
+    else:
+        raise ConfigError(f"--eval-only needs a checkpoint: none in {run.out_dir}, and no --init given")
+    if run.dist.main:
+        print(f"evaluating {source} (step {run.step})", flush=True)
+    return final_eval(run, save_predictions, source)
+
+
+def predict_fn(run: Run) -> Callable[[dict[str, Any]], torch.Tensor]:
+    def predict(batch: dict[str, Any]) -> torch.Tensor:
+        batch = run.prepare_batch(batch)
+        with run.autocast():
+            out = run.model({dom: batch[dom] for dom in run.cfg.data.inputs})
+        return out.float()
+
+    return predict
+
+
+def evaluate_run(run: Run, store: PredictionStore | None = None) -> dict[str, float]:
+    """Metrics over the eval shards; ranks split the shards and add their sums (all on rank 0 with a store)."""
+    run.model.eval()
+    d = run.dist
+    shards = run.plan.eval_shards if store is not None else run.plan.eval_shards[d.rank :: d.world]
+    samples = mdata.eval_samples(run.eval_root, shards, run.eval_transform_args)
+    batches = mdata.batched(samples, max(1, run.plan.micro_batch))
+    num_classes = len(run.labels[run.cfg.objective]) if run.cfg.objective in run.labels else None
+    scores = evaluate(
+        predict_fn(run),
+        batches,
+        metric_family(run.cfg),
+        num_classes,
+        ignore_index=run.cfg.data.ignore_index,
+        store=store,
+        reduce=(lambda x: all_reduce_sum(x, d)) if store is None else None,
+    )
+    return metric_names(run.cfg, scores)
+
+
+def metric_family(cfg: RunConfig) -> str:
+    """The metrics a fine-tuning run is scored with: its objective's, or for `dense` its target kind's
+    (normals: angular errors; depth: delta1, AbsRel, RMSE; other dense kinds: L1, RMSE)."""
+    return modalities.of(cfg.data.target).metrics if cfg.objective == "dense" else cfg.objective
+
+
+def metric_names(cfg: RunConfig, results: dict[str, Any]) -> dict[str, Any]:
+    """eval.json's metric names: `dense` runs name them after the target kind (normals/mean_angle_deg, ...)."""
+    if cfg.objective != "dense":
+        return results
+    return {f"{modalities.of(cfg.data.target).kind}/{k}": v for k, v in results.items()}
+
+
+def final_eval(run: Run, save_predictions: bool, source: str) -> dict[str, Any]:
+    """Evaluate on the eval shards, print the table, write OUT/eval.json (and predictions.zarr)."""
+    if not run.plan.eval_shards:
+        raise ConfigError("no eval shards: set data.eval_shards or data.eval_num_shards")
+    d = run.dist
+    results: dict[str, Any] = {}
+    if save_predictions:
+        if d.main:
+            store = PredictionStore(run.folder.path("predictions.zarr"), run.cfg.objective)
+            results = evaluate_run(run, store)
+            run.folder.upload()
+        barrier(d)
+    else:
+        results = evaluate_run(run)
+    if d.main:
+        record = {
+            "objective": run.cfg.objective,
+            "target": run.cfg.data.target,
+            "inputs": run.cfg.data.inputs,
+            "checkpoint": source,
+            "step": run.step,
+            "eval_shards": run.plan.eval_shards,
+            "metrics": results,
+        }
+        write_eval(fs.join(run.out_dir, "eval.json"), record)
+        print(format_table(results), flush=True)
+    return results
