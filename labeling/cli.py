@@ -21,7 +21,7 @@ PROG = "multimae-label"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Pseudo-label an RGB shard set with depth / semseg teachers on Ray.",
+        description="Pseudo-label an RGB shard set with depth / semseg / normals teachers on Ray.",
         epilog="example: multimae-label pipelines/pseudolabel.yaml input=demo_out/data batch_size=8 "
         "teachers.depth.model=Intel/dpt-hybrid-midas",
     )

@@ -3,9 +3,10 @@
 The file is either a Ray cluster-launcher config whose `metadata:` section holds the job settings
 (`pipelines/pseudolabel.yaml`), or a plain mapping of the same settings. Dotted `key=value` overrides are
 applied on top (values parsed as YAML: `batch_size=8`, `shards=[shard-000001]`, `teachers.semseg=null` drops a
-teacher, `teachers.depth.resolution=[384, 384]`). Loading goes through the toolkit's one config loader
-(`shards.config`) and reads nothing but the YAML file; `check_inputs` (called when the job starts, before Ray)
-checks the teacher weights and the input shards.
+teacher, `teachers.depth.resolution=[384, 384]`, `teachers.normals.from=depth` adds normals derived from the
+depth teacher). Loading goes through the toolkit's one config loader (`shards.config`) and reads nothing but
+the YAML file; `check_inputs` (called when the job starts, before Ray) checks the teacher weights and the input
+shards.
 """
 
 from __future__ import annotations
@@ -17,29 +18,39 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from shards import fs
-from shards.config import ConfigError, load_config
+from shards import fs, modalities
+from shards.config import ConfigError, load_config, to_data
 from shards.format import FormatError, modality_kind, read_manifest
 from shards.fs import MissingBackend
 from shards.writer import committed_shards
 
 __all__ = ["ConfigError", "LabelConfig", "RayConfig", "TeacherConfig", "check_inputs", "load_label_config"]
 
-TEACHER_KINDS = ("depth", "semseg")
+# The labelable kinds: the registry's target kinds (every kind but the input image). Each has a teacher class in
+# `labeling.teachers.TEACHERS` (tests/test_normals_teacher.py checks the two agree); that module loads torch and
+# transformers, which config checks must not wait for.
+TEACHER_KINDS = tuple(k for k in modalities.kinds() if modalities.get(k).dense or modalities.get(k).is_classes)
+MODEL_KIND = {"normals": "depth"}  # a normals teacher runs a depth model (labeling.teachers.NormalsTeacher)
 DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
 class TeacherConfig:
-    kind: Literal["depth", "semseg"] | None = None  # null: the output modality's kind (depth_*, semseg_*)
+    kind: Literal[TEACHER_KINDS] | None = None  # null: the output modality's kind (depth_*, semseg_*, normals_*)
     model: str = "default"  # local path, Hugging Face id in the local cache, or "default" (the shipped teacher)
     resolution: int | list[int] | None = None  # working resolution (or [h, w]); null = the processor's own
     dtype: Literal["float32", "bfloat16", "float16"] | None = None  # null: bf16 where matrix units run it fast
+    fov_deg: float | None = None  # normals: horizontal field of view of the assumed pinhole; null = 60
+    # normals: the depth teacher they come from (YAML key `from`): a depth output modality of this job, or `depth`
+    # in a job without a `depth` teacher (this entry's model then runs)
+    source: str | None = field(default=None, metadata={"key": "from"})
 
     def check(self) -> None:
         res = [self.resolution] if isinstance(self.resolution, int) else self.resolution
         if res is not None and (len(res) not in (1, 2) or min(res) <= 0):
             raise ConfigError(f"resolution: a positive size or [height, width], got {self.resolution}")
+        if self.fov_deg is not None and not 0 < self.fov_deg < 180:
+            raise ConfigError(f"fov_deg: a field of view in degrees, 0 < fov_deg < 180, got {self.fov_deg}")
 
 
 @dataclass
@@ -82,7 +93,7 @@ class LabelConfig:
         return self.output or self.input
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return to_data(self)
 
     def check(self) -> None:
         for key in ("batch_size", "actors", "threads_per_actor", "prefetch"):
@@ -106,8 +117,39 @@ class LabelConfig:
                 )
             if mod == self.rgb:
                 raise ConfigError(f"{key}: output modality must differ from the input modality {self.rgb!r}")
+            self._check_normals(mod, t)
         if self.shards is not None and len(set(self.shards)) != len(self.shards):
             raise ConfigError("shards: a shard is listed twice")
+
+    def _check_normals(self, mod: str, t: TeacherConfig) -> None:
+        """`from` and `fov_deg` belong to normals teachers; `from` names where the depth comes from."""
+        key = f"teachers.{mod}"
+        if t.kind != "normals":
+            if t.source is not None or t.fov_deg is not None:
+                raise ConfigError(f"{key}: `from` and `fov_deg` are settings of normals teachers, not of {t.kind}")
+            return
+        depth_teachers = [m for m, other in self.teachers.items() if other.kind == "depth"]
+        if t.source is None:
+            raise ConfigError(
+                f"{key}.from: a normals teacher needs `from`, the depth teacher its normals come from "
+                f"(this job's: {', '.join(depth_teachers) or 'none'}; e.g. from: depth)"
+            )
+        source = self.teachers.get(t.source)
+        if source is None and t.source != "depth":
+            raise ConfigError(
+                f"{key}.from: {t.source!r} is not a depth teacher of this job (its depth teachers: "
+                f"{', '.join(depth_teachers) or 'none'}); `from: depth` without a depth teacher runs this entry's model"
+            )
+        if source is not None and source.kind != "depth":
+            raise ConfigError(f"{key}.from: teachers.{t.source} is a {source.kind} teacher, not a depth teacher")
+        if source is not None and (t.model != "default" or t.resolution is not None or t.dtype is not None):
+            raise ConfigError(f"{key}: its depth comes from teachers.{t.source}: set model, resolution and dtype there")
+
+    def depth_source(self, modality: str) -> str | None:
+        """The depth teacher of this job (its output modality) whose depth the normals teacher `modality` turns
+        into normals, so that the depth network runs once for both; None when it runs a depth model of its own."""
+        source = self.teachers[modality].source
+        return source if source in self.teachers else None
 
 
 def _kind_of(modality: str) -> str | None:
@@ -124,11 +166,11 @@ def load_label_config(path: str, overrides: list[str] | tuple[str, ...] = ()) ->
 
 
 def resolve_model(teacher: TeacherConfig) -> str:
-    """The model path or id a teacher loads ("default" = the shipped small teacher of its kind)."""
+    """The model path or id a teacher loads ("default" = the shipped small teacher of the kind of model it runs)."""
     if teacher.model == "default":
         from .teachers import DEFAULT_TEACHERS
 
-        return str(DEFAULT_TEACHERS[teacher.kind])
+        return str(DEFAULT_TEACHERS[MODEL_KIND.get(teacher.kind, teacher.kind)])
     return teacher.model
 
 
@@ -159,7 +201,7 @@ def _config_json(model: str, where: str) -> dict:
 
 
 def _check_teacher_kind(config: dict, kind: str, where: str) -> None:
-    """A depth teacher must be a depth-estimation model, a semseg teacher a segmentation model."""
+    """A depth (or normals) teacher must be a depth-estimation model, a semseg teacher a segmentation model."""
     from transformers.models.auto import modeling_auto as auto
 
     model_type = config.get("model_type", "?")
@@ -167,12 +209,15 @@ def _check_teacher_kind(config: dict, kind: str, where: str) -> None:
         "depth": set(auto.MODEL_FOR_DEPTH_ESTIMATION_MAPPING_NAMES),
         "semseg": set(auto.MODEL_FOR_UNIVERSAL_SEGMENTATION_MAPPING_NAMES)
         | set(auto.MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES),
-    }[kind]
-    if model_type not in fits:
-        other = next((k for k in TEACHER_KINDS if k != kind), "")
+    }
+    needed = MODEL_KIND.get(kind, kind)
+    if needed not in fits:  # a kind registered in shards.modalities without a teacher class
+        raise ConfigError(f"{where}: no teacher labels {kind!r} (labeling.teachers.TEACHERS has none for it)")
+    if model_type not in fits[needed]:
+        other = next((k for k, types in fits.items() if model_type in types), None)
         raise ConfigError(
             f"{where}: a {model_type!r} model ({', '.join(config.get('architectures') or [])}) is "
-            f"not a {kind} model; did you mean it as the {other} teacher?"
+            f"not a {needed} model" + (f"; did you mean it as the {other} teacher?" if other else "")
         )
 
 
@@ -206,6 +251,8 @@ def check_inputs(cfg: LabelConfig) -> list[str]:
     source = (manifest["modalities"].get(cfg.rgb, {}).get("producer") or {}).get("source")
     warnings = []
     for mod, t in cfg.teachers.items():
+        if t.kind == "normals" and cfg.depth_source(mod) is not None:
+            continue  # its model is the depth teacher's, checked under that teacher's key
         where = f"teachers.{mod}.model"
         config = _config_json(resolve_model(t), where)
         _check_teacher_kind(config, t.kind, where)

@@ -5,7 +5,11 @@ Inside an actor a shard flows through three overlapped stages:
 
     reader thread   shards.reader -> (key, decoded uint8 (H, W, 3) tensor | error), batched (bounded queue)
     main thread     every configured teacher on the same decoded batch                      (torch)
-    encoder thread  16-bit depth / 8-bit semseg PNGs -> one ShardWriter per output modality (in key order)
+    encoder thread  16-bit depth / 8-bit semseg / RGB normals PNGs -> one ShardWriter per output modality
+                    (in key order)
+
+Normals derived from a depth teacher of the same job (`from:`) reuse that teacher's depth of the batch, so
+the depth network runs once for both outputs.
 
 Output shards are committed with `shards.writer.ShardWriter` (temp name + rename, or one uploaded object
 on object storage; stats json last), so a re-run skips committed shards and a killed run loses only the
@@ -32,7 +36,7 @@ from typing import Any
 
 import torch
 
-from shards import fs
+from shards import fs, modalities
 from shards.format import FormatError, encode_sample, modality_entry, read_manifest, update_manifest
 from shards.lock import output_lock
 from shards.reader import decode_members, iter_shard_members
@@ -115,19 +119,30 @@ class ShardLabeler:
     """Loads the configured teachers once and labels whole shards (the body of each Ray actor)."""
 
     def __init__(self, cfg: LabelConfig, device: str = "cpu"):
-        from .teachers import load_teacher
+        from .teachers import NormalsTeacher, load_teacher
 
         fs.set_storage_options(cfg.storage_options)  # this actor's process, maybe on another node
         if device == "cpu":
             torch.set_num_threads(cfg.threads_per_actor)  # fixed thread count -> identical bytes across runs
         torch.manual_seed(0)
         self.cfg, self.device = cfg, device
-        self.teachers = {
-            mod: load_teacher(
-                t.kind, resolve_model(t), device=device, dtype=t.dtype, resolution=t.resolution, modality=mod
-            )
-            for mod, t in cfg.teachers.items()
-        }
+        # normals teacher -> the job's depth teacher it derives from (one depth network for both outputs)
+        self.depth_source = {m: src for m in cfg.teachers if (src := cfg.depth_source(m)) is not None}
+        teachers = {}
+        for mod, t in sorted(cfg.teachers.items(), key=lambda item: item[0] in self.depth_source):
+            if mod in self.depth_source:  # after its depth teacher, by the sort
+                teachers[mod] = NormalsTeacher(teachers[self.depth_source[mod]], fov_deg=t.fov_deg, modality=mod)
+            else:
+                teachers[mod] = load_teacher(
+                    t.kind,
+                    resolve_model(t),
+                    device=device,
+                    dtype=t.dtype,
+                    resolution=t.resolution,
+                    modality=mod,
+                    fov_deg=t.fov_deg,
+                )
+        self.teachers = {mod: teachers[mod] for mod in cfg.teachers}  # in config order (the manifest's)
         # One throw-away batch: first-call costs (kernel selection, weight packing, CUDA context) are paid
         # here, while the actor starts, not on the first shard. The processor resizes to the working resolution,
         # so every later batch runs the same model shapes but for its batch size.
@@ -138,9 +153,9 @@ class ShardLabeler:
         """Process id, Ray node, device and, per output modality, the manifest entry of its teacher."""
         import ray
 
-        entries = {
+        entries = {  # a kind with one meaning (semseg: class_ids) takes the registry's
             mod: modality_entry(
-                mod, t.producer, meaning=t.meaning if t.kind == "depth" else "class_ids", classes=t.classes
+                mod, t.producer, meaning=t.meaning or modalities.get(t.kind).meanings[0], classes=t.classes
             )
             for mod, t in self.teachers.items()
         }
@@ -156,19 +171,28 @@ class ShardLabeler:
     def _label(self, mods: list[str], images: list[torch.Tensor]) -> tuple[dict[str, list], dict[int, str]]:
         """Run each teacher on the batch; a failing batch is redone per image to isolate the bad samples."""
         outputs, failed = {}, {}
-        for mod in mods:
-            teacher = self.teachers[mod]
+        for mod in sorted(mods, key=lambda m: m in self.depth_source):  # depth before the normals made from it
+            label = self._labeler(mod, outputs)
             try:
-                outputs[mod] = teacher(images)
+                outputs[mod] = label(list(range(len(images))), images)
             except Exception:
                 outputs[mod] = []
                 for i, img in enumerate(images):
                     try:
-                        outputs[mod].append(teacher([img])[0])
+                        outputs[mod].append(label([i], [img])[0])
                     except Exception as e:
                         outputs[mod].append(None)
                         failed.setdefault(i, f"{mod} teacher: {type(e).__name__}: {e}")
         return outputs, failed
+
+    def _labeler(self, mod: str, outputs: dict[str, list]) -> Callable[[list[int], list[torch.Tensor]], list]:
+        """label(batch indices, images) -> labels of `mod`: its teacher on the images or, for normals whose depth
+        teacher has labeled this batch already, that depth turned into normals (no second depth network)."""
+        teacher, source = self.teachers[mod], self.depth_source.get(mod)
+        depth = outputs.get(source) if source is not None else None
+        if depth is None:
+            return lambda idx, imgs: teacher(imgs)
+        return lambda idx, imgs: teacher.from_depth([depth[i] for i in idx])  # a failed depth (None) raises here
 
     def _encode(self, mod: str, value: torch.Tensor) -> dict[str, bytes]:
         teacher = self.teachers[mod]

@@ -1,11 +1,15 @@
-"""Teacher networks that pseudo-label RGB images with depth and semantic segmentation.
+"""Teacher networks that pseudo-label RGB images with depth, semantic segmentation and surface normals.
 
 A teacher wraps a Hugging Face transformers model loaded with ``from_pretrained`` from a local folder or the
 local Hugging Face cache (never a download):
 
 - depth: any ``AutoModelForDepthEstimation`` (DPT, DPT-Hybrid, Depth Anything, ...);
 - semseg: mask-classification models (Mask2Former, MaskFormer) turned into per-pixel class scores the way
-  their processor's ``post_process_semantic_segmentation`` does, or any ``AutoModelForSemanticSegmentation``.
+  their processor's ``post_process_semantic_segmentation`` does, or any ``AutoModelForSemanticSegmentation``;
+- normals: derived from a depth model's output by back-projecting it with a pinhole camera (`NormalsTeacher`).
+
+One class per kind (`DepthTeacher`, `SemsegTeacher`, `NormalsTeacher`) shares the `Teacher` base; `TEACHERS` maps
+each kind to its class, and a kind is labelable when it has one. `load_teacher(kind, model)` is the entry point.
 
 Pre-processing is the model's own image processor (transformers' torchvision backend: batched torch ops on the
 teacher's device). Post-processing is re-implemented here as batched torch ops and is numerically equal to the
@@ -17,6 +21,7 @@ processor's interpolation, segmentation from upsampled class scores, then argmax
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +43,8 @@ from transformers import (
 from transformers.modeling_outputs import DepthEstimatorOutput
 from transformers.utils import logging as hf_logging
 
+from multimae.train.data import to_depth_space  # the trainer's depth-space rule (numpy; no trainer state)
+
 TEACHERS_DIR = Path(__file__).parent / "teachers"
 DEFAULT_TEACHERS = {
     "depth": str(TEACHERS_DIR / "synthetic-dpt"),
@@ -49,8 +56,8 @@ PAPER_TEACHERS = {
     "depth": "Intel/dpt-hybrid-midas",
     "semseg": "facebook/mask2former-swin-small-coco-panoptic",
 }
-KINDS = ("depth", "semseg")
 DEPTH_MEANINGS = ("inverse_relative", "relative", "metric_m")
+DEFAULT_FOV_DEG = 60.0  # normals: assumed horizontal field of view (the middle of the synthetic cameras' 45-75)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Mask-classification models: their processors first upsample mask logits to a fixed size (Mask2Former: 384x384
@@ -162,24 +169,94 @@ def mask_classification_scores_at(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# the teacher
+# normals from depth (pure functions)
+
+
+def _neighbour(x: torch.Tensor, dim: int, step: int) -> torch.Tensor:
+    """out[i] = x[i + step] along `dim` (step = +1 or -1); zero (False) past the image border."""
+    n = x.shape[dim]
+    edge = torch.zeros_like(x.narrow(dim, 0, 1))
+    if step > 0:
+        return torch.cat([x.narrow(dim, 1, n - 1), edge], dim)
+    return torch.cat([edge, x.narrow(dim, 0, n - 1)], dim)
+
+
+def _derivative(points: torch.Tensor, valid: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Difference of points (H, W, 3) along image axis `dim` (0: down the rows, 1: along the columns).
+
+    Central where both neighbours are valid; one-sided where only one is (the image border, a neighbour without
+    depth). Returns the (H, W, 3) differences and (H, W) where they are defined. Scales differ between the
+    central and one-sided cases, which changes a normal's length, never its direction.
+    """
+    ahead, behind = _neighbour(points, dim, 1), _neighbour(points, dim, -1)
+    ok_ahead, ok_behind = _neighbour(valid, dim, 1) & valid, _neighbour(valid, dim, -1) & valid
+    one_sided = torch.where(ok_ahead[..., None], ahead - points, points - behind)
+    return torch.where((ok_ahead & ok_behind)[..., None], (ahead - behind) / 2, one_sided), ok_ahead | ok_behind
+
+
+def normals_from_depth(depth: torch.Tensor, fov_deg: float) -> torch.Tensor:
+    """z-depth (H, W) -> unit surface normals float32 (H, W, 3) in camera coordinates (x right, y up, z toward
+    the camera); the zero vector where a normal is undefined.
+
+    Each pixel centre is back-projected with a pinhole of horizontal field of view `fov_deg` and square pixels
+    (the vertical field of view follows from the aspect ratio; equal for square images), looking along -z. The
+    normal is the cross product of the points' differences along the columns and the rows (`_derivative`),
+    turned toward the camera. Depth may carry any global scale (the normals do not change); pixels whose depth
+    is not finite and > 0, or without a valid neighbour along either axis, get the zero vector.
+    """
+    h, w = depth.shape
+    z = depth.double()
+    valid = torch.isfinite(z) & (z > 0)
+    z = torch.where(valid, z, 0.0)
+    focal = (w / 2) / math.tan(math.radians(fov_deg) / 2)  # pixels
+    x = (torch.arange(w, dtype=torch.float64, device=z.device) + 0.5 - w / 2) / focal  # (W,) x / z, right
+    y = (h / 2 - 0.5 - torch.arange(h, dtype=torch.float64, device=z.device)) / focal  # (H,) y / z, up
+    points = torch.stack([x[None, :] * z, y[:, None] * z, -z], dim=-1)  # (H, W, 3)
+    along_cols, ok_cols = _derivative(points, valid, 1)
+    along_rows, ok_rows = _derivative(points, valid, 0)
+    n = torch.linalg.cross(along_cols, along_rows, dim=-1)  # (H, W, 3)
+    n = torch.where((n * points).sum(-1, keepdim=True) > 0, -n, n)  # toward the camera: n . (0 - p) >= 0
+    length = n.norm(dim=-1, keepdim=True)
+    defined = valid & ok_cols & ok_rows & (length[..., 0] > 0)
+    return torch.where(defined[..., None], n / length.clamp_min(1e-300), 0.0).float()
+
+
+def depth_for_normals(depth: torch.Tensor, meaning: str) -> torch.Tensor:
+    """A depth teacher's output (H, W) of `meaning` -> depth up to a global scale (larger = farther).
+
+    Metric and relative depth pass as they are (normals ignore the scale); inverse relative depth (MiDaS-style
+    disparity) is inverted by the trainer's own rule, `multimae.train.data.to_depth_space`.
+    """
+    return torch.from_numpy(to_depth_space(depth.cpu().numpy(), meaning, "depth"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the teachers
 
 
 class Teacher:
     """One pseudo-labeling teacher: a transformers model, its image processor and batched post-processing.
 
+    The common part of every kind: pre-processing by the model's processor, the forward pass under autocast on
+    the teacher's device, and `__call__` from uint8 images to labels at the images' sizes. A subclass per kind
+    turns model outputs into labels (`forward`, `postprocess`); `TEACHERS` maps each kind to its class.
+
     Attributes:
-        modality: output modality name in the shard set (e.g. "depth", "semseg").
-        kind: "depth" or "semseg".
-        classes: semseg class names from ``model.config.id2label`` (index = class id); None for depth.
-        meaning: depth meaning ("inverse_relative" | "relative" | "metric_m"); None for semseg.
+        kind: the modality kind it labels (a key of `TEACHERS`).
+        modality: output modality name in the shard set (e.g. "depth", "semseg_m2f").
+        classes: semseg class names from ``model.config.id2label`` (index = class id); None for other kinds.
+        meaning: the manifest meaning of its output where the kind has several (depth: "inverse_relative" |
+            "relative" | "metric_m"; normals: "camera_normals"); None for semseg.
         producer: provenance for the manifest (model, revision or weights_sha256, resolution, dtype, meaning,
-            library).
+            library, ...).
+        dtype_reason: why it runs in its dtype (shown by the job's first progress line).
     """
+
+    kind: str = ""
+    classes: list[str] | None = None
 
     def __init__(
         self,
-        kind: str,
         model: torch.nn.Module,
         processor: Any,
         *,
@@ -188,8 +265,8 @@ class Teacher:
         dtype: torch.dtype,
         meaning: str | None,
         producer: dict,
+        dtype_reason: str = "",
     ) -> None:
-        self.kind = kind
         self.model = model.eval().to(device)
         self.processor = processor
         self.modality = modality
@@ -197,13 +274,20 @@ class Teacher:
         self.dtype = dtype
         self.meaning = meaning
         self.producer = producer
-        config = model.config
-        self.classes = [str(config.id2label[i]) for i in range(len(config.id2label))] if kind == "semseg" else None
-        self._model_type = config.model_type
-        self._universal = kind == "semseg" and config.model_type in MASK_CLASSIFICATION_INTERMEDIATE
+        self.dtype_reason = dtype_reason
+
+    @staticmethod
+    def auto_class(config: Any) -> type:
+        """The transformers auto class that loads this kind's checkpoints of ``config.model_type``."""
+        raise NotImplementedError
+
+    @staticmethod
+    def meaning_of(config: Any, model: str) -> str | None:
+        """The `meaning` a checkpoint's labels have (read from its config); None where the kind has one."""
+        return None
 
     def __repr__(self) -> str:
-        return f"Teacher(kind={self.kind!r}, modality={self.modality!r}, model={self.producer['model']!r})"
+        return f"{type(self).__name__}(modality={self.modality!r}, model={self.producer['model']!r})"
 
     def preprocess(self, images: list[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
         """Run the model's image processor on the teacher's device.
@@ -226,33 +310,51 @@ class Teacher:
             tensors.append(pixel_values)
         return [(indices, torch.cat(tensors)) for indices, tensors in batches.values()]
 
-    def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Model outputs at the working resolution as float32: {"depth": (n, 1, h, w)}, {"logits": (n, K, h, w)}
-        or, for mask classification, {"class_logits": (n, Q, K+1), "mask_logits": (n, Q, h, w)}."""
+    def run_model(self, pixel_values: torch.Tensor) -> Any:
+        """The model's raw output on pixel values (n, 3, h, w), under autocast in the teacher's dtype."""
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            out = self.model(pixel_values=pixel_values.to(self.device))
-        if self.kind == "depth":
-            return {"depth": out.predicted_depth.float().unsqueeze(1)}
-        if self._universal:
-            return {"class_logits": out.class_queries_logits.float(), "mask_logits": out.masks_queries_logits.float()}
-        return {"logits": out.logits.float()}
+            return self.model(pixel_values=pixel_values.to(self.device))
+
+    def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Model outputs at the working resolution as float32 tensors (per kind)."""
+        raise NotImplementedError
 
     def postprocess(self, out: dict[str, torch.Tensor], sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
-        """outputs of ``forward()`` -> per image depth float32 (H, W) or class ids int64 (H, W) at ``sizes``."""
-        if self.kind == "semseg":
-            if "logits" in out:
-                per_image = resize_to_sizes(out["logits"], sizes, "bilinear")
-            elif (intermediate := MASK_CLASSIFICATION_INTERMEDIATE[self._model_type]) is not None:
-                per_image = group_by_size(
-                    sizes,
-                    lambda idx, size: mask_classification_scores_at(
-                        out["class_logits"][idx], out["mask_logits"][idx], intermediate, size
-                    ),
-                )  # Mask2Former
-            else:  # MaskFormer: scores at the mask resolution, then resized
-                scores = mask_classification_scores(out["class_logits"], out["mask_logits"], None)
-                per_image = resize_to_sizes(scores, sizes, "bilinear")
-            return [s.max(dim=0).indices for s in per_image]  # == argmax (first maximum), faster on CPU
+        """Outputs of ``forward()`` -> one label per image at ``sizes`` (per kind)."""
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def __call__(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """images: uint8 (H_i, W_i, 3) tensors (sizes may differ). Returns one label per image, on the CPU and at
+        the input size: depth float32 (H_i, W_i) in the teacher's units, semseg class ids int64 (H_i, W_i), or
+        normals float32 (H_i, W_i, 3)."""
+        outputs: list[torch.Tensor] = [torch.empty(0)] * len(images)
+        for indices, pixel_values in self.preprocess(images):
+            sizes = [tuple(images[i].shape[:2]) for i in indices]
+            for i, label in zip(indices, self.postprocess(self.forward(pixel_values), sizes)):
+                outputs[i] = label.cpu()
+        return outputs
+
+
+class DepthTeacher(Teacher):
+    """Any ``AutoModelForDepthEstimation``; labels are depth float32 (H, W) in the teacher's units (`meaning`)."""
+
+    kind = "depth"
+
+    @staticmethod
+    def auto_class(config: Any) -> type:
+        return AutoModelForDepthEstimation
+
+    @staticmethod
+    def meaning_of(config: Any, model: str) -> str | None:
+        return _depth_meaning(config, model)
+
+    def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"depth": (n, 1, h, w)} at the working resolution."""
+        return {"depth": self.run_model(pixel_values).predicted_depth.float().unsqueeze(1)}
+
+    def postprocess(self, out: dict[str, torch.Tensor], sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Depth float32 (H, W) per image at ``sizes``, resized as the processor's post-processing does."""
         depth = out["depth"]
         mode = DEPTH_RESIZE_MODE.get(type(self.processor).__name__)
         if mode is not None:
@@ -263,16 +365,101 @@ class Teacher:
         )
         return [r["predicted_depth"].float().reshape(size) for r, size in zip(results, sizes)]
 
-    @torch.inference_mode()
-    def __call__(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
-        """images: uint8 (H_i, W_i, 3) tensors (sizes may differ). Returns per image, on the CPU and at the input
-        size: depth float32 (H_i, W_i) in the teacher's units, or semseg class ids int64 (H_i, W_i)."""
-        outputs: list[torch.Tensor] = [torch.empty(0)] * len(images)
-        for indices, pixel_values in self.preprocess(images):
-            sizes = [tuple(images[i].shape[:2]) for i in indices]
-            for i, label in zip(indices, self.postprocess(self.forward(pixel_values), sizes)):
-                outputs[i] = label.cpu()
-        return outputs
+
+class SemsegTeacher(Teacher):
+    """Mask-classification models (Mask2Former, MaskFormer) or any ``AutoModelForSemanticSegmentation``; labels
+    are class ids int64 (H, W) into `classes`."""
+
+    kind = "semseg"
+
+    def __init__(self, model: torch.nn.Module, processor: Any, **kw: Any) -> None:
+        super().__init__(model, processor, **kw)
+        config = model.config
+        self.classes = [str(config.id2label[i]) for i in range(len(config.id2label))]
+        self._model_type = config.model_type
+        self._universal = config.model_type in MASK_CLASSIFICATION_INTERMEDIATE
+
+    @staticmethod
+    def auto_class(config: Any) -> type:
+        if config.model_type in MASK_CLASSIFICATION_INTERMEDIATE:
+            return AutoModelForUniversalSegmentation
+        return AutoModelForSemanticSegmentation
+
+    def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"logits": (n, K, h, w)} or, for mask classification, {"class_logits": (n, Q, K+1), "mask_logits":
+        (n, Q, h, w)}."""
+        out = self.run_model(pixel_values)
+        if self._universal:
+            return {"class_logits": out.class_queries_logits.float(), "mask_logits": out.masks_queries_logits.float()}
+        return {"logits": out.logits.float()}
+
+    def postprocess(self, out: dict[str, torch.Tensor], sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Class ids int64 (H, W) per image at ``sizes``: class scores upsampled bilinearly, then argmax."""
+        if "logits" in out:
+            per_image = resize_to_sizes(out["logits"], sizes, "bilinear")
+        elif (intermediate := MASK_CLASSIFICATION_INTERMEDIATE[self._model_type]) is not None:
+            per_image = group_by_size(
+                sizes,
+                lambda idx, size: mask_classification_scores_at(
+                    out["class_logits"][idx], out["mask_logits"][idx], intermediate, size
+                ),
+            )  # Mask2Former
+        else:  # MaskFormer: scores at the mask resolution, then resized
+            scores = mask_classification_scores(out["class_logits"], out["mask_logits"], None)
+            per_image = resize_to_sizes(scores, sizes, "bilinear")
+        return [s.max(dim=0).indices for s in per_image]  # == argmax (first maximum), faster on CPU
+
+
+class NormalsTeacher(Teacher):
+    """Surface normals derived from a depth teacher's output; labels are float32 (H, W, 3) unit vectors in camera
+    coordinates (x right, y up, z toward the camera), the zero vector where undefined.
+
+    Camera: a pinhole at the image centre with square pixels and a horizontal field of view of `fov_deg`
+    (default 60 degrees; the vertical one follows from the aspect ratio, equal for square images). RGB images
+    carry no intrinsics, so the angle is an assumption: a wrong one bends every normal off the optical axis (the
+    cost on the synthetic scenes is in quality.json).
+
+    Depth space: normals do not depend on a global depth scale, so metric and relative depth are used as they
+    are; inverse relative depth (MiDaS / DPT-Hybrid disparity) is turned into depth first with the trainer's
+    rule, 1 / max(d, 0.01 * max d) per image (`multimae.train.data.to_depth_space`). Disparity known only up to
+    a shift as well stays approximate.
+
+    It runs its depth teacher's model (the same object: sharing one with a job's depth output costs no second
+    network); `from_depth` turns depth maps that teacher made into normals.
+    """
+
+    kind = "normals"
+
+    def __init__(self, depth: DepthTeacher, *, fov_deg: float | None = None, modality: str = "normals") -> None:
+        fov_deg = DEFAULT_FOV_DEG if fov_deg is None else float(fov_deg)
+        if not 0 < fov_deg < 180:
+            raise ValueError(f"normals teacher: fov_deg must be in (0, 180) degrees, got {fov_deg}")
+        producer = {**depth.producer, "meaning": "camera_normals", "depth_meaning": depth.meaning, "fov_deg": fov_deg}
+        super().__init__(
+            depth.model,
+            depth.processor,
+            modality=modality,
+            device=depth.device,
+            dtype=depth.dtype,
+            meaning="camera_normals",
+            producer=producer,
+            dtype_reason=depth.dtype_reason,
+        )
+        self.depth, self.fov_deg = depth, fov_deg
+
+    def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.depth.forward(pixel_values)
+
+    def postprocess(self, out: dict[str, torch.Tensor], sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        return self.from_depth(self.depth.postprocess(out, sizes))
+
+    def from_depth(self, depths: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Depth maps (H_i, W_i) of the depth teacher -> normals float32 (H_i, W_i, 3) on the CPU."""
+        return [normals_from_depth(depth_for_normals(d, self.depth.meaning), self.fov_deg) for d in depths]
+
+
+TEACHERS: dict[str, type[Teacher]] = {cls.kind: cls for cls in (DepthTeacher, SemsegTeacher, NormalsTeacher)}
+KINDS = tuple(TEACHERS)  # the labelable kinds: those with a teacher class
 
 
 def _check_image(image: Any, index: int) -> None:
@@ -293,39 +480,42 @@ def load_teacher(
     dtype: str | None = None,
     resolution: int | tuple[int, int] | None = None,
     modality: str | None = None,
+    fov_deg: float | None = None,
 ) -> Teacher:
     """Load a teacher from a local folder (``save_pretrained`` layout) or the local Hugging Face cache.
 
     Args:
-        kind: "depth" or "semseg".
+        kind: a key of `TEACHERS`: "depth", "semseg" or "normals" (normals run a depth model).
         model: local folder or Hugging Face model id (resolved from the local cache only).
         device: torch device string, e.g. "cpu", "cuda", "cuda:1".
         dtype: "float32" | "bfloat16" | "float16" (autocast); default (None): bfloat16 where the device has bf16
             matrix units (GPUs, CPUs with AMX / AVX512-BF16; see multimae.precision), float32 elsewhere.
         resolution: working resolution (h, w) or a square side, overriding the processor's size.
         modality: output modality name; defaults to ``kind``.
+        fov_deg: normals only: the horizontal field of view of the assumed pinhole (default `DEFAULT_FOV_DEG`).
 
     Raises:
         TeacherNotFoundError: the folder / cached id lacks the config or the weights.
-        ValueError: bad kind / dtype / resolution, or a checkpoint that is not a ``kind`` model.
+        ValueError: bad kind / dtype / resolution / fov_deg, or a checkpoint that is not a ``kind`` model.
     """
-    if kind not in KINDS:
+    if kind not in TEACHERS:
         raise ValueError(f"unknown teacher kind {kind!r}; expected one of {KINDS}")
+    if kind == NormalsTeacher.kind:  # a depth teacher of the same model, its output turned into normals
+        depth = load_teacher("depth", model, device=device, dtype=dtype, resolution=resolution)
+        assert isinstance(depth, DepthTeacher)
+        return NormalsTeacher(depth, fov_deg=fov_deg, modality=modality or kind)
+    if fov_deg is not None:
+        raise ValueError(f"fov_deg is a setting of normals teachers, not of {kind} teachers")
+    cls = TEACHERS[kind]
     torch_device = torch.device(device)
     torch_dtype, dtype_reason = _resolve_dtype(dtype, torch_device)
     source, provenance = _locate(kind, model)
 
     config = AutoConfig.from_pretrained(source, local_files_only=True)
-    if kind == "depth":
-        auto_cls = AutoModelForDepthEstimation
-    elif config.model_type in MASK_CLASSIFICATION_INTERMEDIATE:
-        auto_cls = AutoModelForUniversalSegmentation
-    else:
-        auto_cls = AutoModelForSemanticSegmentation
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # no "Loading weights" bar per actor
     try:
-        net, info = auto_cls.from_pretrained(source, local_files_only=True, output_loading_info=True)
+        net, info = cls.auto_class(config).from_pretrained(source, local_files_only=True, output_loading_info=True)
         processor = AutoImageProcessor.from_pretrained(source, local_files_only=True, **_size_override(resolution))
     except OSError as err:
         raise TeacherNotFoundError(f"{kind} teacher {model!r}: {err}\n{_HOW_TO_GET_WEIGHTS}") from err
@@ -348,7 +538,7 @@ def load_teacher(
     plain_vit_dpt = config.model_type == "dpt" and not config.is_hybrid and config.backbone_config is None
     if plain_vit_dpt and resolution is not None and len(set(_resolution_of(processor))) != 1:
         raise ValueError(f"{kind} teacher {model!r}: a plain ViT DPT needs a square resolution, got {resolution!r}")
-    meaning = _depth_meaning(config, model) if kind == "depth" else None
+    meaning = cls.meaning_of(config, model)
     producer = {
         "model": model,
         **provenance,
@@ -359,8 +549,7 @@ def load_teacher(
         "architecture": type(net).__name__,
         "trained_on": getattr(config, "trained_on", None),  # a narrow training domain, when the model declares one
     }
-    teacher = Teacher(
-        kind,
+    return cls(
         net,
         processor,
         modality=modality or kind,
@@ -368,9 +557,8 @@ def load_teacher(
         dtype=torch_dtype,
         meaning=meaning,
         producer=producer,
+        dtype_reason=dtype_reason,
     )
-    teacher.dtype_reason = dtype_reason
-    return teacher
 
 
 _HOW_TO_GET_WEIGHTS = (

@@ -12,11 +12,13 @@ synthetic source's exact ground truth and saved with ``save_pretrained`` (weight
 Training scenes come from ``TRAIN_SEED``; the held-out evaluation uses ``EVAL_SEED``. The evaluation loads the
 saved folders with ``load_teacher`` (the path real checkpoints take) and writes ``quality.json``: depth AbsRel and
 delta1 after per-image scale-and-shift alignment against the mean-depth baseline, semseg mIoU against the
-majority-class baseline.
+majority-class baseline, and the normals teacher (normals derived from synthetic-dpt's depth, nothing trained)
+against ``normals_gt``: angle errors at the shipped ``fov_deg``, at each scene's true field of view, and of a
+camera-facing baseline.
 
     python -m labeling.train_teachers --only depth --steps 1200 --scenes 1024      # the shipped synthetic-dpt
     python -m labeling.train_teachers --only semseg --semseg-steps 3000 --scenes 2048  # shipped synthetic-mask2former
-    python -m labeling.train_teachers --evaluate-only    # re-score both (quality.json, with bf16 vs float32 agreement)
+    python -m labeling.train_teachers --evaluate-only    # re-score all (quality.json, with bf16 vs float32 agreement)
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ from transformers import (
     Mask2FormerImageProcessor,
 )
 
-from labeling.teachers import load_teacher
+from labeling.teachers import NormalsTeacher, depth_for_normals, load_teacher, normals_from_depth
 from multimae import metrics
-from shards.synthetic import SEMSEG_CLASSES, render_scene
+from shards.synthetic import SEMSEG_CLASSES, render_scene, sample_scene
 
 TRAIN_SEED = 1001  # training scenes: render_scene(TRAIN_SEED, i)
 EVAL_SEED = 7  # held-out scenes: render_scene(EVAL_SEED, i); never used for training
@@ -115,19 +117,24 @@ def _render(args: tuple[int, int]) -> dict:
     return render_scene(*args, size=SCENE_SIZE)
 
 
-def render_scenes(seed: int, count: int, workers: int = 1) -> dict[str, torch.Tensor]:
-    """Render scenes (seed, 0..count-1) -> rgb (N, S, S, 3) uint8, depth (N, S, S) float32, semseg (N, S, S) int64."""
+def render_scenes(seed: int, count: int, workers: int = 1, normals: bool = False) -> dict[str, torch.Tensor]:
+    """Render scenes (seed, 0..count-1) -> rgb (N, S, S, 3) uint8, depth (N, S, S) float32, semseg (N, S, S) int64;
+    with `normals` also normals (N, S, S, 3) float32 and each camera's field of view fov_deg (N,) float64."""
     jobs = [(seed, i) for i in range(count)]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             scenes = list(pool.map(_render, jobs, chunksize=16))
     else:
         scenes = [_render(job) for job in jobs]
-    return {
+    data = {
         "rgb": torch.from_numpy(np.stack([s["rgb"] for s in scenes])),
         "depth": torch.from_numpy(np.stack([s["depth_gt"] for s in scenes])),
         "semseg": torch.from_numpy(np.stack([s["semseg_gt"] for s in scenes]).astype(np.int64)),
     }
+    if normals:  # held-out scoring only: training never reads them
+        data["normals"] = torch.from_numpy(np.stack([s["normals_gt"] for s in scenes]))
+        data["fov_deg"] = torch.tensor([math.degrees(sample_scene(seed, i).camera.fov) for i in range(count)])
+    return data
 
 
 def _batch(data: dict[str, torch.Tensor], size: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -248,6 +255,19 @@ def miou(preds: list[torch.Tensor], gts: list[torch.Tensor], num_classes: int) -
     return metrics.segmentation_scores(confusion)["mIoU"]
 
 
+def normals_scores(preds: list[torch.Tensor], gts: list[torch.Tensor]) -> dict[str, float]:
+    """Angle errors pooled over every valid pixel (multimae.metrics); preds, gts: (H, W, 3) each.
+
+    mean_angle_deg, median_angle_deg, and within_11.25 / within_22.5 / within_30 in percent of the valid pixels.
+    """
+    sums = sum(
+        metrics.normal_sums(metrics.angular_errors_deg(p.permute(2, 0, 1)[None], g.permute(2, 0, 1)[None]))
+        for p, g in zip(preds, gts)
+    )
+    scores = metrics.normal_scores(sums)
+    return {k: 100 * v if k.startswith("within_") else v for k, v in scores.items()}
+
+
 def label_all(teacher, images: list[torch.Tensor], batch: int = 32) -> list[torch.Tensor]:
     return [out for i in range(0, len(images), batch) for out in teacher(images[i : i + batch])]
 
@@ -276,6 +296,12 @@ def evaluate(teachers_dir: Path, eval_data: dict[str, torch.Tensor], majority_cl
     gt_depth, gt_seg = list(eval_data["depth"]), list(eval_data["semseg"])
     pred_depth = label_all(load_teacher("depth", str(teachers_dir / DEPTH_DIR), dtype="float32"), images)
     pred_seg = label_all(load_teacher("semseg", str(teachers_dir / SEMSEG_DIR), dtype="float32"), images)
+    normals = load_teacher("normals", str(teachers_dir / DEPTH_DIR), dtype="float32")
+    assert isinstance(normals, NormalsTeacher)
+    gt_normals = list(eval_data["normals"])
+    camera_facing = [torch.zeros_like(g) + torch.tensor([0.0, 0.0, 1.0]) for g in gt_normals]
+    depth_space = [depth_for_normals(d, normals.depth.meaning) for d in pred_depth]
+    true_fov = [float(f) for f in eval_data["fov_deg"]]
     mean_depth = [torch.full_like(g, g.mean().item()) for g in gt_depth]  # best constant after alignment
     majority = [torch.full_like(g, majority_class) for g in gt_seg]
     k = len(SEMSEG_CLASSES)
@@ -293,6 +319,21 @@ def evaluate(teachers_dir: Path, eval_data: dict[str, torch.Tensor], majority_cl
             "majority_baseline_miou": miou(majority, gt_seg, k),
             "teacher_pixel_acc": float(np.mean([(p == g).float().mean().item() for p, g in zip(pred_seg, gt_seg)])),
             "majority_class": SEMSEG_CLASSES[majority_class],
+        },
+        "normals": {
+            "metrics": "angle to normals_gt, pooled over pixels; within_* in percent of the valid pixels",
+            "fov_deg": normals.fov_deg,  # what the teacher assumes (the cameras have 45-75 degrees)
+            "teacher": normals_scores(label_all(normals, images), gt_normals),
+            # the same depth back-projected with each scene's real field of view: the cost of the assumption
+            "teacher_true_fov": normals_scores(
+                [normals_from_depth(d, f) for d, f in zip(depth_space, true_fov)], gt_normals
+            ),
+            # exact depth_gt: what finite differences lose (object edges), then also the fov assumption
+            "depth_gt_true_fov": normals_scores(
+                [normals_from_depth(d, f) for d, f in zip(gt_depth, true_fov)], gt_normals
+            ),
+            "depth_gt": normals_scores([normals_from_depth(d, normals.fov_deg) for d in gt_depth], gt_normals),
+            "camera_facing_baseline": normals_scores(camera_facing, gt_normals),
         },
         "bf16_agreement": bf16_agreement(teachers_dir, images),
     }
@@ -314,6 +355,20 @@ def print_quality(q: dict) -> None:
     print(f"{'model':<34}{'mIoU':>8}")
     print(f"{'semseg teacher':<34}{s['teacher_miou']:8.3f}")
     print(f"{'majority-class baseline (' + s['majority_class'] + ')':<34}{s['majority_baseline_miou']:8.3f}")
+    n = q.get("normals")
+    if n:
+        columns = ("mean_angle_deg", "median_angle_deg", "within_11.25", "within_22.5", "within_30")
+        print(f"{'normals (angles in deg, within in %)':<34}" + "".join(f"{c.split('_')[0]:>8}" for c in columns[:2])
+              + "".join(f"{'<' + c.split('_')[1]:>8}" for c in columns[2:]))  # fmt: skip
+        rows = {
+            f"normals teacher (fov {n['fov_deg']:g} assumed)": "teacher",
+            "normals teacher, true fov": "teacher_true_fov",
+            "depth_gt, true fov": "depth_gt_true_fov",
+            f"depth_gt (fov {n['fov_deg']:g} assumed)": "depth_gt",
+            "camera-facing baseline": "camera_facing_baseline",
+        }
+        for label, key in rows.items():
+            print(f"{label:<34}" + "".join(f"{n[key][c]:8.1f}" for c in columns))
     b = q.get("bf16_agreement")
     if b:
         print(
@@ -360,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     scenes = 64 if args.evaluate_only else args.scenes  # for the majority class only
     print(f"rendering {scenes} training + {args.eval_scenes} held-out scenes (seeds {TRAIN_SEED}, {EVAL_SEED})")
     train = render_scenes(TRAIN_SEED, scenes, args.workers)
-    held_out = render_scenes(EVAL_SEED, args.eval_scenes, args.workers)
+    held_out = render_scenes(EVAL_SEED, args.eval_scenes, args.workers, normals=True)
     majority_class = int(torch.bincount(train["semseg"].flatten(), minlength=len(SEMSEG_CLASSES)).argmax())
     print(f"rendered in {time.time() - t0:.0f} s")
     common = {"train_seed": TRAIN_SEED, "train_scenes": args.scenes, "batch": args.batch, "device": str(device)}

@@ -101,18 +101,38 @@ def build(cls: type[T], data: Any, prefix: str = "", *, check: bool = True) -> T
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {_describe(data)}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in names]
+    fields = {field_key(f): f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
     if unknown:
         key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
-        raise ConfigError(f"{key}: unknown key (known{' in ' + prefix if prefix else ''}: {', '.join(names)})")
-    obj = cls(**{k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k, check) for k, v in data.items()})
+        raise ConfigError(f"{key}: unknown key (known{' in ' + prefix if prefix else ''}: {', '.join(fields)})")
+    values = {
+        fields[k]: _convert(v, hints[fields[k]], f"{prefix}.{k}" if prefix else k, check) for k, v in data.items()
+    }
+    obj = cls(**values)
     if check and hasattr(obj, "check"):
         try:
             obj.check()
         except ConfigError as e:
             raise ConfigError(f"{prefix}.{e}" if prefix else str(e)) from None
     return obj
+
+
+def field_key(f: dataclasses.Field) -> str:
+    """A field's key in YAML and overrides: its name, or `metadata["key"]` where the key cannot be a Python name
+    (`field(default=None, metadata={"key": "from"})` reads `from:` into the field)."""
+    return f.metadata.get("key", f.name)
+
+
+def to_data(obj: Any) -> Any:
+    """A config as plain data under its YAML keys (`dataclasses.asdict`, with `field_key` names)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {field_key(f): to_data(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list | tuple):
+        return [to_data(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_data(v) for k, v in obj.items()}
+    return copy.deepcopy(obj)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -168,7 +188,7 @@ def load_config(cls: type[T], path: str | None, overrides: list[str] | tuple[str
     """
     source = path or "defaults"
     try:
-        data = dataclasses.asdict(build(cls, read_yaml(path, section) if path else {}, check=False))
+        data = to_data(build(cls, read_yaml(path, section) if path else {}, check=False))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
     stages = [(source, copy.deepcopy(data))]
@@ -176,7 +196,7 @@ def load_config(cls: type[T], path: str | None, overrides: list[str] | tuple[str
         keys, value = parse_override(text)
         try:
             set_key(data, keys, value)
-            data = dataclasses.asdict(build(cls, data, check=False))
+            data = to_data(build(cls, data, check=False))
         except ConfigError as e:
             raise ConfigError(f"override {text!r}: {e}") from None
         stages.append((f"override {text!r}", copy.deepcopy(data)))
@@ -197,4 +217,4 @@ def load_config(cls: type[T], path: str | None, overrides: list[str] | tuple[str
 
 def to_yaml(obj: Any) -> str:
     """A dataclass config as YAML (what `--print-config` shows)."""
-    return yaml.safe_dump(dataclasses.asdict(obj), sort_keys=False, default_flow_style=None, width=100)
+    return yaml.safe_dump(to_data(obj), sort_keys=False, default_flow_style=None, width=100)

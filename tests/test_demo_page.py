@@ -253,10 +253,15 @@ def test_teachers_that_do_not_fit_the_model_are_named(model, teachers):
         check_teachers(model, {"semseg": teachers["semseg"]})
 
 
-def test_teachers_of_a_labeling_config(model, teachers):
+def test_teachers_of_a_labeling_config(model, teachers, tmp_path):
     shipped = load_teachers(os.path.join(ROOT, "pipelines", "pseudolabel.yaml"))  # model: default
-    assert {k: t.producer["model"] for k, t in shipped.items()} == {k: t.producer["model"] for k, t in teachers.items()}
+    assert {k: t.producer["model"] for k, t in shipped.items()} == {k: teachers[k].producer["model"] for k in shipped}
+    assert set(shipped) == {"depth", "semseg"} and set(teachers) == {"depth", "semseg", "normals"}
     check_teachers(model, shipped)
+    with_normals = tmp_path / "with-normals.yaml"
+    with_normals.write_text("teachers:\n  depth: {model: default}\n  normals_dpt: {from: depth, fov_deg: 50}\n")
+    both = load_teachers(str(with_normals))
+    assert both["normals"].depth is both["depth"] and both["normals"].fov_deg == 50.0  # one depth network
 
 
 def test_cli_start_up_errors_are_one_line_exit_2(run_dir, tmp_path, capsys):
@@ -410,7 +415,7 @@ def test_page_renders_in_a_real_browser(server, tmp_path):
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 1000  # rendered pictures, not a blank page
 
 
-def test_a_model_with_normals_gets_normals_rows(tmp_path):
+def test_a_model_with_normals_gets_normals_rows(tmp_path, teachers):
     """A run pre-trained on rgb + normals_gt: the page feeds the scene's exact normals and draws their rows."""
     data = str(tmp_path / "data")
     build(synthetic_source(16, size=64, seed=4, normals=True), data, shard_size=8, progress=False)
@@ -433,3 +438,11 @@ def test_a_model_with_normals_gets_normals_rows(tmp_path):
     pics = pictures(model, pred)
     assert {"normals input", "normals prediction", "normals target"} <= set(pics)
     assert pics["normals target"].shape == (256, 256, 3) and pics["normals target"].std() > 0
+    # the shipped normals teacher turns the shipped depth teacher's depth map into normals: one depth network
+    check_teachers(model, teachers)
+    labels = model_inputs(sample, teachers)
+    assert teachers["normals"].depth is teachers["depth"]
+    again = teachers["normals"].from_depth([torch.from_numpy(labels["depth"])])[0].numpy()
+    np.testing.assert_array_equal(labels["normals"], again)
+    norms = np.linalg.norm(labels["normals"], axis=-1)
+    assert labels["normals"].shape == (128, 128, 3) and np.allclose(norms[norms > 0], 1.0, atol=1e-5)

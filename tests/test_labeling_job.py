@@ -80,10 +80,10 @@ def config(data: Path, **kw) -> LabelConfig:
     return cfg
 
 
-def output_files(root: Path) -> dict[str, bytes]:
+def output_files(root: Path, mods: tuple[str, ...] = OUT_MODS) -> dict[str, bytes]:
     """Every output tar, and every stats json without its duration, by relative path."""
     files = {}
-    for mod in OUT_MODS:
+    for mod in mods:
         for p in sorted((root / mod).iterdir()):
             data = p.read_bytes()
             if p.suffix == ".json":
@@ -152,6 +152,50 @@ def test_end_to_end_aligned_outputs(reference, rgb_set):
         # a pseudo-label is informative: depth varies and more than one class is predicted somewhere
         assert np.std(np.stack([x["depth"][:48] for x in samples])) > 0
         assert len(np.unique(np.concatenate([x["semseg"].ravel() for x in samples]))) > 1
+
+
+def test_normals_from_the_depth_teacher_are_aligned_and_resumable(ray_local, tmp_path):
+    """Depth and normals from one depth teacher: normals decode, match the rgb keys and images, pass verify; a
+    lost normals shard is re-made byte-identically (its depth now computed for the normals alone), depth untouched."""
+    import torch
+
+    from labeling.teachers import DEFAULT_TEACHERS, load_teacher
+
+    data = tmp_path / "data"
+    keys = make_rgb_set(data, shards=2, per_shard=12)
+    cfg = load_config(
+        str(REPO / "pipelines" / "pseudolabel.yaml"),
+        [f"input={data}", "progress=false", "actors=1", "batch_size=8", "teachers.semseg=null",
+         "teachers.depth.dtype=float32", "teachers.normals.from=depth"],
+    )  # fmt: skip
+    summary = run(cfg)
+    assert summary["manifest_updated"] and summary["samples_labeled"] == 24 and summary["shards_failed"] == {}
+    verify = subprocess.run([str(BIN / "multimae-shard"), "verify", str(data)], capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    entry = read_manifest(str(data))["modalities"]["normals"]
+    producer = entry["producer"]
+    assert (entry["kind"], entry["meaning"], producer["fov_deg"], producer["depth_meaning"]) == (
+        "normals", "camera_normals", 60.0, "metric_m",
+    )  # fmt: skip
+    teacher = load_teacher("normals", DEFAULT_TEACHERS["depth"], dtype="float32")
+    for s_idx, shard_keys in enumerate(keys):
+        samples = list(iter_shard(str(data), shard_name(s_idx), ["rgb", "depth", "normals"]))
+        assert [x["__key__"] for x in samples] == shard_keys
+        expected = teacher([torch.from_numpy(x["rgb"].copy()) for x in samples])
+        for x, want in zip(samples, expected):
+            n = x["normals"]
+            assert n.shape == (*x["rgb"].shape[:2], 3) and n.dtype == np.float32
+            length = np.linalg.norm(n, axis=-1)
+            assert ((np.abs(length - 1) < 1e-3) | (length == 0)).all() and (length > 0).mean() > 0.99
+            # the normals of this very image, up to 8-bit storage (about half a degree)
+            angle = np.degrees(np.arccos(np.clip((n * want.numpy()).sum(-1), -1, 1)))
+            assert angle[length > 0].mean() < 1.0
+    before = output_files(data, ("depth", "normals"))
+    (data / "normals" / "shard-000001.json").unlink()
+    (data / "normals" / "shard-000001.tar").unlink()
+    summary = run(cfg)
+    assert summary["shards_labeled"] == 1 and summary["shards_already_complete"] == 1
+    assert output_files(data, ("depth", "normals")) == before
 
 
 def test_rerun_skips_committed_shards_and_redoes_only_missing(reference, tmp_path):

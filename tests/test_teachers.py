@@ -232,7 +232,7 @@ def test_missing_weights_errors(tmp_path):
 
 def test_bad_kind_and_inputs(loaded):
     with pytest.raises(ValueError, match="unknown teacher kind"):
-        load_teacher("normals", DEFAULT_TEACHERS["depth"])
+        load_teacher("rgb", DEFAULT_TEACHERS["depth"])  # a modality kind without a teacher class
     with pytest.raises(ValueError, match="cannot be loaded as semseg|is it a semseg model"):
         load_teacher("semseg", DEFAULT_TEACHERS["depth"])
     with pytest.raises(ValueError, match="image 1: expected a uint8 tensor"):

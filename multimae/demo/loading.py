@@ -219,24 +219,34 @@ def _stamp(path: str) -> tuple[int, int, int] | None:
 
 
 def load_teachers(config: str | None = None, device: str = "cpu") -> dict[str, Teacher]:
-    """One teacher per kind (depth, semseg, ...): the shipped small ones, or those of a labeling config.
+    """One teacher per kind (depth, semseg, normals): the shipped small ones, or those of a labeling config.
 
-    With a labeling config (e.g. pipelines/pseudolabel.yaml) its teachers load as the labeling job loads them
-    (`resolve_model`, resolution, dtype); where it has two teachers of one kind, the first serves.
+    The shipped normals teacher derives normals from the shipped depth teacher (the same network: the page turns
+    one depth map into both). With a labeling config (e.g. pipelines/pseudolabel.yaml) its teachers load as the
+    labeling job loads them (`resolve_model`, resolution, dtype, `from`, `fov_deg`); where it has two teachers of
+    one kind, the first serves.
     """
-    from labeling.teachers import load_teacher
+    from labeling.teachers import NormalsTeacher, load_teacher
 
     if config is None:
-        return {kind: load_teacher(kind, model, device=device) for kind, model in DEFAULT_TEACHERS.items()}
+        teachers = {kind: load_teacher(kind, model, device=device) for kind, model in DEFAULT_TEACHERS.items()}
+        return {**teachers, "normals": NormalsTeacher(teachers["depth"])}
     from labeling.config import load_label_config, resolve_model
 
     cfg = load_label_config(config)
-    teachers: dict[str, Teacher] = {}
+    loaded: dict[str, Teacher] = {}  # by output modality
     for modality, t in cfg.teachers.items():
-        if t.kind not in teachers:
-            teachers[t.kind] = load_teacher(
-                t.kind, resolve_model(t), device=device, dtype=t.dtype, resolution=t.resolution, modality=modality
-            )
+        source = cfg.depth_source(modality)
+        if source is not None and source in loaded:  # normals from a depth teacher of the config: one network
+            loaded[modality] = NormalsTeacher(loaded[source], fov_deg=t.fov_deg, modality=modality)
+            continue
+        kw = {"fov_deg": t.fov_deg} if t.kind == "normals" else {}
+        loaded[modality] = load_teacher(
+            t.kind, resolve_model(t), device=device, dtype=t.dtype, resolution=t.resolution, modality=modality, **kw
+        )
+    teachers: dict[str, Teacher] = {}
+    for modality, teacher in loaded.items():
+        teachers.setdefault(cfg.teachers[modality].kind, teacher)
     return teachers
 
 

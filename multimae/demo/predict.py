@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from labeling.teachers import Teacher
+from labeling.teachers import NormalsTeacher, Teacher
 from multimae.losses import robust_standardize_depth
 from multimae.train.augment import Plan, apply_plan
 from multimae.train.data import denormalize_rgb, normalize_rgb, to_depth_space, to_tensor
@@ -119,9 +119,17 @@ def upload_sample(data: bytes, name: str = "upload", max_pixels: int = MAX_PIXEL
 
 
 def pseudo_labels(rgb: np.ndarray, teachers: Mapping[str, Teacher]) -> dict[str, np.ndarray]:
-    """Run each teacher on one (H, W, 3) uint8 image: {"depth": (H, W) float32, "semseg": (H, W) int64, ...}."""
+    """Run each teacher on one (H, W, 3) uint8 image: {"depth": (H, W) float32, "semseg": (H, W) int64, "normals":
+    (H, W, 3) float32}. A normals teacher derived from the depth teacher turns its depth map into normals (the
+    depth network runs once)."""
     image = torch.from_numpy(np.array(rgb, dtype=np.uint8, order="C"))  # (H, W, 3) uint8, a writable copy
-    return {kind: teacher([image])[0].numpy() for kind, teacher in teachers.items()}
+    out: dict[str, torch.Tensor] = {}
+    for kind, teacher in sorted(teachers.items(), key=lambda item: isinstance(item[1], NormalsTeacher)):
+        if isinstance(teacher, NormalsTeacher) and "depth" in out and teacher.depth is teachers.get("depth"):
+            out[kind] = teacher.from_depth([out["depth"]])[0]
+        else:
+            out[kind] = teacher([image])[0]
+    return {kind: label.numpy() for kind, label in out.items()}
 
 
 def model_inputs(
