@@ -23,7 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import multimae
-from multimae.precision import cpu_bf16_units
+from shards.precision import cpu_bf16_units
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

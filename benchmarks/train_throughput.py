@@ -24,12 +24,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from multimae.precision import cpu_bf16_units  # noqa: E402
 from multimae.train import data as mdata  # noqa: E402
 from multimae.train.config import load_run_config  # noqa: E402
 from multimae.train.distributed import Dist  # noqa: E402
 from multimae.train.engine import forward_loss  # noqa: E402
 from multimae.train.main import setup  # noqa: E402
+from shards.precision import cpu_bf16_units  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = ("float32", "bfloat16")

@@ -43,7 +43,7 @@ from transformers import (
 from transformers.modeling_outputs import DepthEstimatorOutput
 from transformers.utils import logging as hf_logging
 
-from multimae.train.data import to_depth_space  # the trainer's depth-space rule (numpy; no trainer state)
+from shards.depth_space import to_depth_space
 
 TEACHERS_DIR = Path(__file__).parent / "teachers"
 DEFAULT_TEACHERS = {
@@ -225,7 +225,7 @@ def depth_for_normals(depth: torch.Tensor, meaning: str) -> torch.Tensor:
     """A depth teacher's output (H, W) of `meaning` -> depth up to a global scale (larger = farther).
 
     Metric and relative depth pass as they are (normals ignore the scale); inverse relative depth (MiDaS-style
-    disparity) is inverted by the trainer's own rule, `multimae.train.data.to_depth_space`.
+    disparity) is inverted by the trainer's own rule, `shards.depth_space.to_depth_space`.
     """
     return torch.from_numpy(to_depth_space(depth.cpu().numpy(), meaning, "depth"))
 
@@ -421,7 +421,7 @@ class NormalsTeacher(Teacher):
 
     Depth space: normals do not depend on a global depth scale, so metric and relative depth are used as they
     are; inverse relative depth (MiDaS / DPT-Hybrid disparity) is turned into depth first with the trainer's
-    rule, 1 / max(d, 0.01 * max d) per image (`multimae.train.data.to_depth_space`). Disparity known only up to
+    rule, 1 / max(d, 0.01 * max d) per image (`shards.depth_space.to_depth_space`). Disparity known only up to
     a shift as well stays approximate.
 
     It runs its depth teacher's model (the same object: sharing one with a job's depth output costs no second
@@ -489,7 +489,7 @@ def load_teacher(
         model: local folder or Hugging Face model id (resolved from the local cache only).
         device: torch device string, e.g. "cpu", "cuda", "cuda:1".
         dtype: "float32" | "bfloat16" | "float16" (autocast); default (None): bfloat16 where the device has bf16
-            matrix units (GPUs, CPUs with AMX / AVX512-BF16; see multimae.precision), float32 elsewhere.
+            matrix units (GPUs, CPUs with AMX / AVX512-BF16; see shards.precision), float32 elsewhere.
         resolution: working resolution (h, w) or a square side, overriding the processor's size.
         modality: output modality name; defaults to ``kind``.
         fov_deg: normals only: the horizontal field of view of the assumed pinhole (default `DEFAULT_FOV_DEG`).
@@ -605,9 +605,9 @@ def _sha256(files: list[Path]) -> str:
 
 
 def _resolve_dtype(dtype: str | None, device: torch.device) -> tuple[torch.dtype, str]:
-    """(autocast dtype, why): an explicit choice, or bf16 where the device runs it natively (multimae.precision)."""
+    """(autocast dtype, why): an explicit choice, or bf16 where the device runs it natively (shards.precision)."""
     if dtype is None:
-        from multimae.precision import autocast_dtype
+        from shards.precision import autocast_dtype
 
         return autocast_dtype(device, "auto")
     if dtype not in DTYPES:

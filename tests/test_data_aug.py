@@ -203,7 +203,7 @@ def test_mixup_and_cutmix_give_soft_targets_from_timm():
 
 
 def test_inverse_relative_depth_is_inverted_with_a_clip():
-    from multimae.train.data import DISPARITY_CLIP, to_depth_space
+    from shards.depth_space import DISPARITY_CLIP, to_depth_space
 
     disparity = np.array([[4.0, 2.0], [1.0, 0.0]], dtype=np.float32)  # near = large
     depth = to_depth_space(disparity, "inverse_relative", "depth")

@@ -8,11 +8,11 @@ import sys
 import pytest
 import torch
 
-from multimae.precision import autocast_dtype, bf16_feature, cpu_bf16_units
 from multimae.train.config import load_run_config
 from multimae.train.distributed import Dist
 from multimae.train.main import run, setup
 from shards.build import build
+from shards.precision import autocast_dtype, bf16_feature, cpu_bf16_units
 from shards.sources import synthetic_source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -33,7 +33,7 @@ from labeling.teachers import (
     mask_classification_scores_at,
 )
 from labeling.train_teachers import EVAL_SEED, depth_scores, miou, render_scenes
-from multimae.precision import autocast_dtype, dtype_name
+from shards.precision import autocast_dtype, dtype_name
 from shards.synthetic import SEMSEG_CLASSES, render_scene
 
 SIZES = [(128, 128), (96, 128), (128, 128), (160, 200), (64, 80)]  # mixed sizes, two share a size

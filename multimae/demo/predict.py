@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from labeling.teachers import NormalsTeacher, Teacher
 from multimae.losses import robust_standardize_depth
 from multimae.train.augment import Plan, apply_plan
-from multimae.train.data import denormalize_rgb, normalize_rgb, to_depth_space, to_tensor
+from multimae.train.data import denormalize_rgb, normalize_rgb, to_tensor
 from shards import modalities
+from shards.depth_space import to_depth_space
 from shards.images import MAX_PIXELS, BadImage, load_rgb
 from shards.show import DEPTH_CMAP, normals_picture, palette
 from shards.synthetic import GROUND_TRUTH, SEMSEG_CLASSES, render_scene

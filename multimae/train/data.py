@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, default_collate, get_worker_info
 from multimae.losses import robust_standardize_depth
 from shards import format as fmt
 from shards import modalities
+from shards.depth_space import to_depth_space
 
 from .augment import RGB_PAD, ColorAugment, apply_plan, eval_plan, pad_to, train_plan
 
@@ -63,31 +64,6 @@ def map_semseg_labels(ids: torch.Tensor, reduce_zero_label: bool, ignore_index: 
     if not reduce_zero_label:
         return ids
     return torch.where(ids == 0, torch.full_like(ids, ignore_index), ids - 1)
-
-
-#: Depth meanings (manifest) that grow with distance; `inverse_relative` (MiDaS / DPT disparity) shrinks.
-DEPTH_LIKE = ("metric_m", "relative")
-DEPTH_SPACES = ("depth", "inverse_depth")
-#: Inverting disparity: values under this share of the image's largest one are clipped first, so the farthest
-#: pixels come out at 1 / DISPARITY_CLIP = 100x the nearest depth instead of infinity.
-DISPARITY_CLIP = 0.01
-
-
-def to_depth_space(depth: np.ndarray, meaning: str, space: str = "depth") -> np.ndarray:
-    """A depth map (H, W) whose manifest meaning is `meaning`, in `space` ("depth": larger = farther).
-
-    A map already in the space is returned as is (missing pixels, stored as 0, stay 0). Otherwise it is
-    inverted: 1 / max(v, DISPARITY_CLIP * max(v)) per image, up to the unknown scale of relative depth; a map
-    without a positive value becomes all 0 (missing).
-    """
-    if meaning not in DEPTH_LIKE + ("inverse_relative",):
-        raise fmt.FormatError(f"unknown depth meaning {meaning!r} (known: {', '.join(DEPTH_LIKE)}, inverse_relative)")
-    if (meaning in DEPTH_LIKE) == (space == "depth"):
-        return depth
-    top = float(np.max(depth)) if depth.size else 0.0
-    if not top > 0:
-        return np.zeros_like(depth, dtype=np.float32)
-    return (1.0 / np.maximum(depth, DISPARITY_CLIP * top)).astype(np.float32)
 
 
 @dataclass

@@ -19,9 +19,9 @@ import torch
 
 import multimae
 from multimae.model import OBJECTIVE_DEFAULTS
-from multimae.precision import autocast_dtype, dtype_name
 from shards import format as fmt
 from shards import fs, modalities
+from shards.precision import autocast_dtype, dtype_name
 
 from . import checkpoints as ckpt
 from . import data as mdata
