@@ -13,6 +13,13 @@ Per dtype, measured in the same run on the same synthetic shards:
             `pipeline("image-segmentation", subtask="semantic")` on PIL images.
 Prints efficiency = job / bare (target >= 0.85), speedup = job / naive (target >= 3; the naive loop runs in
 float32) and the job's bfloat16 / float32 ratio.
+
+`--null-teachers` measures the host side alone: the actor's per-shard code (read, decode, batch, encode, write,
+commit) with every teacher replaced by a same-shape, near-free computation, in this process; it prints the CPU
+ms per sample of the whole process (every thread) and the samples/s, for the default and for more host threads
+(target <= 4 ms per sample at 256 px, so 8 host cores feed 2000 samples/s to one GPU's teachers).
+
+    python benchmarks/labeling.py --null-teachers --size 256 --num 512
 `--real-size` uses random-weight DPT-Hybrid and Mask2Former Swin-S (COCO panoptic, 133 classes) models
 built from config objects (no download), saved with save_pretrained and loaded like any checkpoint.
 """
@@ -26,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 # `python benchmarks/labeling.py` puts benchmarks/ first on sys.path, where this file would shadow the
 # `labeling` package it measures
@@ -185,6 +193,45 @@ def job_rate(cfg: LabelConfig, names: list[str], args) -> float:
     return args.num / (time.perf_counter() - start)
 
 
+class NullTeacher:
+    """A teacher's stand-in: outputs of the same shapes and dtypes (depth float32 (H, W), class ids int64 (H, W),
+    normals float32 (H, W, 3)) for almost no computation, and the teacher's producer, classes and meaning."""
+
+    def __init__(self, teacher: Any) -> None:
+        self.kind, self.classes, self.producer = teacher.kind, teacher.classes, teacher.producer
+        self.meaning, self.dtype_reason = teacher.meaning, teacher.dtype_reason
+
+    def __call__(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.classes is not None:
+            return [(img[..., 0] // 64).long() for img in images]  # 4 classes
+        if self.kind == "normals":
+            return [torch.nn.functional.normalize(img.float() - 127.5, dim=-1) for img in images]
+        return [img[..., 0].float() + 1.0 for img in images]
+
+
+def null_teacher_cost(work: Path, names: list[str], args) -> dict:
+    """Host CPU ms per sample of the actor's per-shard code with null teachers, per (decode, encode) threads."""
+    out = {}
+    for threads in args.host_threads:
+        cfg = LabelConfig(
+            input=str(work / "data"),
+            batch_size=args.batch_size,
+            progress=False,
+            decode_threads=threads,
+            encode_threads=threads,
+            teachers={m: TeacherConfig(m) for m in ("depth", "semseg")},
+        )
+        labeler = ShardLabeler(cfg, "cpu")
+        labeler.teachers = {m: NullTeacher(t) for m, t in labeler.teachers.items()}
+        labeler.label_shard(names[0], list(labeler.teachers))  # warm-up (rewrites shard 0)
+        cpu, wall = time.process_time(), time.perf_counter()
+        for n in names:
+            labeler.label_shard(n, list(labeler.teachers))
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        out[threads] = {"cpu_ms_per_sample": 1000 * cpu / args.num, "samples_per_s": args.num / wall}
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num", type=int, default=256, help="synthetic scenes to label")
@@ -198,7 +245,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-ray", action="store_true", help="run the actor's per-shard code in this process")
     p.add_argument("--naive-num", type=int, default=32, help="images for the naive pipeline loop (0: skip it)")
     p.add_argument("--json", help="also write the results as JSON here")
+    p.add_argument("--null-teachers", action="store_true", help="the host side alone (see above)")
+    p.add_argument("--host-threads", type=int, nargs="+", default=[1, 2], help="--null-teachers: decode/encode threads")
     args = p.parse_args(argv)
+    if args.null_teachers:
+        work = Path(tempfile.mkdtemp(prefix="bench-label-"))
+        try:
+            names = make_input(work / "data", args.num, args.shard_size, args.size)
+            results = null_teacher_cost(work, names, args)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        print(f"null teachers | {args.num} images {args.size}px | batch {args.batch_size} | in-process, CPU")
+        for threads, r in results.items():
+            print(
+                f"decode/encode threads {threads}: host {r['cpu_ms_per_sample']:.2f} ms CPU per sample "
+                f"(target <= 4), {r['samples_per_s']:.0f} samples/s"
+            )
+        return
 
     work = Path(tempfile.mkdtemp(prefix="bench-label-"))
     results: dict = {}

@@ -75,6 +75,10 @@ class LabelConfig:
     cpus_per_actor: float = 1.0  # Ray CPU resource per actor
     threads_per_actor: int = 1  # torch intra-op threads per CPU actor (fixed for determinism)
     prefetch: int = 2  # decoded batches queued ahead of inference (bounded memory)
+    # host threads of one actor decoding input JPEGs / encoding output PNGs; null: on a GPU, half each of the
+    # node's CPUs per GPU (so the host keeps up with the GPU's teachers), on CPU 1 each (the cores run teachers)
+    decode_threads: int | None = None
+    encode_threads: int | None = None
     max_retries: int = 2  # re-runs of a shard whose actor crashed
     progress: bool = True  # print a line per finished shard
     ray: RayConfig = field(default_factory=RayConfig)
@@ -96,8 +100,8 @@ class LabelConfig:
         return to_data(self)
 
     def check(self) -> None:
-        for key in ("batch_size", "actors", "threads_per_actor", "prefetch"):
-            if getattr(self, key) < 1:
+        for key in ("batch_size", "actors", "threads_per_actor", "prefetch", "decode_threads", "encode_threads"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if self.max_retries < 0:
             raise ConfigError("max_retries: must be >= 0")

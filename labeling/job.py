@@ -3,10 +3,14 @@
 One Ray task per input shard, run by a pool of teacher actors (one per GPU, or `actors` on CPU).
 Inside an actor a shard flows through three overlapped stages:
 
-    reader thread   shards.reader -> (key, decoded uint8 (H, W, 3) tensor | error), batched (bounded queue)
+    reader thread   shards.reader -> (key, decoded uint8 (H, W, 3) tensor | error), batched (bounded queue);
+                    `decode_threads` samples decoded at once
     main thread     every configured teacher on the same decoded batch                      (torch)
-    encoder thread  16-bit depth / 8-bit semseg / RGB normals PNGs -> one ShardWriter per output modality
-                    (in key order)
+    encoder thread  16-bit depth / 8-bit semseg / RGB normals PNGs (`encode_threads` samples at once) -> one
+                    ShardWriter per output modality (in key order)
+
+On a GPU the decode and encode stages default to half each of the node's CPUs per GPU, so one GPU's teachers
+are fed at their own speed; on CPU they get one thread each (the cores run the teachers).
 
 Normals derived from a depth teacher of the same job (`from:`) reuse that teacher's depth of the batch, so
 the depth network runs once for both outputs.
@@ -57,27 +61,58 @@ Sample = tuple[str, "torch.Tensor | None", "str | None"]  # (key, uint8 (H, W, 3
 # --- the work of one actor ------------------------------------------------------------------------
 
 
-def decoded_batches(root: str, name: str, modality: str, batch_size: int) -> Iterator[list[Sample]]:
+def stage_threads(cfg: LabelConfig, device: str) -> tuple[int, int]:
+    """(decode, encode) host threads of one actor: the config's, else on a GPU half each of the node's CPUs per
+    GPU (its teachers run on the GPU; the host's share of cores feeds them), on CPU 1 each (the cores run the
+    teachers themselves)."""
+    share = 1
+    if device.startswith("cuda"):
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        share = max(1, cpus // max(1, torch.cuda.device_count()) // 2)
+    return cfg.decode_threads or share, cfg.encode_threads or share
+
+
+def decoded_batches(root: str, name: str, modality: str, batch_size: int, threads: int = 1) -> Iterator[list[Sample]]:
     """Batches of decoded samples of input shard `name`; a sample that fails to decode carries its error.
 
     The shard is read by `shards.reader.iter_shard_members`, the training reader's own path: plain tars,
     bounded regular members, valid adjacent keys, member digests, and, once the tar has been read to its
     end, the count and keys digest of its stats json. A tar that breaks any of these raises FormatError
-    (after the batches read so far), and the caller commits nothing for the shard.
+    (after the batches read so far), and the caller commits nothing for the shard. `threads` samples are
+    decoded at once (the decoders release the GIL), in key order.
     """
-    batch: list[Sample] = []
-    for raw in iter_shard_members(root, name, [modality]):
-        key = raw["__key__"]
+
+    def decode(raw: dict) -> Sample:
         try:
             img = torch.from_numpy(decode_members(root, raw, [modality])[modality].copy())  # uint8 (H, W, 3)
-            batch.append((key, img, None))
+            return raw["__key__"], img, None
         except FormatError as e:  # corrupt, damaged or missing member: recorded, not fatal
-            batch.append((key, None, f"decode {modality}: {e}"))
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
+            return raw["__key__"], None, f"decode {modality}: {e}"
+
+    batch: list[Sample] = []
+    with ThreadPoolExecutor(threads) as pool:
+        for sample in ordered_map(pool, decode, iter_shard_members(root, name, [modality]), ahead=2 * threads):
+            batch.append(sample)
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
     if batch:
         yield batch
+
+
+def ordered_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterator, ahead: int) -> Iterator:
+    """fn(item) for each item, run on `pool` at most `ahead` at a time, yielded in the items' order."""
+    window: deque[Future] = deque()
+    try:
+        for item in items:
+            window.append(pool.submit(fn, item))
+            if len(window) >= ahead:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+    finally:
+        for f in window:
+            f.cancel()
 
 
 def prefetch(it: Iterator, depth: int) -> Iterator:
@@ -126,6 +161,8 @@ class ShardLabeler:
             torch.set_num_threads(cfg.threads_per_actor)  # fixed thread count -> identical bytes across runs
         torch.manual_seed(0)
         self.cfg, self.device = cfg, device
+        self.decode_threads, self.encode_threads = stage_threads(cfg, device)
+        self.encode_pool = ThreadPoolExecutor(self.encode_threads)
         # normals teacher -> the job's depth teacher it derives from (one depth network for both outputs)
         self.depth_source = {m: src for m in cfg.teachers if (src := cfg.depth_source(m)) is not None}
         teachers = {}
@@ -202,17 +239,24 @@ class ShardLabeler:
     def _write(
         self, writers: dict[str, ShardWriter], batch: list[Sample], outputs: dict[str, list], failed: dict[int, str]
     ) -> None:
-        """Encode and write one labeled batch in key order; failures are skipped in every modality."""
-        j = 0  # index into the teachers' outputs (decoded samples only)
+        """Encode one labeled batch (`encode_threads` samples at once) and write it in key order; failures are
+        skipped in every modality."""
+
+        def encode(j: int) -> tuple[dict[str, dict[str, bytes]] | None, str | None]:
+            """The members of decoded sample j of the batch in every output modality, or why there are none."""
+            if j in failed:
+                return None, failed[j]
+            try:
+                return {mod: self._encode(mod, outputs[mod][j]) for mod in writers}, None
+            except Exception as e:
+                return None, f"encode: {type(e).__name__}: {e}"
+
+        decoded = sum(error is None for _, _, error in batch)
+        encoded = iter(self.encode_pool.map(encode, range(decoded)))  # in order: the teachers' outputs
         for key, _, error in batch:
+            members = None
             if error is None:
-                error = failed.get(j)
-                if error is None:
-                    try:
-                        members = {mod: self._encode(mod, outputs[mod][j]) for mod in writers}
-                    except Exception as e:
-                        error = f"encode: {type(e).__name__}: {e}"
-                j += 1
+                members, error = next(encoded)
             if error is None:
                 for mod, w in writers.items():
                     w.write(key, {mod: members[mod]})
@@ -233,7 +277,8 @@ class ShardLabeler:
         encoder = ThreadPoolExecutor(1)
         pending: Future | None = None
         try:
-            for batch in prefetch(decoded_batches(cfg.input, name, cfg.rgb, cfg.batch_size), cfg.prefetch):
+            batches = decoded_batches(cfg.input, name, cfg.rgb, cfg.batch_size, self.decode_threads)
+            for batch in prefetch(batches, cfg.prefetch):
                 images = [img for _, img, err in batch if err is None]
                 outputs, failed = self._label(modalities, images) if images else ({}, {})
                 if pending is not None:

@@ -269,6 +269,29 @@ def test_actor_killed_mid_shard_is_retried(reference, rgb_set, tmp_path):
     assert not [p for mod in OUT_MODS for p in (data / mod).iterdir() if ".tmp-" in p.name]
 
 
+def test_host_threads_change_no_byte_of_the_output(reference, rgb_set, tmp_path):
+    """decode_threads / encode_threads > 1 (the GPU default) give exactly the one-thread output, skips included."""
+    from labeling.job import ShardLabeler, stage_threads
+
+    ref, _ = reference
+    data = copy_input(rgb_set[0], tmp_path / "data")
+    cfg = config(data, decode_threads=3, encode_threads=2)
+    assert stage_threads(cfg, "cpu") == (3, 2) and stage_threads(config(data), "cpu") == (1, 1)
+    labeler = ShardLabeler(cfg)
+    for name in ("shard-000000", "shard-000001"):
+        labeler.label_shard(name, list(OUT_MODS))
+    got = output_files(data)
+    assert got == {k: v for k, v in output_files(ref).items() if k in got} and len(got) == 2 * len(OUT_MODS) * 2
+    bad = tmp_path / "bad"
+    skipped = scene_key(7, 13)
+    make_rgb_set(bad, shards=1, per_shard=24, corrupt={skipped})
+    ShardLabeler(config(bad, decode_threads=4, encode_threads=3, batch_size=5)).label_shard("shard-000000", ["depth"])
+    stats = json.loads((bad / "depth" / "shard-000000.json").read_text())
+    assert stats["count"] == 23 and [s["ref"] for s in stats["skipped"]] == [skipped]
+    keys = [x["__key__"] for x in iter_shard_members(str(bad), "shard-000000", ["depth"])]
+    assert keys == [scene_key(7, i) for i in range(24) if i != 13]  # in key order
+
+
 def test_corrupt_sample_is_recorded_and_skipped(ray_local, tmp_path):
     data = tmp_path / "data"
     bad = scene_key(7, 13)
