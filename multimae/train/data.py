@@ -232,8 +232,13 @@ def train_loader(
     chunk: int,
     rank: int,
     readahead: int = 2,
+    pin_memory: bool = False,
 ) -> DataLoader:
-    """The infinite, resampled training stream of one rank for chunk `chunk` (see module docstring)."""
+    """The infinite, resampled training stream of one rank for chunk `chunk` (see module docstring).
+
+    pin_memory (a CUDA run): batches come in page-locked memory, so `to_device`'s non-blocking copies overlap
+    the step. Workers are not persistent: each chunk is a fresh, freshly seeded loader (exact resume).
+    """
     from shards.reader import ShardDataset
 
     transform = SampleTransform(train=True, seed=(seed, chunk, rank), **transform_args)
@@ -258,6 +263,7 @@ def train_loader(
         num_workers=num_workers,
         collate_fn=default_collate,
         drop_last=True,
+        pin_memory=pin_memory,
         persistent_workers=False,
         prefetch_factor=4 if num_workers else None,
     )

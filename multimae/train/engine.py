@@ -1,8 +1,11 @@
 """The training step loop (MultiMAE pre-training and fine-tuning), readable top to bottom.
 
 Per optimizer step: lr from the schedule (a pure function of the step) -> torch seeded from (seed, step, rank)
--> `accum_steps` micro-batches of forward (under autocast) + backward -> losses averaged over ranks, a
-non-finite loss stops every rank with a clear message -> optional clipping -> AdamW step. Rank 0 logs every
+-> `accum_steps` micro-batches of forward (under autocast) + backward -> losses averaged over ranks on the
+device -> optional clipping -> AdamW step. The host reads the losses only on logged steps, before checkpoints
+and at chunk ends (no per-step sync): a non-finite loss then stops every rank with a clear message naming the
+first bad step, before any checkpoint after it is written. On CUDA, batches arrive in pinned memory and are
+copied without blocking. Rank 0 logs every
 `log.every` steps, saves reconstruction pictures (pre-training) and writes checkpoints. The data stream is cut
 into chunks of `chunk_steps` steps, each a fresh loader seeded from (seed, chunk, rank) (see data.py), so a run
 resumed from a checkpoint continues exactly as an uninterrupted one.
@@ -23,7 +26,7 @@ from shards import fs, modalities
 
 from . import checkpoints as ckpt
 from . import data as mdata
-from .distributed import all_reduce_sum
+from .distributed import all_reduce_mean
 from .evaluate import evaluate_run
 from .logger import fmt_eta, truncate_keys_after
 from .state import Run, TrainingError
@@ -143,6 +146,36 @@ def save(run: Run, step: int) -> None:
         )
 
 
+class LossWatch:
+    """Stops a run at its first non-finite loss without a host sync per step: each step's (rank-averaged)
+    losses stay on the device, the first bad step is kept there, and `check` (on logged steps, before every
+    checkpoint and at the end of a chunk) raises NonFiniteLoss naming that step and its losses."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.bad_step: torch.Tensor | None = None  # -1 while every loss was finite
+        self.bad_values: torch.Tensor | None = None
+
+    def add(self, step: int, names: list[str], values: torch.Tensor) -> None:
+        """The losses `names` of `step`, averaged over ranks (a tensor on the device)."""
+        self.names = names
+        if self.bad_step is None:
+            self.bad_step = torch.full((), -1, dtype=torch.long, device=values.device)
+            self.bad_values = torch.zeros_like(values)
+        first = (self.bad_step < 0) & ~torch.isfinite(values).all()
+        self.bad_step = torch.where(first, step, self.bad_step)
+        self.bad_values = torch.where(first, values, self.bad_values)
+
+    def check(self, last_good: str) -> None:
+        if self.bad_step is None or int(self.bad_step) < 0:
+            return
+        bad = {k: float(v) for k, v in zip(self.names, self.bad_values.cpu())}
+        raise NonFiniteLoss(
+            f"non-finite loss at step {int(self.bad_step)}: {bad}; lower optim.blr, set optim.clip_grad, "
+            f"or use train.dtype=float32 (last good checkpoint: {last_good})"
+        )
+
+
 def train_steps(run: Run, end: int) -> dict[str, float]:
     """Train from run.step up to step `end`; returns the last logged losses."""
     cfg, d, plan = run.cfg, run.dist, run.plan
@@ -156,6 +189,7 @@ def train_steps(run: Run, end: int) -> dict[str, float]:
     t0 = last_t = time.time()
     start = last_step = run.step
     last: dict[str, float] = {}
+    watch = LossWatch()
     run.module.train()
     while run.step < end:
         chunk = run.step // plan.chunk_steps
@@ -170,6 +204,7 @@ def train_steps(run: Run, end: int) -> dict[str, float]:
             seed=cfg.train.seed,
             chunk=chunk,
             rank=d.rank,
+            pin_memory=d.device.type == "cuda",
         )
         batches = iter(loader)
         for _ in range((run.step - chunk * plan.chunk_steps) * accum):
@@ -195,28 +230,27 @@ def train_steps(run: Run, end: int) -> dict[str, float]:
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
             names = sorted(sums)
-            values = all_reduce_sum(torch.stack([sums[k] for k in names]).cpu(), d) / d.world
-            if not torch.isfinite(values).all():
-                bad = {k: float(v) for k, v in zip(names, values)}
-                raise NonFiniteLoss(
-                    f"non-finite loss at step {step}: {bad}; lower optim.blr, set optim.clip_grad, "
-                    f"or use train.dtype=float32 (last good checkpoint: {run.ckpt_url})"
-                )
+            values = all_reduce_mean(torch.stack([sums[k] for k in names]), d)  # on the device: no host sync
+            watch.add(step, names, values)
             grad_norm = None
             if cfg.optim.clip_grad is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.clip_grad))
+                grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.clip_grad)
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
             run.step = step = step + 1
-            last = {f"loss/{k}": float(v) for k, v in zip(names, values)}
+            logged = step % cfg.log.every == 0 or step == plan.total_steps
+            saves = step % cfg.train.checkpoint_every == 0 and step != plan.total_steps
+            if logged or saves or step == chunk_end:  # the host reads the losses only here
+                watch.check(run.ckpt_url)
+                last = {f"loss/{k}": float(v) for k, v in zip(names, values.cpu())}
 
-            if step % cfg.log.every == 0 or step == plan.total_steps:
+            if logged:
                 now = time.time()
                 rate = (step - last_step) * cfg.train.batch_size / max(now - last_t, 1e-9)
                 eta = (plan.total_steps - step) * (now - t0) / max(step - start, 1)
                 scalars = {**last, "lr": lr, "samples_per_s": rate}
                 if grad_norm is not None:
-                    scalars["grad_norm"] = grad_norm
+                    scalars["grad_norm"] = float(grad_norm)
                 parts = " ".join(f"{k[5:]} {v:.4f}" for k, v in last.items() if k != "loss/total")
                 run.logger.log(
                     step,
@@ -227,7 +261,7 @@ def train_steps(run: Run, end: int) -> dict[str, float]:
                 last_t, last_step = now, step
             if cfg.pretraining and cfg.log.image_every and step % cfg.log.image_every == 0 and d.main:
                 save_reconstructions(run, step)
-            if step % cfg.train.checkpoint_every == 0 and step != plan.total_steps:
+            if saves:
                 if keys_file is not None:
                     keys_file.flush()
                 save(run, step)
