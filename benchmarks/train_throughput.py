@@ -4,7 +4,7 @@ For each dtype (float32 and bfloat16 autocast, in the same run): the baseline is
 of MultiMAE pre-training on one batch kept in device memory; "full" is the same step fed by the trainer's
 streaming loader (reader -> joint crop/flip -> normalization, `--workers` DataLoader workers). Both use the
 trainer's own setup (`multimae.train.main.setup`) and step (`engine.forward_loss`). Printed: samples/s, the
-ratio full / model (does the data path keep up? target >= 0.9) and the ratio bf16 / float32.
+ratio full / model (does the data path keep up? target >= 0.95: within 5 %) and the ratio bf16 / float32.
 
     python benchmarks/train_throughput.py                                   # tiny demo config, CPU
     python benchmarks/train_throughput.py --size base --batch 8 --workers 2 # ViT-B/16 at 224 px, CPU
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{label:9s} full step (shard loader + model) : {r['full_samples_per_s']:8.1f} samples/s")
         print(
             f"{label:9s} ratio full / model               : "
-            f"{r['full_samples_per_s'] / r['model_samples_per_s']:8.3f}  (target >= 0.9)"
+            f"{r['full_samples_per_s'] / r['model_samples_per_s']:8.3f}  (target >= 0.95)"
         )
     if {"float32", "bfloat16"} <= set(results):
         speedup = results["bfloat16"]["model_samples_per_s"] / results["float32"]["model_samples_per_s"]
