@@ -2,9 +2,10 @@
 
 Both read the same encoded bytes (rgb JPEG, 16-bit depth PNG, 8-bit semseg PNG), decode them to the
 same arrays and apply the same joint random-resized-crop + flip, in a torch DataLoader with the same
-worker count and batch size. The folder baseline opens three files per sample with PIL, as the
-official MultiMAE layout does (its depth ranges come from one index loaded up front, so it pays no
-extra file per sample). A decode-only limit decodes the same bytes from memory (no I/O at all).
+worker count and batch size. The folder baseline opens three files per sample and decodes them with PIL,
+as the official MultiMAE layout does (its depth ranges come from one index loaded up front, so it pays no
+extra file per sample). A decode-only limit decodes the same bytes from memory with the shard reader's
+decoders (no I/O at all).
 
 Each layout is timed with a cold page cache (every file evicted with posix_fadvise(DONTNEED) just
 before the pass, as on first read from disk or network storage) and warm (second pass). Peak RSS of
@@ -19,10 +20,16 @@ from S3 (moto's server on 127.0.0.1 behind a proxy that delays every response by
 s3_local.py), same workers and batch, interleaved passes, with and without the reader's readahead; it prints
 the S3 / local throughput ratio (target >= 0.8).
 
+With `--decode` it measures decoding alone, as issue 23 compares it: one process, one thread, every sample
+decoded to arrays without augmentation, in CPU ms per sample: ShardDataset (digest check on and off) against
+the folder layout read with PIL, interleaved, best of `--repeats`. `--scenes` stores ray-cast scenes
+(shards.synthetic) instead of the grainy synthetic images.
+
     .venv/bin/python benchmarks/loader.py                 # 2000 samples at 128 px, crop 112, 2 workers
     .venv/bin/python benchmarks/loader.py --size 256 --crop 224 --n 1000
     .venv/bin/python benchmarks/loader.py --n 500 --size 128
     .venv/bin/python benchmarks/loader.py --remote s3     # S3 with 20 ms per request vs local disk
+    .venv/bin/python benchmarks/loader.py --decode --scenes --n 192 --size 256 --repeats 5
 """
 
 from __future__ import annotations
@@ -71,7 +78,15 @@ def make_sample(rng: np.random.Generator, size: int) -> dict[str, np.ndarray]:
     return {"rgb": rgb.clip(0, 255).astype(np.uint8), "depth": depth, "semseg": semseg}
 
 
-def generate(out: str, n: int, size: int) -> None:
+def make_scene(i: int, size: int) -> dict[str, np.ndarray]:
+    """A ray-cast indoor scene (rgb, metric depth, class ids), as the synthetic demo data set stores it."""
+    from shards.synthetic import render_scene
+
+    s = render_scene(0, i, size)
+    return {"rgb": s["rgb"], "depth": s["depth_gt"], "semseg": s["semseg_gt"]}
+
+
+def generate(out: str, n: int, size: int, scenes: bool = False) -> None:
     """Write the shard set and the folder layout from the same encoded bytes."""
     shutil.rmtree(out, ignore_errors=True)
     shard_root, folder_root = os.path.join(out, "shards"), os.path.join(out, "folder")
@@ -84,7 +99,7 @@ def generate(out: str, n: int, size: int) -> None:
         with ShardWriter(shard_root, name, MODS) as w:
             for i in range(s, min(n, s + PER_SHARD)):
                 key = f"{i:08d}"
-                sample = make_sample(rng, size)
+                sample = make_scene(i, size) if scenes else make_sample(rng, size)
                 members = {m: F.encode_sample(m, sample[m], num_classes=NUM_CLASSES) for m in MODS}
                 w.write(key, members)
                 for m in MODS:
@@ -145,7 +160,19 @@ class JointCrop:
 
 
 def _decode_folder_sample(rgb: bytes, depth: bytes, semseg: bytes, depth_range: list[float]) -> dict[str, np.ndarray]:
-    """The shard reader's own PIL codecs, so that only the storage layout differs."""
+    """PIL, as the official layout reads its files, to the arrays the shard reader yields (same values)."""
+    with Image.open(io.BytesIO(rgb), formats=["JPEG"]) as im:
+        rgb_array = np.asarray(im.convert("RGB"))
+    with Image.open(io.BytesIO(depth), formats=["PNG"]) as im:
+        lo, hi = depth_range
+        depth_array = (lo + np.asarray(im).astype(np.float64) / F.DEPTH_LEVELS * (hi - lo)).astype(np.float32)
+    with Image.open(io.BytesIO(semseg), formats=["PNG"]) as im:
+        semseg_array = np.asarray(im).astype(np.int64)
+    return {"rgb": rgb_array, "depth": depth_array, "semseg": semseg_array}
+
+
+def _decode_members(rgb: bytes, depth: bytes, semseg: bytes, depth_range: list[float]) -> dict[str, np.ndarray]:
+    """The shard reader's decoders (shards.format), for the decode-only limit."""
     return {"rgb": F.decode_rgb(rgb), "depth": F.decode_depth(depth, depth_range), "semseg": F.decode_semseg(semseg)}
 
 
@@ -176,7 +203,7 @@ class FolderDataset(torch.utils.data.Dataset):
 
 
 class InMemoryDataset(torch.utils.data.Dataset):
-    """The decode-only limit: the folder files' bytes held in memory, decoded the same way."""
+    """The decode-only limit: the folder files' bytes held in memory, decoded as the shard reader does."""
 
     def __init__(self, folder: FolderDataset):
         self.items = [
@@ -190,7 +217,7 @@ class InMemoryDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         blobs, rng = self.items[i]
-        return self.transform(_decode_folder_sample(*blobs, rng))
+        return self.transform(_decode_members(*blobs, rng))
 
 
 def _shard_dataset(root: str, crop: int, **kw) -> ShardDataset:
@@ -271,6 +298,46 @@ def safety_report(root: str, crop: int, repeats: int) -> None:
         print(f"    {label:<18} {us:>7.1f} us   {100 * us / per_sample:>5.1f} %")
     extra = stage["with_digests"] - stage["webdataset"]
     print(f"  checked tar stage + digests vs unchecked webdataset stage: {100 * extra / per_sample:+.1f} % CPU")
+
+
+def decode_report(shard_root: str, folder_root: str, repeats: int) -> None:
+    """Issue 23's comparison: one process, one thread, every sample decoded to arrays, no augmentation."""
+    torch.set_num_threads(1)
+    folder = FolderDataset(folder_root, transform=lambda s: s)
+
+    def folder_pil() -> None:
+        for i in range(len(folder)):
+            folder[i]
+
+    def shards() -> None:
+        for _ in ShardDataset(shard_root, MODS):
+            pass
+
+    def shards_no_digests() -> None:
+        for _ in ShardDataset(shard_root, MODS, verify_digests=False):
+            pass
+
+    n = len(folder)
+    ms = {k: v / n * 1e3 for k, v in best_cpu(folder_pil, shards, shards_no_digests, repeats=repeats).items()}
+    print(f"\ndecode to arrays, one process, one thread, no augmentation, best of {repeats} (CPU ms/sample):")
+    print(f"  folder layout, PIL                 {ms['folder_pil']:6.2f}")
+    print(f"  ShardDataset                       {ms['shards']:6.2f}")
+    print(f"  ShardDataset, digests off          {ms['shards_no_digests']:6.2f}")
+    print(f"  shards vs folder: {ms['folder_pil'] / ms['shards']:.2f}x (folder CPU / shards CPU, > 1: shards cheaper)")
+    print(f"  digest check, on vs off: {100 * (ms['shards'] / ms['shards_no_digests'] - 1):+.1f} % CPU per sample")
+    stage = tar_stage(shard_root, repeats)
+    digests = stage["with_digests"] - stage["checked"]
+    print(f"  tar stage alone: {stage['checked']:.0f} us/sample, its digest check {digests:.0f} us/sample "
+          f"({100 * digests / (ms['shards'] * 1e3):.1f} % of ShardDataset)")  # fmt: skip
+
+
+def cpu_model() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
 
 
 def cpu_seconds() -> float:
@@ -439,6 +506,8 @@ def main() -> None:
     p.add_argument("--remote", choices=["s3"], help="measure reading from object storage instead (see above)")
     p.add_argument("--latency-ms", type=float, default=20.0, help="--remote: added latency per request")
     p.add_argument("--readahead", type=int, default=2, help="--remote: shards read ahead per worker")
+    p.add_argument("--decode", action="store_true", help="measure decoding alone, one thread (see above)")
+    p.add_argument("--scenes", action="store_true", help="store ray-cast scenes instead of grainy images")
     p.add_argument("--rss-child", nargs=2, metavar=("ROOT", "N_SHARDS"), help=argparse.SUPPRESS)
     p.add_argument("--serve", nargs=3, metavar=("DIR", "PORT", "LATENCY_MS"), help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -449,10 +518,11 @@ def main() -> None:
 
     t0 = time.perf_counter()
     params = os.path.join(a.out, "params.json")
-    if not (os.path.exists(params) and json.loads(_read(params)) == {"n": a.n, "size": a.size}):
-        generate(a.out, a.n, a.size)
+    wanted = {"n": a.n, "size": a.size, "scenes": a.scenes}
+    if not (os.path.exists(params) and json.loads(_read(params)) == wanted):
+        generate(a.out, a.n, a.size, a.scenes)
         with open(params, "w") as f:
-            json.dump({"n": a.n, "size": a.size}, f)
+            json.dump(wanted, f)
     shard_root, folder_root = os.path.join(a.out, "shards"), os.path.join(a.out, "folder")
     if a.remote:
         print(
@@ -469,6 +539,9 @@ def main() -> None:
         f"{mib['folder']:.0f} MiB in {len(all_files(folder_root))} folder files), ready in "
         f"{time.perf_counter() - t0:.0f} s"
     )
+    if a.decode:
+        print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {cpu_model()}")
+        return decode_report(shard_root, folder_root, a.repeats)
     print(
         f"loader: crop {a.crop}, batch {a.batch}, {a.workers} workers, best of {a.repeats} passes; "
         f"torch {torch.__version__}, {os.cpu_count()} CPUs"

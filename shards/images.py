@@ -31,19 +31,37 @@ untrusted bytes:
 - ``RGB_FORMATS``     a shard's rgb member: JPEG, PNG, WebP
 - ``LABEL_FORMATS``   a shard's depth and semseg members: PNG
 - ``PLANE_FORMATS``   depth and label files of the paired source: PNG, TIFF
+
+`fast_jpeg(data, max_pixels)` decodes the JPEGs the shard writer stores (8-bit, 3 components, Huffman-coded)
+straight into an array through torchvision's libjpeg-turbo, with no copy out of a PIL image: only data whose
+header it parses itself (the magic bytes, then the markers up to the SOF, pixel count within `max_pixels`). For
+anything else, and when libjpeg reports an error, it returns None and the caller opens the data with
+`open_image`: Pillow then decides, so outputs and errors are the ones it gives. `fast_png(data, max_pixels,
+bits)` does the same for the grayscale PNGs the shard writer stores, with an inflate and numpy alone. torchvision's
+`decode_png` is not used that way: in torchvision 0.29 it crashes the process on any libpng error (a bad CRC, a
+damaged deflate stream), so it only ever sees 16-bit RGB PNGs (which Pillow cannot hold), after `load_vectors`
+has checked everything libpng would report.
 """
 
 from __future__ import annotations
 
+import functools
 import io
+import struct
 import warnings
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .limits import MAX_PIXELS
+
+if TYPE_CHECKING:
+    import torch
 
 SOURCE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
 RGB_FORMATS = ("JPEG", "PNG", "WEBP")
@@ -123,6 +141,204 @@ def open_image(data: bytes, formats: Sequence[str], max_pixels: int) -> Image.Im
     return im
 
 
+# --- direct decoding into arrays -------------------------------------------------------------------
+
+_SOF = {0xC0, 0xC1, 0xC2}  # baseline, extended and progressive Huffman JPEG: what Pillow and torchvision share
+_JPEG_SEGMENTS = {*range(0xE0, 0xF0), 0xDB, 0xC4, 0xDD, 0xFE}  # APPn, DQT, DHT, DRI, COM: skipped by length
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+try:  # ISA-L's inflate: the same bytes as zlib's, in less than half the time
+    from isal import isal_zlib as _inflate
+
+    _INFLATE_ERRORS: tuple[type[Exception], ...] = (zlib.error, _inflate.IsalError)
+except ImportError:
+    _inflate, _INFLATE_ERRORS = zlib, (zlib.error,)
+_PNG_MAX_SIDE = 1_000_000  # libpng's default user limit on width and height
+
+
+@functools.cache
+def _torchvision_io() -> ModuleType | None:
+    """torchvision.io where it has the libjpeg / libpng decoders (deprecated since torchvision 0.29), else None."""
+    try:
+        from torchvision import io as tvio
+    except ImportError:
+        return None
+    # torchvision 0.29 warns on every decode call that TorchCodec will take these over; the toolkit pins
+    # torchvision <= 0.29.1, where they are the libjpeg-turbo / libpng decoders it measures: not a warning here
+    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
+    return tvio if all(hasattr(tvio, n) for n in ("decode_jpeg", "decode_png", "ImageReadMode")) else None
+
+
+def preload_decoders() -> bool:
+    """Import torchvision's decoders now (about 2 s of CPU): a process that forks DataLoader workers calls this
+    first, so that each worker inherits them instead of importing them again every epoch. False: none here."""
+    return _torchvision_io() is not None
+
+
+def _tensor(data: bytes) -> torch.Tensor:
+    """A uint8 tensor over a writable copy of `data` (a few microseconds), as torch.frombuffer wants."""
+    import torch
+
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def jpeg_header(data: bytes) -> tuple[int, int, int, int] | None:
+    """(width, height, bits per sample, components) from the SOF of a Huffman-coded JPEG; None when the markers
+    before it are anything but the segments libjpeg skips by their length (it then finds the same SOF)."""
+    if data[:3] != b"\xff\xd8\xff":
+        return None
+    pos, end = 2, len(data) - 4
+    while pos <= end:
+        if data[pos] != 0xFF:
+            return None  # bytes between segments: libjpeg would skip them with a warning, Pillow decides
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker in _SOF:
+            if pos + 10 > len(data):
+                return None
+            bits, h, w, components = struct.unpack_from(">BHHB", data, pos + 4)
+            return w, h, bits, components
+        elif marker in _JPEG_SEGMENTS:
+            pos += 2 + (data[pos + 2] << 8 | data[pos + 3])
+        else:
+            return None  # SOS before a frame, arithmetic or lossless coding, a standalone marker
+    return None
+
+
+def fast_jpeg(data: bytes, max_pixels: int) -> np.ndarray | None:
+    """An 8-bit YCbCr / RGB JPEG -> (H, W, 3) uint8 through libjpeg-turbo, or None (see the module docstring).
+
+    Grayscale and CMYK JPEGs, 12-bit and arithmetic-coded ones are left to Pillow (its conversions differ)."""
+    header = jpeg_header(data)
+    if header is None or header[2:] != (8, 3) or not _fast_size(header[0], header[1], max_pixels):
+        return None
+    tvio = _torchvision_io()
+    if tvio is None:
+        return None
+    try:
+        planes = tvio.decode_jpeg(_tensor(data), mode=tvio.ImageReadMode.RGB)  # (3, H, W), an (H, W, 3) view
+    except Exception:  # RuntimeError on damaged data, or a warning made an error: Pillow decides
+        return None
+    return planes.permute(1, 2, 0).numpy()  # (H, W, 3), the decoder's own buffer
+
+
+def fast_png(data: bytes, max_pixels: int, bits: tuple[int, ...]) -> np.ndarray | None:
+    """A grayscale PNG in the shard writer's layout -> (H, W) of its stored values, uint8 or big-endian uint16
+    (a view, as stored); None for anything else (see the module docstring).
+
+    The layout: IHDR, one IDAT, IEND, `bits` 8 or 16, no interlace, and every row with the same filter, Up (what
+    `shards.format` writes) or Sub. The image data inflates through ISA-L where `isal` is installed, else zlib,
+    bounded by the size the header implies, the stream complete and its checksum right; the filter is undone
+    by prefix sums, down the columns (Up) or along the rows (Sub), in log2(side) vector adds. The values are
+    the stored ones, as Pillow gives them; nothing is interpreted.
+    """
+    if data[:16] != _PNG_SIGNATURE + b"\x00\x00\x00\x0dIHDR" or data[37:41] != b"IDAT":
+        return None
+    if struct.unpack_from(">I", data, 29)[0] != zlib.crc32(data[12:29]):
+        return None  # a damaged IHDR: Pillow reports it
+    w, h, depth, colour, compression, filtering, interlace = struct.unpack_from(">IIBBBBB", data, 16)
+    if depth not in bits or (colour, compression, filtering, interlace) != (0, 0, 0, 0):
+        return None
+    if not _fast_size(w, h, max_pixels):
+        return None
+    (length,) = struct.unpack_from(">I", data, 33)
+    if data[45 + length : 53 + length] != b"\x00\x00\x00\x00IEND":
+        return None
+    sample = depth // 8
+    row = 1 + w * sample  # the filter type byte, then the samples
+    inflate = _inflate.decompressobj()
+    try:
+        raw = inflate.decompress(memoryview(data)[41 : 41 + length], h * row + 1)
+    except _INFLATE_ERRORS:
+        return None
+    if len(raw) != h * row or not inflate.eof:
+        return None
+    rows = np.frombuffer(raw, np.uint8).reshape(h, row)
+    kind = rows[0, 0]
+    if kind not in (1, 2) or not (rows[:, 0] == kind).all():  # other filters: Pillow undoes them
+        return None
+    values = rows[:, 1:].copy().reshape(h, w, sample)  # (H, W, bytes per sample)
+    axis_len = h if kind == 2 else w
+    step = 1
+    while step < axis_len:  # each byte becomes the sum, modulo 256, of its column (Up) or row (Sub) so far
+        if kind == 2:
+            values[step:] += values[:-step]  # numpy buffers the overlapping operand: the previous step's values
+        else:
+            values[:, step:] += values[:, :-step]
+        step *= 2
+    values = values.reshape(h, w * sample)
+    return values.view(">u2") if depth == 16 else values
+
+
+def _fast_size(w: int, h: int, max_pixels: int) -> bool:
+    """Small enough for the direct decoders: within `max_pixels` and below Pillow's own bomb warning (Pillow
+    keeps deciding, and warning about, anything larger)."""
+    return 0 < w * h <= min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
+
+
+def _checked_rgb16_png(data: bytes, max_pixels: int) -> bytes:
+    """A 16-bit RGB PNG reduced to IHDR, its IDAT data and IEND, once every check libpng would fail on has
+    passed here: torchvision 0.29's decode_png crashes the process on any libpng error (a bad CRC, a damaged
+    deflate stream, a bad filter byte), so none may reach it. Raises BadImage naming the problem.
+
+    Checks: chunk lengths and CRCs, IHDR first with 16-bit RGB, no interlace, both sides within libpng's limit;
+    the image data inflates (bounded: never beyond the size the header implies) to at least every row, and each
+    row starts with a filter type 0-4. Ancillary chunks are dropped (the stored values do not depend on them).
+    """
+    if not data.startswith(_PNG_SIGNATURE):
+        raise BadImage("not an image: not a PNG")
+    pos, chunks = len(_PNG_SIGNATURE), []
+    while True:
+        if pos + 12 > len(data):
+            raise BadImage("truncated")
+        length, tag = struct.unpack_from(">I4s", data, pos)
+        body = data[pos + 8 : pos + 8 + length]
+        if length > 2**31 - 1 or len(body) != length or pos + 12 + length > len(data):
+            raise BadImage("truncated")
+        (crc,) = struct.unpack_from(">I", data, pos + 8 + length)
+        if zlib.crc32(tag + body) != crc:
+            raise BadImage(f"corrupt: bad CRC in chunk {tag!r}")
+        chunks.append((tag, body))
+        pos += 12 + length
+        if tag == b"IEND":
+            break
+    tags = [t for t, _ in chunks]
+    if tags[0] != b"IHDR" or len(chunks[0][1]) != 13 or b"IDAT" not in tags:
+        raise BadImage("corrupt: a PNG starts with IHDR and holds image data")
+    w, h, depth, colour, compression, filtering, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
+    if (depth, colour, compression, filtering) != (16, 2, 0, 0):
+        raise BadImage("corrupt: not a 16-bit RGB PNG")
+    if interlace:
+        raise BadImage("unsupported: an interlaced 16-bit RGB PNG (store it without interlacing)")
+    if w * h > max_pixels:
+        raise BadImage(f"too large: {w}x{h} px (limit {max_pixels} px)")
+    if w == 0 or h == 0:
+        raise BadImage("corrupt: zero-size image")
+    if max(w, h) > _PNG_MAX_SIDE:
+        raise BadImage(f"too large: {w}x{h} px (libpng reads at most {_PNG_MAX_SIDE} px a side)")
+    idat_tags = [i for i, t in enumerate(tags) if t == b"IDAT"]
+    if idat_tags != list(range(idat_tags[0], idat_tags[-1] + 1)):
+        raise BadImage("corrupt: IDAT chunks are not consecutive")
+    if any(t[0] & 0x20 == 0 and t not in (b"IHDR", b"PLTE", b"IDAT", b"IEND") for t in tags):
+        raise BadImage("corrupt: unknown critical chunk")
+    compressed = b"".join(chunks[i][1] for i in idat_tags)
+    row = 1 + 6 * w
+    try:
+        inflate = zlib.decompressobj()
+        rows = inflate.decompress(compressed, h * row + 1)  # never more than one byte past the image
+    except zlib.error as e:
+        raise BadImage(f"corrupt: image data does not inflate ({e})") from None
+    if len(rows) < h * row:
+        raise BadImage("truncated")
+    if max(rows[: h * row : row]) > 4:
+        raise BadImage("corrupt: bad PNG filter type")
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+    return _PNG_SIGNATURE + chunk(b"IHDR", chunks[0][1]) + chunk(b"IDAT", compressed) + chunk(b"IEND", b"")
+
+
 @contextmanager
 def _decoding() -> Iterator[None]:
     """Turn whatever PIL raises while decoding untrusted bytes into BadImage with a short reason."""
@@ -178,11 +394,11 @@ def load_vectors(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         if data[24] != 16:  # IHDR (the first chunk) bit depth
             im.load()
             return np.asarray(im)
-        import torch
         from torchvision.io import ImageReadMode, decode_png
 
+        checked = _checked_rgb16_png(data, max_pixels)
         try:
-            planes = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
+            planes = decode_png(_tensor(checked), mode=ImageReadMode.UNCHANGED)
         except RuntimeError as e:
             raise BadImage(f"corrupt: {str(e).splitlines()[0][:200]}") from None
         return planes.permute(1, 2, 0).numpy().astype(np.uint16)  # (H, W, 3)

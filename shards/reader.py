@@ -42,7 +42,8 @@ import webdataset as wds
 from webdataset.utils import make_seed
 
 from . import fs
-from .format import FormatError, decode_sample, modality_kind, parse_cls, read_manifest
+from .format import CODECS, FormatError, codec, decode_sample, modality_kind, parse_cls, read_manifest
+from .images import preload_decoders
 from .limits import MAX_JSON_BYTES
 from .tars import iter_samples
 from .writer import (
@@ -421,6 +422,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
         if not names:
             raise FormatError(f"{root}: no shards to read")
         _check_shard_files(root, self.modalities, names, set(counts))
+        if any(codec(m) is CODECS["jpeg"] for m in self.modalities):
+            preload_decoders()  # here, once, rather than in every DataLoader worker of every epoch
         self.shard_names = names
         self.num_samples = sum(counts[n] for n in names)  # over all ranks and workers
 

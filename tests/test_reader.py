@@ -321,3 +321,109 @@ def test_reads_fsspec_urls():
     got = list(ShardDataset(root, MODS))
     assert [s["__key__"] for s in got] == list(truth)
     assert np.array_equal(got[4]["semseg"], truth[key_of(1, 1)]["semseg"])
+
+
+# --- the tar stage: plain ustar headers parsed by slicing, the rest by tarfile ----------------------
+
+
+def tar_of(members: list[tuple[str, bytes]], fmt: int, *, mtime: int = 0, kinds: dict | None = None) -> bytes:
+    """A tar in `fmt` (tarfile.USTAR_FORMAT / GNU_FORMAT / PAX_FORMAT); `kinds` maps names to other tar types."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as t:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), mtime
+            if kinds and name in kinds:
+                info.type, info.size, info.linkname = kinds[name], 0, "target"
+                t.addfile(info)
+            else:
+                t.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+MEMBERS = [
+    ("k0.cls", b"1"),
+    ("k0.rgb.jpg", b"x" * 512),  # exactly one block
+    ("k1.cls", b""),
+    ("k1.rgb.jpg", b"y" * 1000),
+    ("k2." + "s" * 96, b"z"),  # a 99-character name
+    ("k3." + "l" * 140, b"long"),  # a GNU long name or a PAX path
+    ("k4.cls", b"4"),
+    ("caf\u00e9.cls", b"5"),  # not ASCII: a PAX path, or UTF-8 in the header
+    ("d/", b""),
+    ("k5.link", b""),
+    ("k6.cls", b"6"),
+]
+
+
+@pytest.mark.parametrize(
+    "fmt, mtime",  # an mtime past the octal field: base-256 (GNU) or a PAX record
+    [(tarfile.USTAR_FORMAT, 0), (tarfile.GNU_FORMAT, 0), (tarfile.GNU_FORMAT, 8**11 + 5), (tarfile.PAX_FORMAT, 0),
+     (tarfile.PAX_FORMAT, 8**11 + 5)],
+)  # fmt: skip
+def test_tar_members_are_read_as_tarfile_reads_them(tmp_path, fmt, mtime):
+    from shards.tars import iter_members, plain_header
+
+    names = MEMBERS if fmt != tarfile.USTAR_FORMAT else [m for m in MEMBERS if len(m[0]) < 100 and m[0].isascii()]
+    data = tar_of(names, fmt, mtime=mtime, kinds={"k5.link": tarfile.SYMTYPE, "d/": tarfile.DIRTYPE})
+    path = tmp_path / "t.tar"
+    path.write_bytes(data)
+    with tarfile.open(path) as t:
+        want = [(m.name, m.type, m.size, m.offset_data, t.extractfile(m).read() if m.isreg() else None) for m in t]
+    with open(path, "rb") as f:
+        got = [(i.name, i.type, i.size, i.offset_data, read() if i.isreg() else None) for i, read in iter_members(
+            f, str(path), 2**20)]  # fmt: skip
+    assert got == want
+    with tarfile.open(path) as t:  # every header the slicing parser accepts, it reads as tarfile does
+        for m in t:
+            info = plain_header(data[m.offset : m.offset + 512], m.offset)
+            if info is not None:
+                assert (info.name, info.size, info.offset_data, info.isreg()) == (m.name, m.size, m.offset_data, True)
+    if fmt != tarfile.PAX_FORMAT and mtime == 0:  # plain headers: parsed here from start to end
+        assert sum(plain_header(data[o : o + 512], o) is not None for o in range(0, len(data), 512)) >= 7
+
+
+def test_tar_headers_with_a_bad_checksum_or_field_go_to_tarfile(tmp_path):
+    from shards.tars import iter_samples, plain_header
+
+    data = bytearray(tar_of([("k0.cls", b"1"), ("k1.cls", b"2"), ("k2.cls", b"3")], tarfile.USTAR_FORMAT))
+    assert plain_header(bytes(data[:512]), 0) is not None
+    for at, value in ((148, b"0000000\0"), (100, b"00006x4\0"), (124, b"\x80" + bytes(10) + b"\x01")):
+        block = bytearray(data[:512])
+        block[at : at + len(value)] = value
+        assert plain_header(bytes(block), 0) is None
+    broken = bytearray(data)
+    broken[1024 + 148 : 1024 + 156] = b"7777777\0"  # the second header's checksum
+    path = tmp_path / "t.tar"
+    path.write_bytes(bytes(broken))
+    assert [k for k, _ in iter_samples(str(path))] == ["k0"]  # tarfile ends the tar there, quietly, as before
+    path.write_bytes(bytes(data[: 1024 + 512]))  # cut after the second header: its data is missing
+    with pytest.raises(F.FormatError, match=r"member 'k1.cls' ends after 0 of 1 bytes"):
+        list(iter_samples(str(path)))
+    path.write_bytes(bytes(data[:1024]))  # cut after the first member's padding: no end-of-archive blocks
+    assert [k for k, _ in iter_samples(str(path))] == ["k0"]
+    path.write_bytes(bytes(data[:600]))  # cut inside the first member's padding
+    with pytest.raises(F.FormatError, match="cannot read tar .ReadError: unexpected end of data"):
+        list(iter_samples(str(path), want=lambda suffix: False))
+
+
+def test_a_stream_is_read_by_tarfile_with_the_same_members():
+    from shards.tars import iter_members
+
+    data = tar_of(MEMBERS[:5], tarfile.GNU_FORMAT)
+
+    class Stream(io.RawIOBase):  # not seekable: a pipe or an HTTP body
+        def __init__(self):
+            self.f = io.BytesIO(data)
+
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            chunk = self.f.read(len(b))
+            b[: len(chunk)] = chunk
+            return len(chunk)
+
+    with io.BufferedReader(Stream()) as f:
+        got = [(i.name, read()) for i, read in iter_members(f, "stream", 2**20)]
+    assert got == list(MEMBERS[:5])
