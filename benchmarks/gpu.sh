@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The GPU benchmark, one command on a machine with one NVIDIA GPU, about 5 minutes (8 at most):
+# The GPU benchmark, one command on a machine with one NVIDIA GPU, about 6 minutes (10 at most):
 #   1. model step: MultiMAE-B (ViT-B/16, 224 px, 98 visible tokens), batch 64, bf16 and float32, fused AdamW:
 #      samples/s and MFU (of the measured bf16 matmul peak);
 #   2. labeling: paper-size teachers built from configs with random weights (DPT-Hybrid and Mask2Former Swin-S at
 #      384 px), in-process (--no-ray), 512 images, bf16 and float32;
-#   3. trainer throughput: the full step (shard loader + model) vs the model step, ViT-B, batch 64, 12 workers.
+#   3. trainer throughput: the full step (shard loader + model) vs the model step, ViT-B, batch 64, 12 workers;
+#   4. labeling host side: null teachers at 256 px, input JPEGs decoded by the CPU vs batched on the GPU (nvJPEG),
+#      host CPU ms per sample.
 # Each benchmark writes OUT_DIR/<name>.json and .log; OUT_DIR/gpu-results.json gathers them with the device,
 # date and commit.
 #
@@ -30,6 +32,7 @@ if [ "$mode" = "--dry-run" ]; then
   model=(--device cpu --size tiny --batch 2 --steps 1 --warmup 1 --image-size 64 --tokens 16 --threads 1)
   label=(--device cpu --no-ray --num 4 --shard-size 4 --size 64 --batch-size 4 --naive-num 1)
   train=(--device cpu --num 16 --batch 2 --workers 0 --steps 1 --warmup 1 --image-size 64)
+  host=(--device cpu --num 8 --shard-size 4 --size 64 --batch-size 4 --host-threads 1 --decode-devices cpu)
   export OMP_NUM_THREADS=1
 elif [ -n "$mode" ]; then
   echo "gpu.sh: unknown option $mode (only --dry-run)" >&2
@@ -38,6 +41,7 @@ else
   model=(--device cuda --size base --batch 64 --steps 20)
   label=(--device cuda --real-size --no-ray --num 512 --shard-size 128 --batch-size 32 --naive-num 16)
   train=(--device cuda --size base --batch 64 --workers 12 --num 1024 --steps 20)
+  host=(--device cuda --num 1024 --shard-size 256 --size 256 --batch-size 64 --host-threads 4 --decode-devices cpu cuda)
 fi
 
 bench() {  # name, time limit (s), script and its arguments
@@ -50,6 +54,7 @@ bench() {  # name, time limit (s), script and its arguments
 bench model_speed 150 benchmarks/model_speed.py "${model[@]}"
 bench labeling 200 benchmarks/labeling.py "${label[@]}"
 bench train_throughput 150 benchmarks/train_throughput.py "${train[@]}"
+bench labeling_host 120 benchmarks/labeling.py --null-teachers "${host[@]}"
 
 "$PY" - "$out" <<'EOF'
 import json, os, subprocess, sys, time
@@ -68,10 +73,11 @@ results = {
     "torch": torch.__version__,
     "nvidia_smi": sh(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]),
 }
-for name in ("model_speed", "labeling", "train_throughput"):
+for name in ("model_speed", "labeling", "train_throughput", "labeling_host"):
     path = os.path.join(out, f"{name}.json")
     results[name] = json.load(open(path)) if os.path.exists(path) else {"error": f"no result: see {name}.log"}
 json.dump(results, open(os.path.join(out, "gpu-results.json"), "w"), indent=1)
 print(f"gpu.sh: wrote {os.path.join(out, 'gpu-results.json')}")
-sys.exit(0 if all("error" not in results[n] for n in ("model_speed", "labeling", "train_throughput")) else 1)
+names = ("model_speed", "labeling", "train_throughput", "labeling_host")
+sys.exit(0 if all("error" not in results[n] for n in names) else 1)
 EOF

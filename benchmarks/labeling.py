@@ -210,25 +210,30 @@ class NullTeacher:
 
 
 def null_teacher_cost(work: Path, names: list[str], args) -> dict:
-    """Host CPU ms per sample of the actor's per-shard code with null teachers, per (decode, encode) threads."""
+    """Host CPU ms per sample of the actor's per-shard code with null teachers, per (decode, encode) threads and
+    decode device (on a GPU: the CPU's libjpeg-turbo vs batched nvJPEG)."""
     out = {}
-    for threads in args.host_threads:
+    for threads, decode in [(t, dev) for t in args.host_threads for dev in args.decode_devices]:
         cfg = LabelConfig(
             input=str(work / "data"),
             batch_size=args.batch_size,
             progress=False,
             decode_threads=threads,
             encode_threads=threads,
+            decode_device=decode,
             teachers={m: TeacherConfig(m) for m in ("depth", "semseg")},
         )
-        labeler = ShardLabeler(cfg, "cpu")
+        labeler = ShardLabeler(cfg, args.device)
         labeler.teachers = {m: NullTeacher(t) for m, t in labeler.teachers.items()}
         labeler.label_shard(names[0], list(labeler.teachers))  # warm-up (rewrites shard 0)
+        sync(args.device)
         cpu, wall = time.process_time(), time.perf_counter()
         for n in names:
             labeler.label_shard(n, list(labeler.teachers))
+        sync(args.device)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-        out[threads] = {"cpu_ms_per_sample": 1000 * cpu / args.num, "samples_per_s": args.num / wall}
+        result = {"cpu_ms_per_sample": 1000 * cpu / args.num, "samples_per_s": args.num / wall}
+        out[f"threads {threads}, decode on {labeler.decode_device}"] = result
     return out
 
 
@@ -247,6 +252,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", help="also write the results as JSON here")
     p.add_argument("--null-teachers", action="store_true", help="the host side alone (see above)")
     p.add_argument("--host-threads", type=int, nargs="+", default=[1, 2], help="--null-teachers: decode/encode threads")
+    p.add_argument(
+        "--decode-devices", nargs="+", default=["cpu"], choices=["auto", "cpu", "cuda"], help="--null-teachers"
+    )
     args = p.parse_args(argv)
     if args.null_teachers:
         work = Path(tempfile.mkdtemp(prefix="bench-label-"))
@@ -255,12 +263,17 @@ def main(argv: list[str] | None = None) -> None:
             results = null_teacher_cost(work, names, args)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        print(f"null teachers | {args.num} images {args.size}px | batch {args.batch_size} | in-process, CPU")
-        for threads, r in results.items():
+        print(f"null teachers | {args.num} images {args.size}px | batch {args.batch_size} | in-process, {args.device}")
+        for setting, r in results.items():
             print(
-                f"decode/encode threads {threads}: host {r['cpu_ms_per_sample']:.2f} ms CPU per sample "
-                f"(target <= 4), {r['samples_per_s']:.0f} samples/s"
+                f"{setting}: host {r['cpu_ms_per_sample']:.2f} ms CPU per sample (target <= 4), "
+                f"{r['samples_per_s']:.0f} samples/s"
             )
+        if args.json:
+            import json
+
+            with open(args.json, "w") as f:
+                json.dump({"null_teachers": True, "size": args.size, "num": args.num, **results}, f, indent=1)
         return
 
     work = Path(tempfile.mkdtemp(prefix="bench-label-"))

@@ -79,6 +79,7 @@ class LabelConfig:
     # node's CPUs per GPU (so the host keeps up with the GPU's teachers), on CPU 1 each (the cores run teachers)
     decode_threads: int | None = None
     encode_threads: int | None = None
+    decode_device: Literal["auto", "cpu", "cuda"] = "auto"  # input JPEGs: auto = nvJPEG on the actor's GPU
     max_retries: int = 2  # re-runs of a shard whose actor crashed
     progress: bool = True  # print a line per finished shard
     ray: RayConfig = field(default_factory=RayConfig)

@@ -28,6 +28,7 @@ The manifest is updated atomically once every shard of a new modality is complet
 
 from __future__ import annotations
 
+import io
 import os
 import queue
 import sys
@@ -36,12 +37,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from shards import fs, modalities
-from shards.format import FormatError, encode_sample, modality_entry, read_manifest, update_manifest
+from shards.format import FormatError, decode_rgb, encode_sample, modality_entry, read_manifest, update_manifest
+from shards.images import jpeg_header
+from shards.limits import max_pixels
 from shards.lock import output_lock
 from shards.reader import decode_members, iter_shard_members
 from shards.writer import ShardWriter, committed_shards, read_stats, stats_path
@@ -55,7 +58,8 @@ class JobError(RuntimeError):
     """The job could not run at all (e.g. Ray did not start); one line saying why."""
 
 
-Sample = tuple[str, "torch.Tensor | None", "str | None"]  # (key, uint8 (H, W, 3) image or None, error or None)
+# (key, uint8 (H, W, 3) image, an `EncodedJpeg` left for `device_decode`, or None; error or None)
+Sample = tuple[str, "torch.Tensor | EncodedJpeg | None", "str | None"]
 
 
 # --- the work of one actor ------------------------------------------------------------------------
@@ -72,17 +76,26 @@ def stage_threads(cfg: LabelConfig, device: str) -> tuple[int, int]:
     return cfg.decode_threads or share, cfg.encode_threads or share
 
 
-def decoded_batches(root: str, name: str, modality: str, batch_size: int, threads: int = 1) -> Iterator[list[Sample]]:
+def decoded_batches(
+    root: str, name: str, modality: str, batch_size: int, threads: int = 1, defer_jpeg: bool = False
+) -> Iterator[list[Sample]]:
     """Batches of decoded samples of input shard `name`; a sample that fails to decode carries its error.
 
     The shard is read by `shards.reader.iter_shard_members`, the training reader's own path: plain tars,
     bounded regular members, valid adjacent keys, member digests, and, once the tar has been read to its
     end, the count and keys digest of its stats json. A tar that breaks any of these raises FormatError
     (after the batches read so far), and the caller commits nothing for the shard. `threads` samples are
-    decoded at once (the decoders release the GIL), in key order.
+    decoded at once (the decoders release the GIL), in key order. With `defer_jpeg`, a JPEG member that passes
+    the header checks (8-bit colour, within the pixel limit) and its digest stays encoded, as an `EncodedJpeg`
+    for `device_decode`; the others are decoded here.
     """
 
     def decode(raw: dict) -> Sample:
+        if defer_jpeg and "__damaged__" not in raw:
+            data = raw[modality].get(f"{modality}.jpg")
+            header = jpeg_header(data) if data is not None else None
+            if header is not None and header[2:] == (8, 3) and 0 < header[0] * header[1] <= max_pixels():
+                return raw["__key__"], EncodedJpeg(data), None
         try:
             img = torch.from_numpy(decode_members(root, raw, [modality])[modality].copy())  # uint8 (H, W, 3)
             return raw["__key__"], img, None
@@ -98,6 +111,61 @@ def decoded_batches(root: str, name: str, modality: str, batch_size: int, thread
                 batch = []
     if batch:
         yield batch
+
+
+class EncodedJpeg(NamedTuple):
+    """An input JPEG whose header passed the checks, left for `device_decode` (nvJPEG on the actor's GPU)."""
+
+    data: bytes
+
+
+def decode_device(setting: str, device: str) -> str:
+    """Where an actor decodes its input JPEGs: `cpu`, `cuda`, or `auto` = the actor's GPU when it runs on CUDA
+    and nvJPEG decodes there, else the CPU (PNG and WebP members are always decoded on the CPU)."""
+    on_gpu = device.startswith("cuda")
+    if setting == "cuda" and not on_gpu:
+        raise ConfigError(f"decode_device: cuda needs teacher actors on a GPU, this one runs on {device}")
+    if setting == "cpu" or not on_gpu:
+        return "cpu"
+    return device if setting == "cuda" or nvjpeg_works(device) else "cpu"
+
+
+def nvjpeg_works(device: str) -> bool:
+    """torchvision's batched JPEG decoder runs on `device` (a CUDA build with nvJPEG)."""
+    from PIL import Image
+    from torchvision.io import decode_jpeg
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (90, 120, 150)).save(buf, "JPEG")
+    try:
+        decode_jpeg([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)], device=device)
+    except (RuntimeError, ValueError, TypeError):
+        return False
+    return True
+
+
+def device_decode(batch: list[Sample], device: str, modality: str) -> list[Sample]:
+    """The batch with its `EncodedJpeg`s decoded on `device` in one batched call ((H, W, 3) uint8 tensors there);
+    when the batched call fails, each of them is decoded on the CPU (a bad one then carries its error)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    todo = [i for i, (_, img, _) in enumerate(batch) if isinstance(img, EncodedJpeg)]
+    if not todo:
+        return batch
+    out = list(batch)
+    datas = [torch.frombuffer(bytearray(batch[i][1].data), dtype=torch.uint8) for i in todo]
+    try:
+        images = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)  # [(3, H, W)] on the device
+        for i, img in zip(todo, images):
+            out[i] = (batch[i][0], img.permute(1, 2, 0), None)
+    except RuntimeError:
+        for i in todo:
+            key, jpeg, _ = batch[i]
+            try:
+                out[i] = (key, torch.from_numpy(decode_rgb(jpeg.data).copy()), None)
+            except Exception as e:  # Pillow / libjpeg errors on damaged data, as `decode_members` records them
+                out[i] = (key, None, f"decode {modality}: {type(e).__name__}: {e}")
+    return out
 
 
 def ordered_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterator, ahead: int) -> Iterator:
@@ -162,6 +230,7 @@ class ShardLabeler:
         torch.manual_seed(0)
         self.cfg, self.device = cfg, device
         self.decode_threads, self.encode_threads = stage_threads(cfg, device)
+        self.decode_device = decode_device(cfg.decode_device, device)
         self.encode_pool = ThreadPoolExecutor(self.encode_threads)
         # normals teacher -> the job's depth teacher it derives from (one depth network for both outputs)
         self.depth_source = {m: src for m in cfg.teachers if (src := cfg.depth_source(m)) is not None}
@@ -277,8 +346,11 @@ class ShardLabeler:
         encoder = ThreadPoolExecutor(1)
         pending: Future | None = None
         try:
-            batches = decoded_batches(cfg.input, name, cfg.rgb, cfg.batch_size, self.decode_threads)
+            on_device = self.decode_device != "cpu"
+            batches = decoded_batches(cfg.input, name, cfg.rgb, cfg.batch_size, self.decode_threads, on_device)
             for batch in prefetch(batches, cfg.prefetch):
+                if on_device:
+                    batch = device_decode(batch, self.decode_device, cfg.rgb)
                 images = [img for _, img, err in batch if err is None]
                 outputs, failed = self._label(modalities, images) if images else ({}, {})
                 if pending is not None:

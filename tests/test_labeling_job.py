@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+import torch
 
 from labeling.config import ConfigError, LabelConfig, RayConfig, check_inputs
 from labeling.config import load_label_config as load_config
@@ -474,3 +475,25 @@ def test_cli_reports_bad_config_in_one_line(tmp_path):
         res.stderr.strip() == f"multimae-label: error: config: {cfg}: batchsize: unknown key (known: "
         f"{', '.join(LabelConfig.__dataclass_fields__)})"
     )
+
+
+def test_decode_device_selection_and_the_batched_decode_path(rgb_set, tmp_path):
+    """decode_device: auto is the CPU for CPU actors, cuda is refused there; the deferred path (headers checked
+    in the reader, JPEGs decoded in one batched call) gives the CPU path's images, and a JPEG the batched call
+    cannot decode falls back to the CPU decoder and is recorded when that fails too."""
+    from labeling.job import EncodedJpeg, decode_device, decoded_batches, device_decode
+
+    assert decode_device("auto", "cpu") == "cpu" and decode_device("cpu", "cuda") == "cpu"
+    with pytest.raises(ConfigError, match="decode_device: cuda needs teacher actors on a GPU"):
+        decode_device("cuda", "cpu")
+    data, _ = rgb_set
+    plain = next(decoded_batches(str(data), "shard-000000", "rgb", 8))
+    deferred = next(decoded_batches(str(data), "shard-000000", "rgb", 8, threads=2, defer_jpeg=True))
+    assert all(isinstance(img, EncodedJpeg) for _, img, _ in deferred)
+    decoded = device_decode(deferred, "cpu", "rgb")  # the same batched call nvJPEG gets, on the CPU here
+    for (key, a, _), (key2, b, err) in zip(plain, decoded):
+        assert key == key2 and err is None and torch.equal(a, b)
+    broken = deferred[:2] + [(deferred[2][0], EncodedJpeg(deferred[2][1].data[:300]), None)]
+    out = device_decode(broken, "cpu", "rgb")
+    assert [err is None for _, _, err in out] == [True, True, False] and "decode rgb" in out[2][2]
+    assert torch.equal(out[0][1], plain[0][1])

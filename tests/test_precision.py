@@ -106,3 +106,5 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     assert tiny["adamw_s"]["fused"] > 0 and tiny["bf16_speedup"] > 0
     assert results["labeling"]["float32"]["job_samples_per_s"] > 0 and "bf16_over_float32_job" in results["labeling"]
     assert results["train_throughput"]["bf16_over_float32"]["model"] > 0
+    host = results["labeling_host"]["threads 1, decode on cpu"]
+    assert host["cpu_ms_per_sample"] > 0 and host["samples_per_s"] > 0
