@@ -1,5 +1,6 @@
 """The streaming reader: lossless round-trips, alignment errors, node/worker splitting, shuffling, resampling,
-corrupt shards (raise vs skip), plain webdataset / tar compatibility, and never unpickling shard content."""
+corrupt shards (raise vs skip), plain webdataset / tar compatibility, never unpickling shard content, and the tar
+stage reading every header as tarfile does."""
 
 import io
 import json
