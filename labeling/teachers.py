@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -234,7 +235,7 @@ def depth_for_normals(depth: torch.Tensor, meaning: str) -> torch.Tensor:
 # the teachers
 
 
-class Teacher:
+class Teacher(ABC):
     """One pseudo-labeling teacher: a transformers model, its image processor and batched post-processing.
 
     The common part of every kind: pre-processing by the model's processor, the forward pass under autocast on
@@ -278,8 +279,9 @@ class Teacher:
 
     @staticmethod
     def auto_class(config: Any) -> type:
-        """The transformers auto class that loads this kind's checkpoints of ``config.model_type``."""
-        raise NotImplementedError
+        """The transformers auto class that loads this kind's checkpoints of ``config.model_type``; a kind
+        without checkpoints of its own (normals run a depth model) has none."""
+        raise TypeError(f"no transformers checkpoints are teachers of this kind ({config.model_type})")
 
     @staticmethod
     def meaning_of(config: Any, model: str) -> str | None:
@@ -315,13 +317,13 @@ class Teacher:
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             return self.model(pixel_values=pixel_values.to(self.device))
 
+    @abstractmethod
     def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         """Model outputs at the working resolution as float32 tensors (per kind)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def postprocess(self, out: dict[str, torch.Tensor], sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
         """Outputs of ``forward()`` -> one label per image at ``sizes`` (per kind)."""
-        raise NotImplementedError
 
     @torch.inference_mode()
     def __call__(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
