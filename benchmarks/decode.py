@@ -5,7 +5,9 @@ For each member kind of ray-cast scenes, one process and one thread: CPU ms per 
 `shards.format.decode_*` (JPEG through libjpeg-turbo via torchvision where the header allows; PNG through
 Pillow), best of `--repeats` interleaved passes. Then the largest difference between the two JPEG decoders over
 `--n` JPEGs: ray-cast scenes, grainy photo-like images, gradients and noise, at qualities 70 to 95, chroma
-subsampling 4:4:4, 4:2:2 and 4:2:0, baseline and progressive, odd and even sizes.
+subsampling 4:4:4, 4:2:2 and 4:2:0, baseline and progressive, odd and even sizes. Last, the label PNG writer:
+CPU ms per member and file size of `shards.format` (ISA-L deflate level 2; depth Up-filtered, semseg unfiltered)
+against the same rows deflated by zlib (level 1 for depth, 6 for semseg) and against Pillow's PNG encoder.
 
     .venv/bin/python benchmarks/decode.py                 # 256 px, 300 JPEGs
     .venv/bin/python benchmarks/decode.py --n 600 --size 320
@@ -20,6 +22,7 @@ import os
 import sys
 import time
 import warnings
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -82,6 +85,36 @@ def pil_ids(data: bytes) -> np.ndarray:
         return np.asarray(im).astype(np.int64)
 
 
+def pil_png(values: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(values).save(buf, "PNG")  # Pillow's default: level 6, its own filter per row
+    return buf.getvalue()
+
+
+def encode_report(scenes: list[dict], repeats: int) -> None:
+    """The label PNG writer against zlib on the same rows and against Pillow's encoder, on the same maps."""
+    rng = np.random.default_rng(0)
+    smooth = [np.rint(s["depth_gt"] / s["depth_gt"].max() * F.DEPTH_LEVELS).astype(np.uint16) for s in scenes]
+    noisy = [np.clip(q + rng.normal(0, 30, q.shape), 0, F.DEPTH_LEVELS).astype(np.uint16) for q in smooth]
+    ids = [s["semseg_gt"].astype(np.uint8) for s in scenes]
+    print(f"\nlabel PNG writer, per member: CPU ms (best of {repeats}) / KB")
+    print(f"  {'map':<30}{'shards.format':>16}{'zlib, same rows':>18}{'Pillow':>16}")
+    for name, maps, up, level in (
+        ("depth of ray-cast scenes", smooth, True, 1),
+        ("depth + noise (sigma 30 levels)", noisy, True, 1),
+        ("semseg of ray-cast scenes", ids, False, 6),
+    ):
+        fns = {
+            "ours": lambda v, up=up: F._png(v, up=up),
+            "zlib": lambda v, up=up, level=level: F._png(v, up=up, deflate=lambda b: zlib.compress(b, level)),
+            "pil": pil_png,
+        }
+        ms = best_ms(fns, maps, repeats)
+        kb = {k: np.mean([len(fn(v)) for v in maps]) / 1024 for k, fn in fns.items()}
+        cells = [f"{ms[k]:.3f} / {kb[k]:.1f}" for k in fns]
+        print(f"  {name:<30}{cells[0]:>16}{cells[1]:>18}{cells[2]:>16}")
+
+
 def best_ms(fns: dict, items: list, repeats: int) -> dict[str, float]:
     """Least CPU ms per item of each function over `repeats` interleaved passes (load hits each alike)."""
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -130,6 +163,7 @@ def main() -> None:
     counts = np.bincount(diffs)
     print(f"\nJPEG: {len(data)} images, largest |libjpeg-turbo via torchvision - Pillow| = {max(diffs)}; images by")
     print("  largest difference: " + ", ".join(f"{v}: {c}" for v, c in enumerate(counts) if c))
+    encode_report(scenes, a.repeats)
 
 
 if __name__ == "__main__":

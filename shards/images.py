@@ -56,6 +56,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 import numpy as np
+from isal import isal_zlib  # ISA-L's inflate: the same bytes as zlib's, in less than half the time
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .limits import MAX_PIXELS
@@ -146,12 +147,7 @@ def open_image(data: bytes, formats: Sequence[str], max_pixels: int) -> Image.Im
 _SOF = {0xC0, 0xC1, 0xC2}  # baseline, extended and progressive Huffman JPEG: what Pillow and torchvision share
 _JPEG_SEGMENTS = {*range(0xE0, 0xF0), 0xDB, 0xC4, 0xDD, 0xFE}  # APPn, DQT, DHT, DRI, COM: skipped by length
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-try:  # ISA-L's inflate: the same bytes as zlib's, in less than half the time
-    from isal import isal_zlib as _inflate
-
-    _INFLATE_ERRORS: tuple[type[Exception], ...] = (zlib.error, _inflate.IsalError)
-except ImportError:
-    _inflate, _INFLATE_ERRORS = zlib, (zlib.error,)
+_INFLATE_ERRORS = (zlib.error, isal_zlib.IsalError)
 _PNG_MAX_SIDE = 1_000_000  # libpng's default user limit on width and height
 
 
@@ -226,10 +222,10 @@ def fast_png(data: bytes, max_pixels: int, bits: tuple[int, ...]) -> np.ndarray 
     """A grayscale PNG in the shard writer's layout -> (H, W) of its stored values, uint8 or big-endian uint16
     (a view, as stored); None for anything else (see the module docstring).
 
-    The layout: IHDR, one IDAT, IEND, `bits` 8 or 16, no interlace, and every row with the same filter, Up (what
-    `shards.format` writes) or Sub. The image data inflates through ISA-L where `isal` is installed, else zlib,
-    bounded by the size the header implies, the stream complete and its checksum right; the filter is undone
-    by prefix sums, down the columns (Up) or along the rows (Sub), in log2(side) vector adds. The values are
+    The layout: IHDR, one IDAT, IEND, `bits` 8 or 16, no interlace, and every row with the same filter: None or
+    Up (what `shards.format` writes), or Sub. The image data inflates through ISA-L, bounded by the size the header
+    implies, the stream complete and its checksum right; the filter is undone by prefix sums, down the columns
+    (Up) or along the rows (Sub), in log2(side) vector adds. The values are
     the stored ones, as Pillow gives them; nothing is interpreted.
     """
     if data[:16] != _PNG_SIGNATURE + b"\x00\x00\x00\x0dIHDR" or data[37:41] != b"IDAT":
@@ -246,7 +242,7 @@ def fast_png(data: bytes, max_pixels: int, bits: tuple[int, ...]) -> np.ndarray 
         return None
     sample = depth // 8
     row = 1 + w * sample  # the filter type byte, then the samples
-    inflate = _inflate.decompressobj()
+    inflate = isal_zlib.decompressobj()
     try:
         raw = inflate.decompress(memoryview(data)[41 : 41 + length], h * row + 1)
     except _INFLATE_ERRORS:
@@ -255,18 +251,29 @@ def fast_png(data: bytes, max_pixels: int, bits: tuple[int, ...]) -> np.ndarray 
         return None
     rows = np.frombuffer(raw, np.uint8).reshape(h, row)
     kind = rows[0, 0]
-    if kind not in (1, 2) or not (rows[:, 0] == kind).all():  # other filters: Pillow undoes them
+    if kind not in (0, 1, 2) or not (rows[:, 0] == kind).all():  # other filters: Pillow undoes them
         return None
-    values = rows[:, 1:].copy().reshape(h, w, sample)  # (H, W, bytes per sample)
-    axis_len = h if kind == 2 else w
-    step = 1
-    while step < axis_len:  # each byte becomes the sum, modulo 256, of its column (Up) or row (Sub) so far
-        if kind == 2:
-            values[step:] += values[:-step]  # numpy buffers the overlapping operand: the previous step's values
-        else:
-            values[:, step:] += values[:, :-step]
+    if kind == 0:  # no filter: the bytes are the values
+        values = rows[:, 1:]
+        return values.view(">u2") if depth == 16 else values
+
+    # each byte becomes the sum, modulo 256, of its column (Up) or row (Sub) so far: steps 1, 2, 4 ... between
+    # two buffers (in place, numpy would copy the overlapping operand on every step)
+    def along(a: np.ndarray) -> np.ndarray:
+        return a if kind == 2 else a.swapaxes(0, 1)
+
+    buffers = (np.empty((h, w, sample), np.uint8), np.empty((h, w, sample), np.uint8))
+    prev, step, i = along(rows[:, 1:].reshape(h, w, sample)), 1, 0
+    axis_len = prev.shape[0]
+    while True:
+        cur = along(buffers[i])
+        cur[:step] = prev[:step]
+        np.add(prev[step:], prev[:-step], out=cur[step:])
         step *= 2
-    values = values.reshape(h, w * sample)
+        if step >= axis_len:
+            break
+        prev, i = cur, 1 - i
+    values = buffers[i].reshape(h, w * sample)
     return values.view(">u2") if depth == 16 else values
 
 

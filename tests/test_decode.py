@@ -81,9 +81,10 @@ def sub_png(values: np.ndarray) -> bytes:
 
 
 def calls(monkeypatch) -> dict[str, int]:
-    """Counts of calls to the direct decoders: torchvision's, and zlib's inflate (fast_png), by name."""
+    """Counts of calls to the direct decoders: torchvision's, and ISA-L's inflate (fast_png), by name."""
     counts = {"decode_jpeg": 0, "decode_png": 0, "decompressobj": 0}
-    for module, name in ((torchvision.io, "decode_jpeg"), (torchvision.io, "decode_png"), (zlib, "decompressobj")):
+    decoders = ((torchvision.io, "decode_jpeg"), (torchvision.io, "decode_png"), (images.isal_zlib, "decompressobj"))
+    for module, name in decoders:
         real = getattr(module, name)
 
         def counted(*args, _real=real, _name=name, **kw):
@@ -131,15 +132,21 @@ def test_rgb_png_normals_decode_exactly_8_and_16_bit(seed):
     assert n.dtype == np.float32 and n.shape == (h, w, 3)
 
 
-def test_shard_pngs_are_up_filtered_and_open_in_pillow_as_before():
+def test_shard_pngs_are_up_filtered_or_unfiltered_and_open_in_pillow_as_before():
     q = planes(0, 40, 50, 65535).astype(np.uint16)
     png, _ = F.encode_depth(q.astype(np.float32))
     raw = zlib.decompress(idat_of(png))
     assert set(raw[:: 1 + 2 * 50]) == {2}  # every row's filter byte: Up
     with Image.open(io.BytesIO(png)) as im:
         assert im.mode == "I;16" and im.size == (50, 40)
-    with Image.open(io.BytesIO(F.encode_semseg(np.zeros((3, 4), int), 9))) as im:
-        assert im.mode == "L"
+    ids = planes(1, 40, 50, 8)
+    for num_classes, mode in ((9, "L"), (300, "I;16")):
+        png = F.encode_semseg(ids, num_classes)
+        raw = zlib.decompress(idat_of(png))
+        assert set(raw[:: 1 + 50 * (1 if mode == "L" else 2)]) == {0}  # label maps: no filter
+        assert np.array_equal(pillow_reference(png), ids) and np.array_equal(F.decode_semseg(png), ids)
+        with Image.open(io.BytesIO(png)) as im:
+            assert im.mode == mode
     with pytest.raises(F.FormatError, match="empty image"):
         F._png(np.zeros((0, 4), np.uint16))
 
@@ -149,6 +156,9 @@ def test_damaged_shard_pngs_leave_the_fast_path_and_decode_or_fail_as_before(mon
     idat = idat_of(good)
     raw = bytearray(zlib.decompress(idat))
     raw[1 + 2 * 41] = 1  # the second row Sub-filtered: still a valid PNG
+    unfiltered = F.encode_semseg(planes(6, 30, 41, 8), 9)
+    mixed = bytearray(zlib.decompress(idat_of(unfiltered)))
+    mixed[1 + 41] = 2  # the second row of an unfiltered label map Up-filtered
     damaged = {
         "bad IHDR CRC": good[:29] + bytes(4) + good[33:],
         "bad adler32": with_idat(good, idat[:-4] + bytes(4)),
@@ -156,6 +166,7 @@ def test_damaged_shard_pngs_leave_the_fast_path_and_decode_or_fail_as_before(mon
         "another filter": with_idat(good, zlib.compress(bytes(raw))),
         "extra rows": with_idat(good, zlib.compress(zlib.decompress(idat) + bytes(1 + 2 * 41))),
         "no IEND": good[:-12],
+        "an unfiltered map with one Up row": with_idat(unfiltered, zlib.compress(bytes(mixed))),
     }
 
     def outcome(decode, data: bytes) -> tuple[str, object]:
@@ -165,7 +176,7 @@ def test_damaged_shard_pngs_leave_the_fast_path_and_decode_or_fail_as_before(mon
             return "error", f"{type(e).__name__}: {e}"
 
     for name, data in damaged.items():
-        assert fast_png(data, 2**30, (16,)) is None, name
+        assert fast_png(data, 2**30, (8, 16)) is None, name
         got = outcome(F.decode_semseg, data), outcome(lambda d: F.decode_depth(d, [0.0, 1.0]), data)
         with monkeypatch.context() as m:
             m.setattr(F, "fast_png", lambda *args, **kw: None)  # the Pillow path alone, as before
@@ -293,6 +304,10 @@ def test_too_many_pixels_are_refused_from_the_header_before_decoding(monkeypatch
     with pytest.raises(F.FormatError, match=r"too large: 40x30 px \(limit 1000 px\)"):
         F.decode_depth(F.encode_depth(np.ones((30, 40), np.float32))[0], [0.0, 1.0])
     assert count == {"decode_jpeg": 0, "decode_png": 0, "decompressobj": 0}
+    monkeypatch.delenv("MULTIMAE_MAX_PIXELS")
+    F.decode_depth(F.encode_depth(np.ones((30, 40), np.float32))[0], [0.0, 1.0])
+    F.decode_rgb(F.encode_rgb(np.zeros((64, 64, 3), np.uint8)))
+    assert count == {"decode_jpeg": 1, "decode_png": 0, "decompressobj": 1}  # what the limits kept from them
 
 
 # --- what the fast path leaves to Pillow ----------------------------------------------------------
@@ -340,15 +355,24 @@ def _text_chunk():
     return info
 
 
-def test_label_pngs_inflate_the_same_without_isal(monkeypatch):
+def test_label_pngs_are_standard_zlib_streams_and_zlib_pngs_decode_the_same():
+    """The writer deflates with ISA-L, the reader inflates with ISA-L: zlib (any PNG reader) reads the writer's
+    streams, and the reader reads zlib's at every level."""
     q = planes(7, 33, 45, 65535).astype(np.uint16)
-    pngs = [F._png(q), sub_png(q), F._png(q.astype(np.uint8))]
-    with_isal = [fast_png(png, 2**30, (8, 16)) for png in pngs]
-    monkeypatch.setattr(images, "_inflate", zlib)
-    monkeypatch.setattr(images, "_INFLATE_ERRORS", (zlib.error,))
-    for png, fast in zip(pngs, with_isal):
-        assert fast is not None and np.array_equal(fast_png(png, 2**30, (8, 16)), fast)
-    assert fast_png(with_idat(pngs[0], idat_of(pngs[0])[:-4] + bytes(4)), 2**30, (16,)) is None  # bad adler32
+    for values in (q, q.astype(np.uint8), np.stack([q, q // 3, q // 7], -1).astype(np.uint16)):
+        png = F._png(values)
+        raw = zlib.decompress(idat_of(png))
+        assert len(raw) == values.shape[0] * (1 + values[0].size * values.dtype.itemsize)
+        with Image.open(io.BytesIO(png)) as im:
+            im.load()  # Pillow's zlib checks the stream (adler32) and the chunk CRCs
+        for level in (1, 6, 9):
+            again = with_idat(png, zlib.compress(raw, level))
+            if values.ndim == 2:
+                assert np.array_equal(fast_png(again, 2**30, (8, 16)), fast_png(png, 2**30, (8, 16)))
+                assert np.array_equal(fast_png(png, 2**30, (8, 16)), values)
+    gray = F._png(q)
+    assert fast_png(gray, 2**30, (16,)) is not None
+    assert fast_png(with_idat(gray, idat_of(gray)[:-4] + bytes(4)), 2**30, (16,)) is None  # bad adler32
 
 
 def test_without_torchvision_decoders_pillow_decodes_the_same(monkeypatch):
