@@ -4,7 +4,8 @@
 #      samples/s and MFU (of the measured bf16 matmul peak);
 #   2. labeling: paper-size teachers built from configs with random weights (DPT-Hybrid and Mask2Former Swin-S at
 #      384 px), in-process (--no-ray), 512 images, bf16 and float32;
-#   3. trainer throughput: the full step (shard loader + model) vs the model step, ViT-B, batch 64, 12 workers;
+#   3. trainer throughput: the full step (shard loader + model) vs the model step, ViT-B, batch 64, 12 workers,
+#      rgb decoded by the workers and by nvJPEG on the GPU (data.decode_device cpu / cuda);
 #   4. labeling host side: null teachers at 256 px, input JPEGs decoded by the CPU vs batched on the GPU (nvJPEG),
 #      host CPU ms per sample.
 # Each benchmark writes OUT_DIR/<name>.json and .log; OUT_DIR/gpu-results.json gathers them with the device,
@@ -31,7 +32,7 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 if [ "$mode" = "--dry-run" ]; then
   model=(--device cpu --size tiny --batch 2 --steps 1 --warmup 1 --image-size 64 --tokens 16 --threads 1)
   label=(--device cpu --no-ray --num 4 --shard-size 4 --size 64 --batch-size 4 --naive-num 1)
-  train=(--device cpu --num 16 --batch 2 --workers 0 --steps 1 --warmup 1 --image-size 64)
+  train=(--device cpu --num 16 --batch 2 --workers 0 --steps 1 --warmup 1 --image-size 64 --decode-devices cpu auto)
   host=(--device cpu --num 8 --shard-size 4 --size 64 --batch-size 4 --host-threads 1 --decode-devices cpu)
   export OMP_NUM_THREADS=1
 elif [ -n "$mode" ]; then
@@ -40,7 +41,7 @@ elif [ -n "$mode" ]; then
 else
   model=(--device cuda --size base --batch 64 --steps 20)
   label=(--device cuda --real-size --no-ray --num 512 --shard-size 128 --batch-size 32 --naive-num 16)
-  train=(--device cuda --size base --batch 64 --workers 12 --num 1024 --steps 20)
+  train=(--device cuda --size base --batch 64 --workers 12 --num 1024 --steps 20 --decode-devices cpu cuda)
   host=(--device cuda --num 1024 --shard-size 256 --size 256 --batch-size 64 --host-threads 4 --decode-devices cpu cuda)
 fi
 

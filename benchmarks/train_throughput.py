@@ -5,6 +5,8 @@ of MultiMAE pre-training on one batch kept in device memory; "full" is the same 
 streaming loader (reader -> joint crop/flip -> normalization, `--workers` DataLoader workers). Both use the
 trainer's own setup (`multimae.train.main.setup`) and step (`engine.forward_loss`). Printed: samples/s, the
 ratio full / model (does the data path keep up? target >= 0.95: within 5 %) and the ratio bf16 / float32.
+`--decode-devices cpu cuda` times the full step with rgb decoded by the loader workers and by nvJPEG on the GPU
+(`data.decode_device`).
 
     python benchmarks/train_throughput.py                                   # tiny demo config, CPU
     python benchmarks/train_throughput.py --size base --batch 8 --workers 2 # ViT-B/16 at 224 px, CPU
@@ -75,28 +77,37 @@ def measure(cfg, root: str, device: torch.device, args) -> dict[str, float]:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    loader = mdata.train_loader(
-        root,
-        run.plan.train_shards,
-        run.transform_args,
-        micro_batch=args.batch,
-        num_workers=args.workers,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        seed=0,
-        chunk=0,
-        rank=0,
-    )
-    stream = iter(loader)
-    fixed = next(stream)
+    def loader(defer_rgb: bool):
+        return mdata.train_loader(
+            root,
+            run.plan.train_shards,
+            run.transform_args,
+            micro_batch=args.batch,
+            num_workers=args.workers,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            seed=0,
+            chunk=0,
+            rank=0,
+            pin_memory=device.type == "cuda",
+            defer_rgb=defer_rgb,
+        )
+
+    fixed = next(iter(loader(False)))  # decoded by the workers: the model step alone
 
     def repeat():
         while True:
             yield fixed
 
-    model_s = timed_steps(step, repeat(), args.steps, args.warmup, sync)
-    full_s = timed_steps(step, stream, args.steps, args.warmup, sync)
     n = args.steps * args.batch
-    return {"model_samples_per_s": n / model_s, "full_samples_per_s": n / full_s, "dtype": str(run.dtype)}
+    out = {"model_samples_per_s": n / timed_steps(step, repeat(), args.steps, args.warmup, sync), "full": {}}
+    transform = mdata.SampleTransform(train=True, **run.transform_args)
+    for setting in args.decode_devices:
+        where = mdata.rgb_decode_device(setting, device, transform)
+        full_s = timed_steps(step, iter(loader(where != "cpu")), args.steps, args.warmup, sync)
+        out["full"][setting] = {"rgb_decoded_on": where, "samples_per_s": n / full_s}
+    out["full_samples_per_s"] = out["full"][args.decode_devices[0]]["samples_per_s"]
+    out["dtype"] = str(run.dtype)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,6 +127,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument(
+        "--decode-devices",
+        nargs="+",
+        choices=["auto", "cpu", "cuda"],
+        default=["auto"],
+        help="data.decode_device settings to time the full step with (the ratio line uses the first)",
+    )
     p.add_argument("--json", help="also write the results as JSON here")
     args = p.parse_args(argv)
 
@@ -152,7 +170,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         r = results[label] = measure(cfg, root, device, args)
         print(f"{label:9s} model step on an in-memory batch : {r['model_samples_per_s']:8.1f} samples/s")
-        print(f"{label:9s} full step (shard loader + model) : {r['full_samples_per_s']:8.1f} samples/s")
+        for setting, f in r["full"].items():
+            where = f"data.decode_device={setting}: rgb decoded on {f['rgb_decoded_on']}"
+            print(f"{label:9s} full step (shard loader + model) : {f['samples_per_s']:8.1f} samples/s  ({where})")
         print(
             f"{label:9s} ratio full / model               : "
             f"{r['full_samples_per_s'] / r['model_samples_per_s']:8.3f}  (target >= 0.95)"

@@ -28,7 +28,6 @@ The manifest is updated atomically once every shard of a new modality is complet
 
 from __future__ import annotations
 
-import io
 import os
 import queue
 import sys
@@ -37,15 +36,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from shards import fs, modalities
-from shards.format import FormatError, decode_rgb, encode_sample, modality_entry, read_manifest, update_manifest
-from shards.images import jpeg_header
-from shards.limits import max_pixels
+from shards.format import FormatError, encode_sample, modality_entry, read_manifest, update_manifest
 from shards.lock import output_lock
+from shards.nvjpeg import EncodedJpeg, decode_jpegs, nvjpeg_works
 from shards.reader import decode_members, iter_shard_members
 from shards.writer import ShardWriter, committed_shards, read_stats, stats_path
 
@@ -91,14 +89,11 @@ def decoded_batches(
     """
 
     def decode(raw: dict) -> Sample:
-        if defer_jpeg and "__damaged__" not in raw:
-            data = raw[modality].get(f"{modality}.jpg")
-            header = jpeg_header(data) if data is not None else None
-            if header is not None and header[2:] == (8, 3) and 0 < header[0] * header[1] <= max_pixels():
-                return raw["__key__"], EncodedJpeg(data), None
         try:
-            img = torch.from_numpy(decode_members(root, raw, [modality])[modality].copy())  # uint8 (H, W, 3)
-            return raw["__key__"], img, None
+            img = decode_members(root, raw, [modality], [modality] if defer_jpeg else ())[modality]
+            if isinstance(img, EncodedJpeg):
+                return raw["__key__"], img, None
+            return raw["__key__"], torch.from_numpy(img.copy()), None  # uint8 (H, W, 3)
         except FormatError as e:  # corrupt, damaged or missing member: recorded, not fatal
             return raw["__key__"], None, f"decode {modality}: {e}"
 
@@ -113,12 +108,6 @@ def decoded_batches(
         yield batch
 
 
-class EncodedJpeg(NamedTuple):
-    """An input JPEG whose header passed the checks, left for `device_decode` (nvJPEG on the actor's GPU)."""
-
-    data: bytes
-
-
 def decode_device(setting: str, device: str) -> str:
     """Where an actor decodes its input JPEGs: `cpu`, `cuda`, or `auto` = the actor's GPU when it runs on CUDA
     and nvJPEG decodes there, else the CPU (PNG and WebP members are always decoded on the CPU)."""
@@ -130,41 +119,17 @@ def decode_device(setting: str, device: str) -> str:
     return device if setting == "cuda" or nvjpeg_works(device) else "cpu"
 
 
-def nvjpeg_works(device: str) -> bool:
-    """torchvision's batched JPEG decoder runs on `device` (a CUDA build with nvJPEG)."""
-    from PIL import Image
-    from torchvision.io import decode_jpeg
-
-    buf = io.BytesIO()
-    Image.new("RGB", (16, 16), (90, 120, 150)).save(buf, "JPEG")
-    try:
-        decode_jpeg([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)], device=device)
-    except (RuntimeError, ValueError, TypeError):
-        return False
-    return True
-
-
 def device_decode(batch: list[Sample], device: str, modality: str) -> list[Sample]:
-    """The batch with its `EncodedJpeg`s decoded on `device` in one batched call ((H, W, 3) uint8 tensors there);
-    when the batched call fails, each of them is decoded on the CPU (a bad one then carries its error)."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
+    """The batch with its `EncodedJpeg`s decoded on `device` in one batched call ((H, W, 3) uint8 tensors there;
+    `shards.nvjpeg.decode_jpegs`); one that does not decode carries its error."""
     todo = [i for i, (_, img, _) in enumerate(batch) if isinstance(img, EncodedJpeg)]
-    if not todo:
-        return batch
     out = list(batch)
-    datas = [torch.frombuffer(bytearray(batch[i][1].data), dtype=torch.uint8) for i in todo]
-    try:
-        images = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)  # [(3, H, W)] on the device
-        for i, img in zip(todo, images):
-            out[i] = (batch[i][0], img.permute(1, 2, 0), None)
-    except RuntimeError:
-        for i in todo:
-            key, jpeg, _ = batch[i]
-            try:
-                out[i] = (key, torch.from_numpy(decode_rgb(jpeg.data).copy()), None)
-            except Exception as e:  # Pillow / libjpeg errors on damaged data, as `decode_members` records them
-                out[i] = (key, None, f"decode {modality}: {type(e).__name__}: {e}")
+    for i, img in zip(todo, decode_jpegs([batch[i][1] for i in todo], device)):
+        key = batch[i][0]
+        if isinstance(img, Exception):
+            out[i] = (key, None, f"decode {modality}: {img}")
+        else:
+            out[i] = (key, img.permute(1, 2, 0), None)
     return out
 
 

@@ -45,6 +45,7 @@ from . import fs
 from .format import CODECS, FormatError, codec, decode_sample, modality_kind, parse_cls, read_manifest
 from .images import preload_decoders
 from .limits import MAX_JSON_BYTES
+from .nvjpeg import encoded_jpeg
 from .tars import iter_samples
 from .writer import (
     check_stats,
@@ -213,11 +214,14 @@ def _check_against_stats(url: str, path: str, keys: list[str], stats: dict) -> N
         raise FormatError(f"{url}: its keys differ from the keys_digest in {path}: the tar was altered after writing")
 
 
-def decode_members(root: str, sample: dict[str, Any], modalities: Sequence[str]) -> dict[str, Any]:
+def decode_members(
+    root: str, sample: dict[str, Any], modalities: Sequence[str], defer_jpeg: Sequence[str] = ()
+) -> dict[str, Any]:
     """Decode one aligned raw sample (from iter_shard_members) into numpy arrays (+ "cls": int when stored).
 
-    Raises FormatError naming the tar and key when a member is damaged (digest), does not decode, or shapes
-    disagree.
+    A modality in `defer_jpeg` whose member is a JPEG a device decoder takes stays encoded, as a
+    `shards.nvjpeg.EncodedJpeg` (its digest and header checked). Raises FormatError naming the tar and key
+    when a member is damaged (digest), does not decode, or shapes disagree.
     """
     key, name = sample["__key__"], sample["__shard__"]
     out: dict[str, Any] = {"__key__": key, "__shard__": name}
@@ -230,7 +234,9 @@ def decode_members(root: str, sample: dict[str, Any], modalities: Sequence[str])
     for m in modalities:
         members = sample[m]
         try:
-            out[m] = decode_sample(m, members)
+            jpeg = members.get(f"{m}.jpg") if m in defer_jpeg else None
+            encoded = encoded_jpeg(jpeg) if jpeg is not None else None
+            out[m] = encoded if encoded is not None else decode_sample(m, members)
             if "cls" in members and "cls" not in out:
                 out["cls"] = parse_cls(members["cls"])
         except Exception as exc:  # PIL / zlib / json / FormatError from the codec
@@ -316,11 +322,11 @@ def _aligned_(names, root: str, modalities: list[str], on_error: OnError, counte
             _count(counters, "shards", exc)
 
 
-def _decoded_(samples, root: str, modalities: list[str], on_error: OnError, counters: dict):
+def _decoded_(samples, root: str, modalities: list[str], on_error: OnError, counters: dict, defer_jpeg=()):
     """Raw aligned samples -> decoded numpy samples; a sample that does not decode is dropped under "skip"."""
     for sample in samples:
         try:
-            out = decode_members(root, sample, modalities)
+            out = decode_members(root, sample, modalities, defer_jpeg)
         except FormatError as exc:
             if on_error == "raise":
                 raise
@@ -369,6 +375,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
     ahead, concurrently, while it reads the current one; 0 streams each tar when it is reached. Memory per
     reader grows by up to `readahead` + 1 shards (all chosen modalities). The storage options of the
     process that builds the dataset travel with it into DataLoader workers.
+
+    `defer_jpeg`: modalities whose JPEG members come out encoded, as `shards.nvjpeg.EncodedJpeg` (digest and
+    header checked), for a consumer that decodes them in batches on its GPU; other members of those
+    modalities (PNG, WebP, CMYK or 12-bit JPEGs) are decoded here as usual.
     """
 
     def __init__(
@@ -389,6 +399,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         world_size: int | None = None,
         verify_digests: bool = True,
         readahead: int = READAHEAD,
+        defer_jpeg: Sequence[str] = (),
     ):
         super().__init__()
         _check_on_error(on_error)
@@ -405,6 +416,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.on_error, self.transform, self.verify_digests = on_error, transform, verify_digests
         self.rank, self.world_size = rank, world_size
         self.readahead = readahead if not fs.is_local(root) else 0
+        self.defer_jpeg = tuple(defer_jpeg)
         self.storage_options = fs.storage_options()
         self.epoch = 0
         self.skipped: dict[str, int] = {"shards": 0, "samples": 0}
@@ -474,7 +486,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         if self.shuffle_buffer > 1:
             seed = make_seed(self.seed, self.epoch, rank, worker)
             stages.append(wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, seed=seed))
-        stages.append(_decoded(self.root, self.modalities, self.on_error, self.skipped))
+        stages.append(_decoded(self.root, self.modalities, self.on_error, self.skipped, self.defer_jpeg))
         if self.transform is not None:
             stages.append(wds.map(self.transform))
         return iter(wds.DataPipeline(*stages))

@@ -493,7 +493,7 @@ def test_decode_device_selection_and_the_batched_decode_path(rgb_set, tmp_path):
     decoded = device_decode(deferred, "cpu", "rgb")  # the same batched call nvJPEG gets, on the CPU here
     for (key, a, _), (key2, b, err) in zip(plain, decoded):
         assert key == key2 and err is None and torch.equal(a, b)
-    broken = deferred[:2] + [(deferred[2][0], EncodedJpeg(deferred[2][1].data[:300]), None)]
+    broken = deferred[:2] + [(deferred[2][0], deferred[2][1]._replace(data=deferred[2][1].data[:300]), None)]
     out = device_decode(broken, "cpu", "rgb")
     assert [err is None for _, _, err in out] == [True, True, False] and "decode rgb" in out[2][2]
     assert torch.equal(out[0][1], plain[0][1])

@@ -20,8 +20,9 @@ from shards.format import FormatError, modality_kind
 __all__ = ["ConfigError", "RunConfig", "from_dict", "load_run_config"]
 
 Objective = Literal["pretrain", "cls", "semseg", "depth", "dense"]
-#: data settings that say how the storage is reached; left out of saved configs and run identities
-STORAGE_KEYS = ("readahead", "storage_options")
+#: data settings that say how the storage is reached and where the rgb JPEGs are decoded, as the run's device
+#: does; left out of saved configs and run identities
+RUNTIME_KEYS = ("readahead", "storage_options", "decode_device")
 
 
 @dataclass
@@ -82,6 +83,8 @@ class DataConfig:
     ignore_index: int = 255  # semseg label ignored by loss and metrics
     reduce_zero_label: bool = False  # ADE20K-style: class 0 is "unlabeled" -> ignore, others shift by -1
     # object storage (docs/object-storage.md); neither changes what is trained, so neither is saved with the run
+    # training rgb JPEGs: auto = decoded by nvJPEG on the run's GPU, one call per batch, when the recipe allows
+    decode_device: Literal["auto", "cpu", "cuda"] = "auto"
     readahead: int = 2  # remote shard sets: shards each loader worker downloads ahead of the one it reads
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec filesystem arguments (not credentials)
 
@@ -179,10 +182,11 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        """The config as plain data, as checkpoints and config.json keep it: without the storage settings
-        (data.readahead, data.storage_options), which say how to reach the data, not what the run is."""
+        """The config as plain data, as checkpoints and config.json keep it: without the runtime settings
+        (data.readahead, data.storage_options, data.decode_device), which say how to reach the data and where to
+        decode it, not what the run is."""
         out = dataclasses.asdict(self)
-        for key in STORAGE_KEYS:
+        for key in RUNTIME_KEYS:
             del out["data"][key]
         return out
 

@@ -8,7 +8,12 @@ Stages, in order:
      augmentation recipe (augment.py) to every modality of the sample, colour augmentation to rgb, and
      normalizes rgb with the ImageNet mean/std; semseg *inputs* come out at 1/SEMSEG_STRIDE resolution. Each
      kind follows its rules in `shards.modalities` (dtype, resize, flip, padding, standardization).
-  3. `default_collate` builds the batch: {domain: (B, C, H, W) or (B, H, W), "target": ..., "__key__": [...]}.
+  3. `collate` builds the batch: {domain: (B, C, H, W) or (B, H, W), "target": ..., "__key__": [...]}.
+
+With `data.decode_device` on the GPU (`rgb_decode_device`), the workers leave each rgb JPEG encoded with its
+sample's geometry (`DeferredRgb`); the batch step decodes the batch in one nvJPEG call on the GPU and crops,
+flips and normalizes there (`finish_rgb`). The geometry is drawn in the worker as before, so both paths train
+on the same crops.
 
 Exact resume: the stream is cut into chunks of `chunk_steps` optimizer steps. Chunk c is a fresh DataLoader
 whose reader and augmentation are seeded from (seed, c, rank, worker), so the batches of step s are a pure
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -31,8 +36,10 @@ from multimae.losses import robust_standardize_depth
 from shards import format as fmt
 from shards import modalities
 from shards.depth_space import to_depth_space
+from shards.nvjpeg import EncodedJpeg, decode_jpegs, nvjpeg_works
 
-from .augment import RGB_PAD, ColorAugment, apply_plan, eval_plan, pad_to, train_plan
+from .augment import RGB_PAD, ColorAugment, Plan, apply_plan, eval_plan, pad_to, train_plan
+from .config import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -64,6 +71,13 @@ def map_semseg_labels(ids: torch.Tensor, reduce_zero_label: bool, ignore_index: 
     if not reduce_zero_label:
         return ids
     return torch.where(ids == 0, torch.full_like(ids, ignore_index), ids - 1)
+
+
+class DeferredRgb(NamedTuple):
+    """An rgb input left for the batch step: its JPEG, still encoded, and the sample's geometry."""
+
+    jpeg: EncodedJpeg
+    plan: Plan
 
 
 @dataclass
@@ -103,8 +117,10 @@ class SampleTransform:
             self._rng = np.random.default_rng([*self.seed, info.id if info is not None else 0])
         return self._rng
 
-    def _tensor(self, modality: str, value: np.ndarray) -> tuple[str, torch.Tensor]:
+    def _tensor(self, modality: str, value: np.ndarray | EncodedJpeg) -> tuple[str, torch.Tensor | EncodedJpeg]:
         kind = fmt.modality_kind(modality)
+        if isinstance(value, EncodedJpeg):  # the reader left it for the GPU (train_loader's defer_rgb)
+            return kind, value
         if kind == "depth":
             value = to_depth_space(value, self.depth_meanings.get(modality, "metric_m"), self.depth_space)
         return kind, to_tensor(kind, value)
@@ -113,7 +129,8 @@ class SampleTransform:
         items = [(domain, *self._tensor(modality, sample[modality])) for domain, modality in self.inputs.items()]
         if self.target is not None and self.target != "cls":
             items.append(("target", *self._tensor(self.target, sample[self.target])))
-        h, w = items[0][2].shape[-2:]
+        first = items[0][2]
+        h, w = (first.height, first.width) if isinstance(first, EncodedJpeg) else first.shape[-2:]
         if self.train:
             plan = train_plan(self.augment, h, w, self.image_size, self.rng(), scale=self.crop_scale,
                               ratio=self.crop_ratio, hflip=self.hflip)  # fmt: skip
@@ -124,7 +141,9 @@ class SampleTransform:
         for name, kind, x in items:
             target = name == "target"
             rule = modalities.get(kind)
-            if rule.pad == "grey":  # rgb: colour, then normalization
+            if isinstance(x, EncodedJpeg):  # no colour augmentation (rgb_decode_device): the plan is all
+                y = DeferredRgb(x, plan)
+            elif rule.pad == "grey":  # rgb: colour, then normalization
                 y = apply_plan(x, kind, plan, pad=False)
                 y = self.color(y, self.rng()) if self.train else y
                 y = normalize_rgb(pad_to(y, plan, fill=RGB_PAD))  # (3, S, S)
@@ -141,6 +160,59 @@ class SampleTransform:
                 raise fmt.FormatError(f"sample {sample['__key__']} in shard {sample.get('__shard__')} has no cls label")
             out["target"] = int(sample["cls"])
         return out
+
+
+def rgb_decode_device(setting: str, device: torch.device, transform: SampleTransform) -> str:
+    """Where the training stream's rgb JPEGs are decoded (`data.decode_device`): "cpu" (the loader workers)
+    or the run's CUDA device (one nvJPEG call per batch, then the crop there). `auto` takes the GPU when the run
+    is on CUDA, rgb is an input, its recipe has no colour augmentation (RandAugment and colour jitter run on
+    the CPU) and nvJPEG decodes on that device; `cuda` requires all of these."""
+    if setting == "cpu":
+        return "cpu"
+    if device.type != "cuda":
+        reason = f"the run is on {device.type}"
+    elif "rgb" not in transform.inputs:
+        reason = "rgb is not an input"
+    elif transform.color.ops is not None:
+        reason = f"the {transform.augment} recipe's rgb colour augmentation runs on the CPU"
+    elif not nvjpeg_works(str(device)):
+        reason = f"nvJPEG does not decode on {device}"
+    else:
+        return str(device)
+    if setting == "cuda":
+        raise ConfigError(f"data.decode_device: cuda needs rgb decoded on the GPU, but {reason}")
+    return "cpu"
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """`default_collate`, except that a domain with deferred rgb inputs stays a list (for `finish_rgb`)."""
+    deferred = {k for s in samples for k, v in s.items() if isinstance(v, DeferredRgb)}
+    batch = default_collate([{k: v for k, v in s.items() if k not in deferred} for s in samples])
+    batch.update({k: [s[k] for s in samples] for k in deferred})
+    return batch
+
+
+def finish_rgb(batch: dict[str, Any], device: torch.device | str) -> None:
+    """Deferred rgb inputs of a collated batch, in place, on `device`: one batched JPEG decode, then each
+    sample's crop, flip, padding and normalization (as `SampleTransform` does them on the CPU); inputs the
+    workers finished (PNG members, say) are stacked with them in order. Raises FormatError naming the key of
+    a JPEG that does not decode."""
+    for domain, items in batch.items():
+        if not isinstance(items, list) or not any(isinstance(v, DeferredRgb) for v in items):
+            continue
+        todo = [v for v in items if isinstance(v, DeferredRgb)]
+        images = iter(decode_jpegs([v.jpeg for v in todo], device))
+        out = []
+        for key, v in zip(batch["__key__"], items):
+            if not isinstance(v, DeferredRgb):
+                out.append(v.to(device, non_blocking=True))
+                continue
+            img = next(images)
+            if isinstance(img, Exception):
+                raise fmt.FormatError(f"sample {key!r}: rgb {img}")
+            y = apply_plan(img, "rgb", v.plan, pad=False)
+            out.append(normalize_rgb(pad_to(y, v.plan, fill=RGB_PAD)))
+        batch[domain] = torch.stack(out)
 
 
 def depth_meanings(manifest: dict) -> dict[str, str]:
@@ -233,15 +305,19 @@ def train_loader(
     rank: int,
     readahead: int = 2,
     pin_memory: bool = False,
+    defer_rgb: bool = False,
 ) -> DataLoader:
     """The infinite, resampled training stream of one rank for chunk `chunk` (see module docstring).
 
     pin_memory (a CUDA run): batches come in page-locked memory, so `to_device`'s non-blocking copies overlap
     the step. Workers are not persistent: each chunk is a fresh, freshly seeded loader (exact resume).
+    defer_rgb: rgb JPEG inputs come as `DeferredRgb`, for `finish_rgb` on the GPU (`rgb_decode_device`).
     """
     from shards.reader import ShardDataset
 
     transform = SampleTransform(train=True, seed=(seed, chunk, rank), **transform_args)
+    if defer_rgb and transform.color.ops is not None:
+        raise ValueError(f"defer_rgb: the {transform.augment} recipe colour-augments rgb on the CPU")
     dataset = ShardDataset(
         root,
         modalities_needed(transform.inputs, transform.target),
@@ -255,13 +331,14 @@ def train_loader(
         shards=shards,
         transform=transform,
         readahead=readahead,
+        defer_jpeg=[transform.inputs["rgb"]] if defer_rgb else (),
     )
     dataset.set_epoch(chunk)
     return DataLoader(
         dataset,
         batch_size=micro_batch,
         num_workers=num_workers,
-        collate_fn=default_collate,
+        collate_fn=collate,
         drop_last=True,
         pin_memory=pin_memory,
         persistent_workers=False,

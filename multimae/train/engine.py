@@ -205,6 +205,7 @@ def train_steps(run: Run, end: int) -> dict[str, float]:
             chunk=chunk,
             rank=d.rank,
             pin_memory=d.device.type == "cuda",
+            defer_rgb=run.decode_device != "cpu",
         )
         batches = iter(loader)
         for _ in range((run.step - chunk * plan.chunk_steps) * accum):

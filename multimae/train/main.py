@@ -212,6 +212,7 @@ def setup(
         warmup_lr=cfg.optim.warmup_lr,
         min_lr=cfg.optim.min_lr,
     )
+    transform = mdata.SampleTransform(train=True, **mdata.transform_args(cfg, parts["manifest"]))
     run = Run(
         **parts,
         module=wrap_model(model, cfg, d, spec),
@@ -219,6 +220,7 @@ def setup(
         schedule=schedule,
         logger=Logger(folder, d.main, cfg.log.tensorboard, start_step=step),
         step=step,
+        decode_device=mdata.rgb_decode_device(cfg.data.decode_device, d.device, transform),
     )
     if d.main:
         fs.makedirs(out_dir)
@@ -229,7 +231,7 @@ def setup(
             f"device {d.device} {dtype_name(dtype)} | global batch {cfg.train.batch_size} = {d.world} x "
             f"{cfg.train.accum_steps} x {plan.micro_batch} | lr {plan.base_lr:.3g} | steps {plan.total_steps} "
             f"(warmup {plan.warmup_steps}) | train shards {len(plan.train_shards)} ({plan.num_train_samples} "
-            f"samples), eval shards {len(plan.eval_shards)}",
+            f"samples), eval shards {len(plan.eval_shards)} | rgb decoded on {run.decode_device}",
             flush=True,
         )
     return run, state

@@ -92,6 +92,7 @@ class Run:
     init_step: int = 0  # the step of the --init checkpoint (what --eval-only reports without a run of its own)
     schedule: dict[str, Any] = field(default_factory=dict)
     logger: Logger | None = None
+    decode_device: str = "cpu"  # where the training stream's rgb JPEGs are decoded (`data.rgb_decode_device`)
 
     @property
     def eval_root(self) -> str:
@@ -116,7 +117,8 @@ class Run:
         return torch.autocast(device, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     def prepare_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """A collated batch on the run's device, depth inputs standardized."""
+        """A collated batch on the run's device, deferred rgb decoded there, depth inputs standardized."""
         batch = mdata.to_device(batch, self.dist.device)
+        mdata.finish_rgb(batch, self.dist.device)
         mdata.standardize_depth_inputs(batch, self.cfg.data.inputs, self.cfg.data.standardize_depth)
         return batch
