@@ -317,14 +317,29 @@ def decode_report(shard_root: str, folder_root: str, repeats: int) -> None:
         for _ in ShardDataset(shard_root, MODS, verify_digests=False):
             pass
 
+    memory = InMemoryDataset(folder)
+
+    def pil_in_memory() -> None:
+        for blobs, rng in memory.items:
+            _decode_folder_sample(*blobs, rng)
+
+    def decoders_in_memory() -> None:
+        for blobs, rng in memory.items:
+            _decode_members(*blobs, rng)
+
     n = len(folder)
-    ms = {k: v / n * 1e3 for k, v in best_cpu(folder_pil, shards, shards_no_digests, repeats=repeats).items()}
+    fns = (folder_pil, shards, shards_no_digests, pil_in_memory, decoders_in_memory)
+    ms = {k: v / n * 1e3 for k, v in best_cpu(*fns, repeats=repeats).items()}
     print(f"\ndecode to arrays, one process, one thread, no augmentation, best of {repeats} (CPU ms/sample):")
     print(f"  folder layout, PIL                 {ms['folder_pil']:6.2f}")
     print(f"  ShardDataset                       {ms['shards']:6.2f}")
     print(f"  ShardDataset, digests off          {ms['shards_no_digests']:6.2f}")
+    print(f"  the same bytes from memory: PIL    {ms['pil_in_memory']:6.2f}")
+    print(f"  the same bytes from memory: shards.format decoders {ms['decoders_in_memory']:6.2f}")
     print(f"  shards vs folder: {ms['folder_pil'] / ms['shards']:.2f}x (folder CPU / shards CPU, > 1: shards cheaper)")
     print(f"  digest check, on vs off: {100 * (ms['shards'] / ms['shards_no_digests'] - 1):+.1f} % CPU per sample")
+    print(f"  reading, besides decoding: folder {ms['folder_pil'] - ms['pil_in_memory']:.2f} ms, "
+          f"shards {ms['shards'] - ms['decoders_in_memory']:.2f} ms per sample")  # fmt: skip
     stage = tar_stage(shard_root, repeats)
     digests = stage["with_digests"] - stage["checked"]
     print(f"  tar stage alone: {stage['checked']:.0f} us/sample, its digest check {digests:.0f} us/sample "
