@@ -82,9 +82,10 @@ class DataConfig:
     chunk_steps: int = 0  # the stream is re-seeded every chunk_steps steps (0: checkpoint_every)
     ignore_index: int = 255  # semseg label ignored by loss and metrics
     reduce_zero_label: bool = False  # ADE20K-style: class 0 is "unlabeled" -> ignore, others shift by -1
-    # object storage (docs/object-storage.md); neither changes what is trained, so neither is saved with the run
-    # training rgb JPEGs: auto = decoded by nvJPEG on the run's GPU, one call per batch, when the recipe allows
+    # training rgb JPEGs: auto = decoded by nvJPEG on the run's GPU, one call per batch, when the recipe allows;
+    # like the device, not saved with the run
     decode_device: Literal["auto", "cpu", "cuda"] = "auto"
+    # object storage (docs/object-storage.md); neither changes what is trained, so neither is saved with the run
     readahead: int = 2  # remote shard sets: shards each loader worker downloads ahead of the one it reads
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec filesystem arguments (not credentials)
 
