@@ -1,6 +1,7 @@
 """Member decoding (shards.format.decode_*): JPEGs through libjpeg-turbo straight into arrays where the header
 allows, Pillow otherwise; the values are Pillow's (PNG exactly, JPEG within 1), and the safety checks come first;
-the Up-filtered PNGs the shard writer stores; 16-bit RGB PNGs checked before libpng sees them."""
+the PNGs the shard writer stores (Up-filtered depth, unfiltered label maps, ISA-L deflate); 16-bit RGB PNGs checked
+before libpng sees them."""
 
 from __future__ import annotations
 
