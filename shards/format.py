@@ -33,7 +33,16 @@ from PIL import Image
 from . import fs
 from . import modalities as registry
 from .errors import FormatError, printable, shown
-from .images import LABEL_FORMATS, RGB_FORMATS, BadImage, fast_jpeg, fast_png, load_vectors, open_image
+from .images import (
+    LABEL_FORMATS,
+    RGB_FORMATS,
+    BadImage,
+    fast_jpeg,
+    fast_png,
+    load_vectors,
+    open_image,
+    png_chunk,
+)
 from .limits import MAX_JSON_BYTES, max_pixels
 from .modalities import modality_kind
 
@@ -204,13 +213,13 @@ def _png(v: np.ndarray, up: bool = True, deflate: Callable[[bytes], bytes] = _de
         np.subtract(samples[1:], samples[:-1], out=rows[1:, 1:])  # modulo 256, as the filter is defined
     else:
         rows[:, 1:] = samples
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        crc = isal_zlib.crc32(data, isal_zlib.crc32(tag))
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", crc)
-
     header = struct.pack(">IIBBBBB", w, h, depth, colour, 0, 0, 0)  # deflate, adaptive filtering, no interlace
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", deflate(rows.data)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", deflate(rows.data))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def decode_normals(data: bytes) -> np.ndarray:

@@ -201,12 +201,20 @@ def jpeg_header(data: bytes) -> tuple[int, int, int, int] | None:
     return None
 
 
-def fast_jpeg(data: bytes, max_pixels: int) -> np.ndarray | None:
-    """An 8-bit YCbCr / RGB JPEG -> (H, W, 3) uint8 through libjpeg-turbo, or None (see the module docstring).
-
+def plain_jpeg_size(data: bytes, max_pixels: int) -> tuple[int, int] | None:
+    """(width, height) of an 8-bit, 3-component Huffman JPEG within the direct decoders' size limit: the JPEGs
+    libjpeg-turbo (here, or nvJPEG on a GPU) decodes as Pillow would; None for anything Pillow must decide.
     Grayscale and CMYK JPEGs, 12-bit and arithmetic-coded ones are left to Pillow (its conversions differ)."""
     header = jpeg_header(data)
     if header is None or header[2:] != (8, 3) or not _fast_size(header[0], header[1], max_pixels):
+        return None
+    return header[0], header[1]
+
+
+def fast_jpeg(data: bytes, max_pixels: int) -> np.ndarray | None:
+    """An 8-bit YCbCr / RGB JPEG -> (H, W, 3) uint8 through libjpeg-turbo, or None (see the module docstring
+    and `plain_jpeg_size`)."""
+    if plain_jpeg_size(data, max_pixels) is None:
         return None
     tvio = _torchvision_io()
     if tvio is None:
@@ -340,10 +348,13 @@ def _checked_rgb16_png(data: bytes, max_pixels: int) -> bytes:
     if max(rows[: h * row : row]) > 4:
         raise BadImage("corrupt: bad PNG filter type")
 
-    def chunk(tag: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+    return _PNG_SIGNATURE + png_chunk(b"IHDR", chunks[0][1]) + png_chunk(b"IDAT", compressed) + png_chunk(b"IEND", b"")
 
-    return _PNG_SIGNATURE + chunk(b"IHDR", chunks[0][1]) + chunk(b"IDAT", compressed) + chunk(b"IEND", b"")
+
+def png_chunk(tag: bytes, body: bytes) -> bytes:
+    """One PNG chunk: length, tag, body, CRC-32 of tag and body (ISA-L's crc32, zlib's value)."""
+    crc = isal_zlib.crc32(body, isal_zlib.crc32(tag))
+    return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", crc)
 
 
 @contextmanager
@@ -401,11 +412,12 @@ def load_vectors(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         if data[24] != 16:  # IHDR (the first chunk) bit depth
             im.load()
             return np.asarray(im)
-        from torchvision.io import ImageReadMode, decode_png
-
+        tvio = _torchvision_io()  # libpng, its deprecation warning silenced
+        if tvio is None:
+            raise BadImage("unsupported: a 16-bit RGB PNG needs torchvision's PNG decoder")
         checked = _checked_rgb16_png(data, max_pixels)
         try:
-            planes = decode_png(_tensor(checked), mode=ImageReadMode.UNCHANGED)
+            planes = tvio.decode_png(_tensor(checked), mode=tvio.ImageReadMode.UNCHANGED)
         except RuntimeError as e:
             raise BadImage(f"corrupt: {str(e).splitlines()[0][:200]}") from None
         return planes.permute(1, 2, 0).numpy().astype(np.uint16)  # (H, W, 3)

@@ -17,7 +17,6 @@ import torch
 
 from . import images
 from .errors import FormatError
-from .images import jpeg_header
 from .limits import max_pixels
 
 
@@ -35,12 +34,10 @@ class EncodedJpeg(NamedTuple):
 
 
 def encoded_jpeg(data: bytes) -> EncodedJpeg | None:
-    """`data` as an EncodedJpeg when a device decoder takes it (8-bit, 3 components, within the pixel limit),
-    else None (the CPU decodes it, with its own checks and errors)."""
-    header = jpeg_header(data)
-    if header is None or header[2:] != (8, 3) or not 0 < header[0] * header[1] <= max_pixels():
-        return None
-    return EncodedJpeg(data, header[1], header[0])
+    """`data` as an EncodedJpeg when a device decoder takes it: the JPEGs the CPU decodes with libjpeg-turbo
+    (`shards.images.plain_jpeg_size`); else None (the CPU decodes it, with its own checks and errors)."""
+    size = images.plain_jpeg_size(data, max_pixels())
+    return None if size is None else EncodedJpeg(data, size[1], size[0])
 
 
 @functools.cache
@@ -54,7 +51,7 @@ def nvjpeg_works(device: str) -> bool:
     buf = io.BytesIO()
     Image.new("RGB", (16, 16), (90, 120, 150)).save(buf, "JPEG")
     try:
-        tvio.decode_jpeg([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)], device=device)
+        tvio.decode_jpeg([images._tensor(buf.getvalue())], device=device)
     except (RuntimeError, ValueError, TypeError):
         return False
     return True
@@ -70,8 +67,8 @@ def decode_jpegs(jpegs: list[EncodedJpeg], device: str | torch.device) -> list[t
         return []
     tvio = images._torchvision_io()  # the decoders, their deprecation warning silenced
     if tvio is not None:
-        datas = [torch.frombuffer(bytearray(j.data), dtype=torch.uint8) for j in jpegs]
         try:
+            datas = [images._tensor(j.data) for j in jpegs]
             return list(tvio.decode_jpeg(datas, mode=tvio.ImageReadMode.RGB, device=device))
         except RuntimeError:
             pass
