@@ -11,8 +11,9 @@ layout (`save_pretrained(dir)` / `from_pretrained(dir)`: `config.json` + `model.
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -68,22 +69,36 @@ def init_weights(model: nn.Module) -> None:
 
 
 class _Backbone(nn.Module):
-    """Input adapters, global tokens and the ViT encoder shared by MultiMAE and MultiViT."""
+    """Input adapters, global tokens and the ViT encoder shared by MultiMAE and MultiViT.
 
-    def _build_inputs(
+    Its keyword arguments are the options both models take (see `MultiMAE`); each model's constructor takes
+    them as ``**backbone`` and presents them in its signature (`_takes_backbone_options`). The encoder is built
+    by `_build_encoder`, after the model's own adapters or head: the modules keep the official order.
+    """
+
+    def __init__(
         self,
         in_domains: Sequence[str],
-        dim_tokens: int,
-        image_size: int,
-        patch_size: int,
-        num_global_tokens: int,
-        num_semseg_classes: int,
-        semseg_stride: int,
-        dim_class_emb: int,
-        emb_padding_idx: int | None,
-        domain_channels: dict[str, int] | None,
+        *,
+        image_size: int = 224,
+        patch_size: int = 16,
+        dim_tokens: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        num_global_tokens: int = 1,
+        num_semseg_classes: int = 133,
+        semseg_stride: int = SEMSEG_STRIDE,
+        dim_class_emb: int = 64,
+        emb_padding_idx: int | None = None,
+        drop_path: float = 0.0,
+        domain_channels: dict[str, int] | None = None,
     ) -> None:
-        channels = {**default_channels(), **(domain_channels or {})}
+        super().__init__()
+        self.image_size, self.patch_size, self.dim_tokens, self.depth = image_size, patch_size, dim_tokens, depth
+        self.num_semseg_classes, self.semseg_stride = num_semseg_classes, semseg_stride
+        self.channels = {**default_channels(), **(domain_channels or {})}
+        self._encoder_options = dict(num_heads=num_heads, mlp_ratio=mlp_ratio, drop_path=drop_path)
         adapters = {}
         for domain in in_domains:
             if _class_map(domain):
@@ -96,14 +111,14 @@ class _Backbone(nn.Module):
                     dim_class_emb=dim_class_emb,
                     emb_padding_idx=emb_padding_idx,
                 )
-            elif domain in channels:
+            elif domain in self.channels:
                 adapters[domain] = PatchedInputAdapter(
-                    channels[domain], dim_tokens, patch_size_full=patch_size, image_size=image_size
+                    self.channels[domain], dim_tokens, patch_size_full=patch_size, image_size=image_size
                 )
             else:
+                known = sorted(self.channels) + [k for k in modalities.kinds() if _class_map(k)]
                 raise ValueError(
-                    f"unknown input domain '{domain}': give its channel count in "
-                    f"domain_channels (known: {sorted(channels) + [k for k in modalities.kinds() if _class_map(k)]})"
+                    f"unknown input domain '{domain}': give its channel count in domain_channels (known: {known})"
                 )
         if not adapters:
             raise ValueError("in_domains must name at least one input modality")
@@ -111,9 +126,12 @@ class _Backbone(nn.Module):
         self.input_adapters = nn.ModuleDict(adapters)
         self.global_tokens = nn.Parameter(torch.zeros(1, num_global_tokens, dim_tokens))
 
-    def _build_encoder(self, dim_tokens: int, depth: int, num_heads: int, mlp_ratio: float, drop_path: float) -> None:
-        dpr = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth decay rule
-        self.encoder = nn.ModuleList([transformer_block(dim_tokens, num_heads, mlp_ratio, d) for d in dpr])
+    def _build_encoder(self) -> None:
+        o = self._encoder_options
+        dpr = [o["drop_path"] * i / max(self.depth - 1, 1) for i in range(self.depth)]  # stochastic depth decay
+        self.encoder = nn.ModuleList(
+            [transformer_block(self.dim_tokens, o["num_heads"], o["mlp_ratio"], d) for d in dpr]
+        )
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay (official list)."""
@@ -171,60 +189,48 @@ class _Backbone(nn.Module):
         return torch.cat([tokens, g], dim=1)
 
 
+def _takes_backbone_options(init: Callable[..., None]) -> Callable[..., None]:
+    """Present `_Backbone`'s keyword arguments in place of `init`'s ``**backbone``: one definition of the shared
+    options, and a full signature for `help()`, `create_model` and the Hub mixin (which writes config.json
+    from it, defaults included, and passes back only the arguments it names)."""
+    own = [p for p in inspect.signature(init).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    shared = [p for p in inspect.signature(_Backbone.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    init.__signature__ = inspect.signature(init).replace(parameters=own + shared)
+    return init
+
+
 class MultiMAE(_Backbone, PyTorchModelHubMixin, **HUB_TAGS):
     """MultiMAE pre-training model. See `forward` for the call signature (official-compatible).
 
     Args:
         in_domains / out_domains: modalities encoded / reconstructed; "norm_rgb" adds the
             norm-pixel rgb decoder (official `extra_norm_pix_loss`), built last as officially.
+        decoder_dim, decoder_depth, decoder_heads: spatial decoder size (256, 2, 8 in the paper).
+
+    Backbone options (keyword-only, the same in `MultiViT`):
         image_size, patch_size: default image size (position-embedding grid) and patch size at
             full resolution; other sizes work by resampling the position embeddings.
         dim_tokens, depth, num_heads, mlp_ratio: encoder size (see `registry.SIZES`).
         num_global_tokens: learned tokens appended to the encoder input.
         num_semseg_classes, semseg_stride, dim_class_emb, emb_padding_idx: semseg adapter settings.
-        decoder_dim, decoder_depth, decoder_heads: spatial decoder size (256, 2, 8 in the paper).
         drop_path: stochastic depth rate of the encoder.
         domain_channels: channels of extra dense modalities, e.g. {"ir": 1}.
     """
 
+    @_takes_backbone_options
     def __init__(
         self,
         in_domains: Sequence[str] = ("rgb", "depth", "semseg"),
         out_domains: Sequence[str] = ("rgb", "norm_rgb", "depth", "semseg"),
-        image_size: int = 224,
-        patch_size: int = 16,
-        dim_tokens: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        num_global_tokens: int = 1,
-        num_semseg_classes: int = 133,
-        semseg_stride: int = SEMSEG_STRIDE,
-        dim_class_emb: int = 64,
-        emb_padding_idx: int | None = None,
+        *,
         decoder_dim: int = 256,
         decoder_depth: int = 2,
         decoder_heads: int = 8,
-        drop_path: float = 0.0,
-        domain_channels: dict[str, int] | None = None,
+        **backbone,
     ) -> None:
-        super().__init__()
         in_domains, out_domains = tuple(in_domains), tuple(out_domains)
-        self.patch_size = patch_size
-        self._build_inputs(
-            in_domains,
-            dim_tokens,
-            image_size,
-            patch_size,
-            num_global_tokens,
-            num_semseg_classes,
-            semseg_stride,
-            dim_class_emb,
-            emb_padding_idx,
-            domain_channels,
-        )
-        channels = {**default_channels(), **(domain_channels or {})}
-        channels.update({d: num_semseg_classes for d in out_domains if _class_map(d)})
+        super().__init__(in_domains, **backbone)
+        channels = {**self.channels, **{d: self.num_semseg_classes for d in out_domains if _class_map(d)}}
         ordered = [d for d in out_domains if d != "norm_rgb"] + (["norm_rgb"] if "norm_rgb" in out_domains else [])
         outputs = {}
         for domain in ordered:
@@ -233,18 +239,18 @@ class MultiMAE(_Backbone, PyTorchModelHubMixin, **HUB_TAGS):
                 raise ValueError(f"unknown output domain '{domain}': give its channel count in domain_channels")
             outputs[domain] = SpatialOutputAdapter(
                 channels[source],
-                dim_tokens,
+                self.dim_tokens,
                 task=source,
                 context_tasks=list(in_domains),
-                stride_level=semseg_stride if _class_map(source) else 1,
-                patch_size_full=patch_size,
+                stride_level=self.semseg_stride if _class_map(source) else 1,
+                patch_size_full=self.patch_size,
                 dim_tokens=decoder_dim,
                 depth=decoder_depth,
                 num_heads=decoder_heads,
-                image_size=image_size,
+                image_size=self.image_size,
             )
         self.output_adapters = nn.ModuleDict(outputs)
-        self._build_encoder(dim_tokens, depth, num_heads, mlp_ratio, drop_path)
+        self._build_encoder()
         init_weights(self)
         nn.init.trunc_normal_(self.global_tokens, std=0.02)
 
@@ -334,7 +340,7 @@ OBJECTIVE_DEFAULTS = {"cls": ("linear", 1000), "depth": ("dpt", 1), "semseg": ("
 class MultiViT(_Backbone, PyTorchModelHubMixin, **HUB_TAGS):
     """MultiMAE encoder without masking plus one fine-tuning head; `model(x) -> Tensor`.
 
-    Args (beyond MultiMAE's encoder/input ones):
+    Args (the backbone options are MultiMAE's):
         objective: "cls" (logits (B, K)), "depth" ((B, 1, H, W)), "semseg" (logits (B, K, H, W)) or "dense"
             (any dense modality: (B, C, H, W) with C = num_classes, e.g. 3 for normals).
         head: "linear" | "dpt" | "convnext" (default: linear for cls, dpt for depth, convnext for semseg).
@@ -344,61 +350,39 @@ class MultiViT(_Backbone, PyTorchModelHubMixin, **HUB_TAGS):
             {"use_mean_pooling": False} (linear).
     """
 
+    @_takes_backbone_options
     def __init__(
         self,
         in_domains: Sequence[str] = ("rgb",),
         objective: str = "cls",
         head: str | None = None,
         num_classes: int | None = None,
-        image_size: int = 224,
-        patch_size: int = 16,
-        dim_tokens: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        num_global_tokens: int = 1,
-        num_semseg_classes: int = 133,
-        semseg_stride: int = SEMSEG_STRIDE,
-        dim_class_emb: int = 64,
-        emb_padding_idx: int | None = None,
-        drop_path: float = 0.0,
+        *,
         main_tasks: Sequence[str] | None = None,
         head_kwargs: dict | None = None,
-        domain_channels: dict[str, int] | None = None,
+        **backbone,
     ) -> None:
-        super().__init__()
         if objective not in OBJECTIVE_DEFAULTS:
             raise ValueError(f"unknown fine-tuning objective '{objective}' (known: {sorted(OBJECTIVE_DEFAULTS)})")
         head = head or OBJECTIVE_DEFAULTS[objective][0]
         num_classes = num_classes if num_classes is not None else OBJECTIVE_DEFAULTS[objective][1]
         in_domains = tuple(in_domains)
         main_tasks = tuple(main_tasks) if main_tasks else in_domains
+        super().__init__(in_domains, **backbone)
         self.objective = objective
-        self._build_inputs(
-            in_domains,
-            dim_tokens,
-            image_size,
-            patch_size,
-            num_global_tokens,
-            num_semseg_classes,
-            semseg_stride,
-            dim_class_emb,
-            emb_padding_idx,
-            domain_channels,
-        )
         kw = dict(head_kwargs or {})
         if head == "linear":
-            module = LinearHead(num_classes, dim_tokens, **kw)
+            module = LinearHead(num_classes, self.dim_tokens, **kw)
         elif head == "dpt":
-            kw.setdefault("hooks", default_hooks(depth))
+            kw.setdefault("hooks", default_hooks(self.depth))
             kw.setdefault("head_type", "regression" if objective in ("depth", "dense") else "semseg")
-            module = DPTHead(num_classes, dim_tokens, main_tasks=main_tasks, patch_size=patch_size, **kw)
+            module = DPTHead(num_classes, self.dim_tokens, main_tasks=main_tasks, patch_size=self.patch_size, **kw)
         elif head == "convnext":
-            module = ConvNeXtHead(num_classes, dim_tokens, main_tasks=main_tasks, patch_size=patch_size, **kw)
+            module = ConvNeXtHead(num_classes, self.dim_tokens, main_tasks=main_tasks, patch_size=self.patch_size, **kw)
         else:
             raise ValueError(f"unknown head '{head}' (known: linear, dpt, convnext)")
         self.output_adapters = nn.ModuleDict({objective: module})  # official key: output_adapters.<objective>
-        self._build_encoder(dim_tokens, depth, num_heads, mlp_ratio, drop_path)
+        self._build_encoder()
         init_weights(self.input_adapters)
         init_weights(self.encoder)
         nn.init.trunc_normal_(self.global_tokens, std=0.02)

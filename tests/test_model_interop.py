@@ -1,6 +1,7 @@
 """Checkpoint interop: official `{'model': ...}` files, DDP/compile prefixes, timm ViT round trip,
 Hugging Face Hub layout (config.json + model.safetensors), encoder-only loading for fine-tuning."""
 
+import inspect
 import json
 
 import pytest
@@ -8,6 +9,7 @@ import timm
 import torch
 
 import multimae
+from multimae.model import _Backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -90,6 +92,30 @@ def test_save_pretrained_round_trip_in_hub_layout(tmp_path):
         a, _ = model.eval()(x, task_masks=masks)
         b, _ = loaded(x, task_masks=masks)
     assert all(torch.equal(a[t], b[t]) for t in a)
+
+
+def test_backbone_options_are_declared_once_and_reach_signature_config_and_loading(tmp_path):
+    backbone = inspect.signature(_Backbone.__init__).parameters
+    shared = {n: p.default for n, p in backbone.items() if p.kind is p.KEYWORD_ONLY}
+    assert {"image_size", "dim_tokens", "depth", "semseg_stride", "domain_channels"} <= set(shared)
+    for cls in (multimae.MultiMAE, multimae.MultiViT):
+        presented = inspect.signature(cls.__init__).parameters
+        assert {n: presented[n].default for n in shared} == shared  # every option, with its one default
+        assert not any(p.kind is p.VAR_KEYWORD for p in presented.values())
+        with pytest.raises(TypeError, match="num_layers"):
+            cls(num_layers=2)
+    with pytest.raises(TypeError):  # the options are keyword-only: no positional argument changes meaning
+        multimae.MultiMAE(("rgb",), ("rgb",), 32)
+    model = multimae.MultiViT(("rgb",), "dense", None, 3, dim_tokens=64, depth=2, num_heads=2, image_size=32)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert {**shared, "dim_tokens": 64, "depth": 2, "num_heads": 2, "image_size": 32}.items() <= config.items()
+    assert config["objective"] == "dense" and config["num_classes"] == 3
+    config.update(model_name="multivit-tiny", training={"steps": 1})  # what an export adds: not passed back
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = multimae.MultiViT.from_pretrained(tmp_path)
+    assert loaded.dim_tokens == 64 and len(loaded.encoder) == 2 and loaded.objective == "dense"
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
 
 
 def test_dpt_aliases_survive_safetensors_round_trip(tmp_path):
