@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import io
 import re
-import struct
 import tarfile
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import IO, Any
+from zlib import adler32
 
 from . import fs, limits
 from .errors import FormatError, printable, shown
@@ -51,10 +51,12 @@ MAGIC = {
 MEMBER_RE = re.compile(rf"(?P<key>{KEY_RE.pattern})\.(?P<suffix>[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*)")
 HEADER_BYTES = 2**20  # reads of header blocks and PAX / long-name data are allowed up to this, whatever the limit
 BLOCK = tarfile.BLOCKSIZE
-# the numeric fields of a header: mode, uid, gid, size, mtime, checksum, devmajor, devminor; tarfile reads each
-# up to its first NUL, as octal
-_NUMBERS = struct.Struct("100x8s8s8s12s12s8s173x8s8s")
-_OCTAL = re.compile(rb" *[0-7]* *(?:\0.*)?", re.S)
+# the numeric fields of a header: mode, uid, gid, size, mtime, checksum (bytes 100-156), devmajor, devminor
+# (329-345); tarfile reads each up to its first NUL, stripped, as octal. Held to octal digits, spaces and NULs
+# with no space between two digits, every field reads so.
+_OCTAL_FIELDS = b" 01234567\0"
+_SPACED = re.compile(rb"[0-7] +[0-7]")
+_PLAIN = (tarfile.REGTYPE, tarfile.AREGTYPE)
 _LINKS = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link"}
 _SPECIAL = {tarfile.CHRTYPE: "a character device", tarfile.BLKTYPE: "a block device", tarfile.FIFOTYPE: "a FIFO"}
 Sample = tuple[str, dict[str, bytes]]
@@ -71,7 +73,7 @@ class MemberError(FormatError):
 def split_member(name: str) -> tuple[str, str] | None:
     """'000042.rgb.jpg' -> ('000042', 'rgb.jpg'); None when the name is not a valid key plus suffix."""
     m = MEMBER_RE.fullmatch(name)
-    return (m.group("key"), m.group("suffix")) if m else None
+    return m.group("key", "suffix") if m else None
 
 
 def compression(head: bytes) -> str | None:
@@ -90,6 +92,8 @@ def refuse_compressed(head: bytes, url: str) -> None:
 
 def header_problem(info: tarfile.TarInfo, limit: int) -> str | None:
     """Why a member must not be read, from its header alone; None when it is a regular file within `limit`."""
+    if info.type in _PLAIN and info.sparse is None and info.size <= limit:
+        return None  # what every member of a shard is: the checks below, all passed, in one test
     if info.issparse():
         return f"is a sparse member that expands to {info.size} bytes: only plain members are read"
     if info.type in _LINKS:
@@ -182,22 +186,33 @@ def _whole(data: bytes, info: tarfile.TarInfo, url: str) -> bytes:
     return data
 
 
+def _octal(block: bytes, start: int, end: int) -> int:
+    """A numeric field already held to `_OCTAL_FIELDS`, as tarfile reads it."""
+    return int(block[start:end].partition(b"\0")[0].strip() or b"0", 8)
+
+
+def _byte_sum(block: bytes) -> int:
+    """sum(block) less its checksum field (bytes 148-156), at a fifth of sum's cost: adler32 started from 0
+    holds the sum of the bytes in its low 16 bits, exactly for pieces of at most 256 bytes (below 65521)."""
+    head, middle, tail = adler32(block[:148], 0), adler32(block[156:356], 0), adler32(block[356:], 0)
+    return (head & 0xFFFF) + (middle & 0xFFFF) + (tail & 0xFFFF)
+
+
 def plain_header(block: bytes, offset: int) -> tarfile.TarInfo | None:
     """The TarInfo tarfile would make of the 512-byte header `block` at `offset`, when that header is a regular
-    file in plain ustar / GNU form: type '0', octal size, no name prefix, valid (unsigned) checksum. None for
-    any other header, which tarfile then reads."""
+    file in plain ustar / GNU form: type '0', numeric fields of octal digits, spaces and NULs (`_OCTAL_FIELDS`),
+    no name prefix, valid (unsigned) checksum. None for any other header, which tarfile then reads."""
     if len(block) != BLOCK or block[156] not in b"0\0" or block[345]:
         return None  # short (the end of the file), another type, or a ustar name prefix
-    fields = _NUMBERS.unpack_from(block)
-    if not all(map(_OCTAL.fullmatch, fields)):
-        return None  # base-256 or malformed: tarfile decides
-    size, checksum = (int(fields[i].partition(b"\0")[0].strip() or b"0", 8) for i in (3, 5))
-    if checksum != sum(block) - sum(block[148:156]) + 8 * 0x20:  # the checksum field counts as 8 spaces
+    numbers = block[100:156] + block[329:345]
+    if numbers.translate(None, _OCTAL_FIELDS) or _SPACED.search(numbers):
+        return None  # base-256, malformed, or a form tarfile reads as well: tarfile decides
+    if _octal(block, 148, 156) != _byte_sum(block) + 8 * 0x20:  # the checksum field counts as 8 spaces
         return None  # an all-zero block (the end of the archive), a signed checksum, damage
     info = tarfile.TarInfo(block[:100].partition(b"\0")[0].decode(tarfile.ENCODING, "surrogateescape"))
     if info.name.endswith("/"):
         return None  # a directory in the old V7 form
-    info.size = size
+    info.size = _octal(block, 124, 136)
     info.offset, info.offset_data = offset, offset + BLOCK
     return info
 

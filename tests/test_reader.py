@@ -408,6 +408,45 @@ def test_tar_headers_with_a_bad_checksum_or_field_go_to_tarfile(tmp_path):
         list(iter_samples(str(path), want=lambda suffix: False))
 
 
+def _with_field(block: bytes, at: int, value: bytes) -> bytes:
+    """A header block with `value` written at `at` and its checksum made right again."""
+    block = bytearray(block)
+    block[at : at + len(value)] = value
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+@pytest.mark.parametrize(
+    "at, value, plain",
+    [
+        (337, b"0000000 ", True),  # a field ended by a space, not a NUL
+        (100, b"   644 \0", True),  # spaces around the digits (old tars)
+        (136, b"00000000000\0", True),
+        (157, b"\xff" * 100, True),  # the largest bytes (linkname, uname, gname): the checksum's exact sum
+        (265, b"\xff" * 64, True),
+        (108, b"0001750 ", False),  # space-ended, next to a field of digits: tarfile decides (and reads it)
+        (100, b"00 0644\0", False),  # a space between digits: tarfile refuses the header
+        (100, b"0o00644\0", False),  # what int() would read, tarfile too: tarfile decides
+        (124, b"0000000001\t\0", False),
+    ],
+)
+def test_plain_headers_read_as_tarfile_reads_them(tmp_path, at, value, plain):
+    from shards.tars import iter_members, plain_header
+
+    data = tar_of([("k0.cls", b"1"), ("k1.cls", b"2"), ("k2.cls", b"3")], tarfile.USTAR_FORMAT)
+    data = data[:1024] + _with_field(data[1024:1536], at, value) + data[1536:]  # the second header
+    assert (plain_header(data[1024:1536], 1024) is not None) is plain
+    path = tmp_path / "t.tar"
+    path.write_bytes(data)
+    with tarfile.open(path) as t:
+        want = [(m.name, m.size, m.offset_data, t.extractfile(m).read()) for m in t]
+    with open(path, "rb") as f:
+        got = [(i.name, i.size, i.offset_data, read()) for i, read in iter_members(f, str(path), 2**20)]
+    assert got == want
+    assert len(got) == (3 if value != b"00 0644\0" else 1)
+
+
 def test_a_stream_is_read_by_tarfile_with_the_same_members():
     from shards.tars import iter_members
 
