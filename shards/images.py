@@ -50,7 +50,7 @@ import io
 import struct
 import warnings
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -164,6 +164,21 @@ def _torchvision_io() -> ModuleType | None:
     return tvio if all(hasattr(tvio, n) for n in ("decode_jpeg", "decode_png", "ImageReadMode")) else None
 
 
+@functools.cache
+def _jpeg_op() -> tuple[Callable[..., torch.Tensor], int] | None:
+    """(op, RGB mode) where op(data, mode, apply_exif_orientation) is the operator `torchvision.io.decode_jpeg`
+    runs for one CPU tensor: called directly, without that wrapper's per-call deprecation warning and device
+    checks (10 us of a 300 us decode); None where torchvision lacks it."""
+    tvio = _torchvision_io()
+    if tvio is None:
+        return None
+    import torch
+
+    if not hasattr(torch.ops.image, "decode_jpeg"):
+        return None
+    return torch.ops.image.decode_jpeg, tvio.ImageReadMode.RGB.value
+
+
 def preload_decoders() -> bool:
     """Import torchvision's decoders now (about 2 s of CPU): a process that forks DataLoader workers calls this
     first, so that each worker inherits them instead of importing them again every epoch. False: none here."""
@@ -216,11 +231,12 @@ def fast_jpeg(data: bytes, max_pixels: int) -> np.ndarray | None:
     and `plain_jpeg_size`)."""
     if plain_jpeg_size(data, max_pixels) is None:
         return None
-    tvio = _torchvision_io()
-    if tvio is None:
+    jpeg = _jpeg_op()
+    if jpeg is None:
         return None
+    decode, rgb = jpeg
     try:
-        planes = tvio.decode_jpeg(_tensor(data), mode=tvio.ImageReadMode.RGB)  # (3, H, W), an (H, W, 3) view
+        planes = decode(_tensor(data), rgb, False)  # (3, H, W), an (H, W, 3) view
     except Exception:  # RuntimeError on damaged data, or a warning made an error: Pillow decides
         return None
     return planes.permute(1, 2, 0).numpy()  # (H, W, 3), the decoder's own buffer

@@ -82,17 +82,22 @@ def sub_png(values: np.ndarray) -> bytes:
 
 
 def calls(monkeypatch) -> dict[str, int]:
-    """Counts of calls to the direct decoders: torchvision's, and ISA-L's inflate (fast_png), by name."""
+    """Counts of calls to the direct decoders: torchvision's (fast_jpeg calls its CPU JPEG operator), and ISA-L's
+    inflate (fast_png), by name."""
     counts = {"decode_jpeg": 0, "decode_png": 0, "decompressobj": 0}
+
+    def counting(real, name):
+        def counted(*args, **kw):
+            counts[name] += 1
+            return real(*args, **kw)
+
+        return counted
+
     decoders = ((torchvision.io, "decode_jpeg"), (torchvision.io, "decode_png"), (images.isal_zlib, "decompressobj"))
     for module, name in decoders:
-        real = getattr(module, name)
-
-        def counted(*args, _real=real, _name=name, **kw):
-            counts[_name] += 1
-            return _real(*args, **kw)
-
-        monkeypatch.setattr(module, name, counted)
+        monkeypatch.setattr(module, name, counting(getattr(module, name), name))
+    op, rgb = images._jpeg_op()
+    monkeypatch.setattr(images, "_jpeg_op", lambda: (counting(op, "decode_jpeg"), rgb))
     return counts
 
 
@@ -380,6 +385,7 @@ def test_without_torchvision_decoders_pillow_decodes_the_same(monkeypatch):
     jpg = F.encode_rgb(np.random.default_rng(0).integers(0, 256, (16, 24, 3), dtype=np.uint8))
     fast = F.decode_rgb(jpg)
     monkeypatch.setattr(images, "_torchvision_io", lambda: None)
+    monkeypatch.setattr(images, "_jpeg_op", lambda: None)
     assert fast_jpeg(jpg, 2**30) is None
     assert np.abs(fast.astype(int) - F.decode_rgb(jpg)).max() <= 1
 
