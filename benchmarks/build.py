@@ -9,7 +9,7 @@ noise so file sizes are realistic) in a temp dir, then times, on one core each a
 
 Prints both rates, the speed-up ratio (target >= 1.5x), the mean pixel difference between the two
 outputs (draft decoding must not cost quality), the CPU share of the build's safety work (regular-file
-and bounded reads of source files, a sha256 per stored member), and the peak RSS of a build process at
+and bounded reads of source files, a digest per stored member), and the peak RSS of a build process at
 two dataset sizes (it must not grow with the dataset).
 
 With `--remote s3` it measures building to object storage instead: the same build (`--workers`, default 1)
@@ -222,7 +222,7 @@ def main() -> None:
 
     checks, digests = safety_cost(files, tmp / "ours")
     print(
-        f"safety checks (regular-file, bounded reads; per-member sha256) cost {1e6 * checks:.0f} + "
+        f"safety checks (regular-file, bounded reads; per-member digest) cost {1e6 * checks:.0f} + "
         f"{1e6 * digests:.0f} us CPU per image: {100 * (checks + digests) / (c_ours / len(files)):.2f} % of the "
         f"build's {1e3 * c_ours / len(files):.1f} ms"
     )

@@ -115,7 +115,7 @@ def parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="check every shard of every modality; exit 1 listing each problem")
     v.add_argument("data")
-    v.add_argument("--deep", action="store_true", help="also check every member against its sha256 in the stats")
+    v.add_argument("--deep", action="store_true", help="also check every member against its digest in the stats")
     v.add_argument("--workers", type=_positive, default=1, help="shards checked in parallel (threads, default 1)")
 
     i = sub.add_parser("info", help="one-screen summary of a shard set")

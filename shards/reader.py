@@ -135,8 +135,8 @@ def iter_shard_members(
 
     Yields {"__key__": key, "__shard__": name, "<modality>": {"rgb.jpg": b"...", "cls": b"3", ...}, ...}.
     Every tar is read through `shards.tars.iter_samples` (plain tars, bounded regular members, valid keys).
-    With `verify_digests`, each member is checked against its sha256 in the stats json (stats written
-    without digests are read unchecked); a sample with a damaged member carries
+    With `verify_digests`, each member is checked against its digest in the stats json (BLAKE3, or SHA-256 in
+    stats of earlier versions; stats written without digests are read unchecked); a sample with a damaged member carries
     "__damaged__": {modality: [what]}, and `decode_members` refuses it, so it costs one sample. Raises
     AlignmentError when the modality tars disagree on keys or length, FormatError when a tar is unreadable,
     a member is refused, or a tar holds other samples than its stats json says (count or keys digest,
@@ -192,7 +192,7 @@ def iter_shard_members(
             sample: dict[str, Any] = {"__key__": key, "__shard__": name}
             for m in modalities:
                 sample[m] = row[m][1]
-                if digests[m] is not None and (damage := digest_problems(key, row[m][1], digests[m].get(key, {}))):
+                if digests[m] is not None and (damage := digest_problems(key, row[m][1], digests[m])):
                     sample.setdefault("__damaged__", {})[m] = damage
             n += 1
             yield sample
@@ -367,7 +367,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
     With `resampled=True` the stream is endless and every rank and worker draws shards with its own
     seed, whatever the split flags say.
 
-    `verify_digests` (default on) checks every member read against the sha256 its stats json records,
+    `verify_digests` (default on) checks every member read against the digest its stats json records,
     so a flipped byte or an edited depth range raises FormatError instead of training on wrong values;
     shards written without digests are read unchecked.
 

@@ -7,7 +7,7 @@ with a valid range, class ids within the class list or `IGNORE_ID`, normals RGB 
 `cls_classes`) and no other member is present;
 keys are aligned across modalities (same keys, same order, same image size); counts agree between
 tar, stats json and manifest, and the stats' keys digest matches. With `deep`, every member's bytes
-are also checked against the sha256 its stats json records (shards written without digests are
+are also checked against the digest its stats json records (shards written without digests are
 counted by `shards_without_digests`, not reported). No modality folder holds a shard the manifest
 does not list. A tar without its stats json (the commit marker) is an unfinished write: it is never
 read, and reported only where the manifest lists its shard. Every problem is reported as (file, key,
@@ -38,7 +38,7 @@ from .format import (
 )
 from .tars import MemberError, iter_samples
 from .writer import (
-    DIGESTS,
+    digest_field,
     digest_problems,
     digests_by_key,
     keys_digest,
@@ -137,7 +137,7 @@ def _scan_tar(
             keys.append(key)
             found, size = _check_sample(modality, members, entry, manifest.get("cls_classes"))
             if digests is not None:
-                found += digest_problems(key, members, digests.get(key, {}))
+                found += digest_problems(key, members, digests)
             problems.extend(Problem(url, key, what) for what in found)
             if size is not None:
                 sizes[key] = size
@@ -271,7 +271,7 @@ def verify(
     """Check the whole shard set under `root`; returns every problem found (empty list = valid).
 
     `workers` threads check shards in parallel; `progress(shard_name, n_problems)` is called per shard.
-    `deep` also checks every member against its sha256 in the stats json.
+    `deep` also checks every member against its digest in the stats json.
     """
     manifest_path = fs.join(root, MANIFEST)
     try:
@@ -301,7 +301,7 @@ def shards_without_digests(root: str) -> list[str]:
     out = []
     for path in paths:
         try:
-            if DIGESTS not in read_json_file(path):
+            if digest_field(read_json_file(path)) is None:
                 out.append(path)
         except Exception:  # missing or damaged: verify reports it
             continue

@@ -7,6 +7,7 @@ import tarfile
 
 import numpy as np
 import pytest
+from blake3 import blake3
 
 from shards import format as F
 from shards import fs
@@ -99,6 +100,10 @@ def test_writer_commits_tar_then_stats_and_is_deterministic(tmp_path):
         assert shard_is_complete(str(tmp_path / "a"), m, "shard-000000")
     with tarfile.open(tmp_path / "a" / "rgb" / "shard-000000.tar") as tf:
         members = tf.getmembers()
+        stored = {m.name: tf.extractfile(m).read() for m in members}
+    stats = json.loads((tmp_path / "a" / "rgb" / "shard-000000.json").read_text())
+    assert "member_sha256" not in stats  # one field of digests: BLAKE3, of every member's bytes
+    assert stats["member_blake3"] == {name: blake3(data).hexdigest() for name, data in stored.items()}
     assert [m.name for m in members[:2]] == ["k0000.cls", "k0000.rgb.jpg"]
     assert all(m.mtime == 0 for m in members)
     umask = os.umask(0)

@@ -8,6 +8,7 @@ could allocate run with a capped data segment, so a regression fails the test in
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import pickle
@@ -267,12 +268,29 @@ def test_manifest_names_outside_the_set_are_refused(tmp_path):
 def test_stats_fields_are_validated(tmp_path):
     root = str(tmp_path)
     rgb_set(root, [2])
+
+    def sha256_field(stats: dict) -> None:  # the field of earlier versions, with a digest cut short
+        stats["member_sha256"] = {"000000.cls": "0" * 40}
+        del stats["member_blake3"]
+
     cases = {
         "count": (lambda s: s.update(count="2"), "count '2' is not a non-negative integer"),
         "shard": (lambda s: s.update(shard="shard-000009"), "shard is 'shard-000009', not 'shard-000000'"),
         "digest key": (
-            lambda s: s["member_sha256"].update({"../x.rgb.jpg": "0" * 64}),
-            "member_sha256: member '../x.rgb.jpg': invalid sample key ''",
+            lambda s: s["member_blake3"].update({"../x.rgb.jpg": "0" * 64}),
+            "member_blake3: member '../x.rgb.jpg': invalid sample key ''",
+        ),
+        "digest hex": (
+            lambda s: s["member_blake3"].update({"000000.cls": "0" * 63 + "g"}),
+            f"member_blake3: member '000000.cls' has digest '{'0' * 63}g', not a blake3 hex digest",
+        ),
+        "old digest hex": (
+            sha256_field,
+            f"member_sha256: member '000000.cls' has digest '{'0' * 40}', not a sha256 hex digest",
+        ),
+        "both digest fields": (
+            lambda s: s.update(member_sha256=dict(s["member_blake3"])),
+            "has both member_blake3 and member_sha256: a stats json records its member digests in one of them",
         ),
         "skipped": (lambda s: s.update(skipped=[{"ref": 1}]), "skipped must be a list of"),
     }
@@ -439,14 +457,45 @@ def test_flipped_scan_byte_and_edited_depth_range_are_detected(tmp_path):
     assert len(list(ShardDataset(root, ["rgb", "depth"], verify_digests=False))) == 4
     deep = verify(root, deep=True)
     assert [(p.file, p.key) for p in deep] == [(tar_path(root, "depth", S0), k2), (tar_path(root, "rgb", S0), k1)]
-    assert deep[0].what == f"member {k2}.depth.json differs from its sha256 in the stats json: its bytes are damaged"
+    assert deep[0].what == f"member {k2}.depth.json differs from its blake3 in the stats json: its bytes are damaged"
+
+
+def _sha256_stats(root: str, shard: int, modality: str) -> None:
+    """Rewrite a fresh stats json as earlier versions wrote it: SHA-256 digests of every member, `member_sha256`."""
+    with tarfile.open(tar_path(root, modality, F.shard_name(shard))) as t:
+        digests = {m.name: hashlib.sha256(t.extractfile(m).read()).hexdigest() for m in t}
+
+    def rewrite(stats: dict) -> None:
+        assert set(stats.pop("member_blake3")) == set(digests)
+        stats["member_sha256"] = digests
+
+    edit_stats(root, shard, rewrite, modality)
+
+
+def test_sets_with_sha256_digests_read_and_catch_a_flipped_byte(tmp_path):
+    root = str(tmp_path)
+    rgb_set(root, [4, 2], depth=True)
+    for s in (0, 1):
+        for m in ("rgb", "depth"):
+            _sha256_stats(root, s, m)
+    assert len(list(ShardDataset(root, ["rgb", "depth"]))) == 6
+    assert verify(root, deep=True) == []
+    assert cli("verify", "--deep", root) == (0, f"verify: {root} is complete and consistent\n", "")
+
+    k1 = key_of(0, 1)
+    _patch(tar_path(root, "rgb", S0), f"{k1}.cls", lambda d: bytes([d[0] ^ 1]) + d[1:])
+    with pytest.raises(F.FormatError, match=f"sample '{k1}' does not decode: member {k1}.cls differs from its sha256"):
+        list(ShardDataset(root, ["rgb", "depth"]))
+    (problem,) = verify(root, deep=True)
+    assert (problem.file, problem.key) == (tar_path(root, "rgb", S0), k1)
+    assert problem.what == f"member {k1}.cls differs from its sha256 in the stats json: its bytes are damaged"
 
 
 def test_old_sets_without_digests_read_and_verify_with_the_check_unavailable(tmp_path):
     root = str(tmp_path)
     rgb_set(root, [3, 2])
     for s in (0, 1):
-        edit_stats(root, s, lambda st: st.pop("member_sha256", None))
+        edit_stats(root, s, lambda st: st.pop("member_blake3", None))
     assert len(list(ShardDataset(root, ["rgb"]))) == 5
     assert verify(root, deep=True) == []
     code, out, err = cli("verify", "--deep", root)
