@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import struct
 from collections.abc import Callable
@@ -348,6 +349,13 @@ def parse_meta(raw: bytes, field: str) -> Any:
         raise FormatError(f"json member has no {field} ({type(e).__name__}: {printable(str(e))})") from None
 
 
+def _finite(values: list[int | float]) -> bool:
+    """np.isfinite(values).all(), with math's test for plain floats (what json gives): a tenth of numpy's cost."""
+    if all(type(v) is float for v in values):
+        return all(map(math.isfinite, values))
+    return bool(np.isfinite(values).all())  # ints: numpy's conversion decides, as it always has
+
+
 def parse_depth_range(meta: bytes) -> list[float]:
     """The [lo, hi] of a depth member's json: two finite numbers, lo <= hi."""
     try:
@@ -355,7 +363,7 @@ def parse_depth_range(meta: bytes) -> list[float]:
     except (ValueError, TypeError, KeyError, IndexError, RecursionError) as e:
         raise FormatError(f"depth json has no depth_range ({type(e).__name__}: {printable(str(e))})") from None
     numbers = isinstance(rng, list) and len(rng) == 2 and all(type(v) in (int, float) for v in rng)
-    if not (numbers and np.isfinite(rng).all() and rng[0] <= rng[1]):
+    if not (numbers and _finite(rng) and rng[0] <= rng[1]):
         raise FormatError(f"bad depth_range {shown(rng)}: expected [lo, hi], finite numbers with lo <= hi")
     return [float(v) for v in rng]
 

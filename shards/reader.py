@@ -148,6 +148,7 @@ def iter_shard_members(
     # A sample a modality recorded as skipped (e.g. an image its teacher could not label) is dropped
     # from every modality: an explicit, recorded gap, not a misalignment.
     dropped = {m: skipped_refs(stats[m]) for m in modalities}
+    dropped_by_others = {m: set().union(*(dropped[o] for o in modalities if o != m)) for m in modalities}
     digests = {m: digests_by_key(stats[m]) if verify_digests else None for m in modalities}
     streams = {m: iter_samples(urls[m], data=fetched.tars[m] if fetched else None) for m in modalities}
     keys: dict[str, list[str]] = {m: [] for m in modalities}  # every key read from each tar, in order
@@ -161,7 +162,7 @@ def iter_shard_members(
         return row
 
     def gap(m: str, row: tuple | None) -> bool:  # this row is a sample another modality skipped
-        return row is not None and any(row[0] in dropped[o] for o in modalities if o != m)
+        return row is not None and row[0] in dropped_by_others[m]
 
     try:
         row = {m: advance(m) for m in modalities}

@@ -149,3 +149,27 @@ def test_writer_and_manifest_work_on_an_fsspec_url():
     assert shard_is_complete(root, "semseg_gt", "shard-000000")
     assert fs.listdir(fs.join(root, "rgb")) == ["shard-000000.json", "shard-000000.tar"]
     assert fs.read_json(stats_path(root, "rgb", "shard-000000"))["count"] == 2
+
+
+@pytest.mark.parametrize(
+    "rng, want",
+    [
+        ("[0.5, 2.5]", [0.5, 2.5]),
+        ("[2, 3]", [2.0, 3.0]),
+        ("[1.5, 1.5]", [1.5, 1.5]),
+        ("[0, 1.0e30]", [0.0, 1.0e30]),
+        ("[NaN, 2.0]", None),
+        ("[-Infinity, 3.0]", None),
+        ("[1e400, 2]", None),  # json's inf, beside an int
+        ("[3.0, 2.0]", None),
+        ("[true, 3]", None),
+        ("[1.0]", None),
+    ],
+)
+def test_depth_range_is_two_finite_numbers_in_order(rng, want):
+    meta = f'{{"depth_range": {rng}}}'.encode()
+    if want is None:
+        with pytest.raises(F.FormatError, match="bad depth_range"):
+            F.parse_depth_range(meta)
+    else:
+        assert F.parse_depth_range(meta) == want
