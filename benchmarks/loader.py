@@ -20,9 +20,10 @@ from S3 (moto's server on 127.0.0.1 behind a proxy that delays every response by
 s3_local.py), same workers and batch, interleaved passes, with and without the reader's readahead; it prints
 the S3 / local throughput ratio (target >= 0.8).
 
-With `--decode` it measures decoding alone, as issue 23 compares it: one process, one thread, every sample
+With `--decode` it measures decoding alone: one process, one thread, every sample
 decoded to arrays without augmentation, in CPU ms per sample: ShardDataset (digest check on and off) against
-the folder layout read with PIL, interleaved, best of `--repeats`. `--scenes` stores ray-cast scenes
+the folder layout read with PIL, interleaved, best of `--repeats`; the ratio is the median of the rounds'
+ratios, each round timing both layouts back to back. `--scenes` stores ray-cast scenes
 (shards.synthetic) instead of the grainy synthetic images.
 
     .venv/bin/python benchmarks/loader.py                 # 2000 samples at 128 px, crop 112, 2 workers
@@ -35,11 +36,13 @@ the folder layout read with PIL, interleaved, best of `--repeats`. `--scenes` st
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -115,6 +118,17 @@ def generate(out: str, n: int, size: int, scenes: bool = False) -> None:
     F.update_manifest(shard_root, entries, shards, cls_classes=None)
     with open(os.path.join(folder_root, "depth_ranges.json"), "w") as f:
         json.dump(ranges, f)
+
+
+def writer_fingerprint() -> str:
+    """A digest of the code that writes the data (encoders, tar and stats writer): a data set kept from an earlier
+    run is reused only when the same code would write it again."""
+    here = os.path.dirname(os.path.abspath(F.__file__))
+    h = hashlib.sha256()
+    for name in ("format.py", "images.py", "writer.py", "modalities.py", "synthetic.py"):
+        with open(os.path.join(here, name), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
 
 
 def all_files(root: str) -> list[str]:
@@ -263,15 +277,20 @@ def tar_stage(root: str, repeats: int) -> dict[str, float]:
     return {k: v / n_samples * 1e6 for k, v in best_cpu(webdataset, checked, with_digests, repeats=repeats).items()}
 
 
-def best_cpu(*fns, repeats: int) -> dict[str, float]:
-    """Least CPU seconds of each function over `repeats` interleaved rounds (load hits every one alike)."""
+def cpu_rounds(*fns, repeats: int) -> dict[str, list[float]]:
+    """CPU seconds of each function in each of `repeats` interleaved rounds (load hits every one alike)."""
     times: dict[str, list[float]] = {}
     for _ in range(repeats):
         for fn in fns:
             start = time.process_time()
             fn()
             times.setdefault(fn.__name__, []).append(time.process_time() - start)
-    return {k: min(v) for k, v in times.items()}
+    return times
+
+
+def best_cpu(*fns, repeats: int) -> dict[str, float]:
+    """Least CPU seconds of each function over `repeats` interleaved rounds."""
+    return {k: min(v) for k, v in cpu_rounds(*fns, repeats=repeats).items()}
 
 
 def safety_report(root: str, crop: int, repeats: int) -> None:
@@ -329,14 +348,19 @@ def decode_report(shard_root: str, folder_root: str, repeats: int) -> None:
 
     n = len(folder)
     fns = (folder_pil, shards, shards_no_digests, pil_in_memory, decoders_in_memory)
-    ms = {k: v / n * 1e3 for k, v in best_cpu(*fns, repeats=repeats).items()}
+    rounds = cpu_rounds(*fns, repeats=repeats)
+    ms = {k: min(v) / n * 1e3 for k, v in rounds.items()}
+    # each round times both arms back to back: the ratio within a round cancels the machine's slower spells
+    paired = sorted(f / s for f, s in zip(rounds["folder_pil"], rounds["shards"]))
     print(f"\ndecode to arrays, one process, one thread, no augmentation, best of {repeats} (CPU ms/sample):")
     print(f"  folder layout, PIL                 {ms['folder_pil']:6.2f}")
     print(f"  ShardDataset                       {ms['shards']:6.2f}")
     print(f"  ShardDataset, digests off          {ms['shards_no_digests']:6.2f}")
     print(f"  the same bytes from memory: PIL    {ms['pil_in_memory']:6.2f}")
     print(f"  the same bytes from memory: shards.format decoders {ms['decoders_in_memory']:6.2f}")
-    print(f"  shards vs folder: {ms['folder_pil'] / ms['shards']:.2f}x (folder CPU / shards CPU, > 1: shards cheaper)")
+    print(f"  shards vs folder: {statistics.median(paired):.2f}x, median of {repeats} rounds (range {paired[0]:.2f}-"
+          f"{paired[-1]:.2f}; best of each: {ms['folder_pil'] / ms['shards']:.2f}x) (folder CPU / shards CPU, "
+          "> 1: shards cheaper)")  # fmt: skip
     print(f"  digest check, on vs off: {100 * (ms['shards'] / ms['shards_no_digests'] - 1):+.1f} % CPU per sample")
     print(f"  reading, besides decoding: folder {ms['folder_pil'] - ms['pil_in_memory']:.2f} ms, "
           f"shards {ms['shards'] - ms['decoders_in_memory']:.2f} ms per sample")  # fmt: skip
@@ -509,7 +533,12 @@ def main() -> None:
     p.add_argument("--crop", type=int, default=112, help="random-resized-crop output side (px)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=2, help="timed passes per setting; the best is kept")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="timed passes per setting; the best is kept (--decode: also the median ratio of the rounds)",
+    )
     p.add_argument("--out", default="/tmp/multimae_loader_bench")
     p.add_argument(
         "--http-latency-ms",
@@ -533,7 +562,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     params = os.path.join(a.out, "params.json")
-    wanted = {"n": a.n, "size": a.size, "scenes": a.scenes}
+    wanted = {"n": a.n, "size": a.size, "scenes": a.scenes, "writer": writer_fingerprint()}
     if not (os.path.exists(params) and json.loads(_read(params)) == wanted):
         generate(a.out, a.n, a.size, a.scenes)
         with open(params, "w") as f:
