@@ -320,7 +320,7 @@ def safety_report(root: str, crop: int, repeats: int) -> None:
 
 
 def decode_report(shard_root: str, folder_root: str, repeats: int) -> None:
-    """Issue 23's comparison: one process, one thread, every sample decoded to arrays, no augmentation."""
+    """Shards vs the folder layout: one process, one thread, every sample decoded to arrays, no augmentation."""
     torch.set_num_threads(1)
     folder = FolderDataset(folder_root, transform=lambda s: s)
 
