@@ -4,7 +4,9 @@ For each dtype (float32 and bfloat16 autocast, in the same run): the baseline is
 of MultiMAE pre-training on one batch kept in device memory; "full" is the same step fed by the trainer's
 streaming loader (reader -> joint crop/flip -> normalization, `--workers` DataLoader workers). Both use the
 trainer's own setup (`multimae.train.main.setup`) and step (`engine.forward_loss`). Printed: samples/s, the
-ratio full / model (does the data path keep up? target >= 0.95: within 5 %) and the ratio bf16 / float32.
+ratio full / model (does the data path keep up? target >= 0.95: within 5 %), the data path alone (loader and
+batch step without the model: samples/s against the model step's, CPU ms per sample in the workers and in the
+main process) and the ratio bf16 / float32.
 `--decode-devices cpu cuda` times the full step with rgb decoded by the loader workers and by nvJPEG on the GPU
 (`data.decode_device`).
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -58,6 +61,28 @@ def timed_steps(step, batches, n: int, warmup: int, sync) -> float:
         step(next(batches))
     sync()
     return time.perf_counter() - t
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """CPU seconds of this process and of its reaped children (finished DataLoader workers)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+
+def loader_alone(batches, prepare, args, sync) -> dict[str, float]:
+    """The data path without the model: samples/s of loader + batch step (`prepare_batch`), and the CPU ms per
+    sample of the workers and of this process, over warmup + steps batches of one fresh loader (`batches()`)."""
+    n = (args.warmup + args.steps) * args.batch
+    (me, kids), start = cpu_seconds(), time.perf_counter()
+    it = batches()
+    for _ in range(args.warmup + args.steps):
+        prepare(next(it))
+    sync()
+    seconds = time.perf_counter() - start
+    del it  # the workers exit and are reaped, so their CPU time is counted
+    me2, kids2 = cpu_seconds()
+    return {"samples_per_s": n / seconds, "worker_cpu_ms": (kids2 - kids) / n * 1e3,
+            "main_cpu_ms": (me2 - me) / n * 1e3}  # fmt: skip
 
 
 def measure(cfg, root: str, device: torch.device, args) -> dict[str, float]:
@@ -108,7 +133,8 @@ def measure(cfg, root: str, device: torch.device, args) -> dict[str, float]:
             out["full"][setting] = {"error": str(e)}
             continue
         full_s = timed_steps(step, iter(loader(where != "cpu")), args.steps, args.warmup, sync)
-        out["full"][setting] = {"rgb_decoded_on": where, "samples_per_s": n / full_s}
+        alone = loader_alone(lambda deferred=where != "cpu": iter(loader(deferred)), run.prepare_batch, args, sync)
+        out["full"][setting] = {"rgb_decoded_on": where, "samples_per_s": n / full_s, "loader": alone}
     timed = [f["samples_per_s"] for f in out["full"].values() if "samples_per_s" in f]
     out["full_samples_per_s"] = timed[0] if timed else float("nan")
     out["dtype"] = str(run.dtype)
@@ -181,6 +207,12 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             where = f"data.decode_device={setting}: rgb decoded on {f['rgb_decoded_on']}"
             print(f"{label:9s} full step (shard loader + model) : {f['samples_per_s']:8.1f} samples/s  ({where})")
+            a = f["loader"]
+            print(
+                f"{label:9s} loader + batch step, no model    : {a['samples_per_s']:8.1f} samples/s, "
+                f"{a['samples_per_s'] / r['model_samples_per_s']:.2f}x the model step; CPU per sample: workers "
+                f"{a['worker_cpu_ms']:.2f} ms, main {a['main_cpu_ms']:.2f} ms"
+            )
         print(
             f"{label:9s} ratio full / model               : "
             f"{r['full_samples_per_s'] / r['model_samples_per_s']:8.3f}  (target >= 0.95)"

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from multimae.train.augment import crop_params
-from multimae.train.data import SampleTransform, denormalize_rgb, map_semseg_labels, normalize_rgb
+from multimae.train.data import SampleTransform, map_semseg_labels, normalize_rgb
 
 
 def block_sample(seed: int, size: int = 128, block: int = 16) -> dict:
@@ -40,7 +40,7 @@ def interior(ids: np.ndarray, r: int = 2) -> np.ndarray:
 
 
 def red_of(out: dict) -> np.ndarray:
-    return (denormalize_rgb(out["rgb"])[0] * 255).numpy()  # (S, S)
+    return out["rgb"][0].float().numpy()  # (S, S): image inputs leave the transform as uint8 pixels
 
 
 def test_crop_params_respect_scale_ratio_and_bounds():
@@ -59,7 +59,7 @@ def test_random_crop_flip_keeps_modalities_aligned(seed):
     sample = block_sample(seed)
     t = make(seed=(seed, 0, 0))
     out = t(sample)
-    assert out["rgb"].shape == (3, 64, 64) and out["rgb"].dtype == torch.float32
+    assert out["rgb"].shape == (3, 64, 64) and out["rgb"].dtype == torch.uint8  # normalized in the batch step
     assert out["depth"].shape == (1, 64, 64) and out["depth"].dtype == torch.float32
     assert out["semseg"].shape == (16, 16) and out["semseg"].dtype == torch.int64  # stride 4 input
     assert out["target"].shape == (64, 64) and out["target"].dtype == torch.int64  # full-resolution target
@@ -82,13 +82,21 @@ def test_random_crop_flip_keeps_modalities_aligned(seed):
     assert (out["semseg"].numpy() == target[2::4, 2::4])[sub].all()
 
 
+def test_an_image_target_is_normalized_in_the_worker():
+    """Evaluation scores the batch's target as it comes from the loader, so an rgb target is already in the
+    model's (normalized) space; only image *inputs* wait for the batch step."""
+    sample = block_sample(4, size=64)
+    out = make(inputs={"depth": "depth_gt"}, target="rgb", train=False, image_size=64)(sample)
+    assert out["target"].dtype == torch.float32
+    assert torch.equal(out["target"], normalize_rgb(torch.from_numpy(sample["rgb"]).permute(2, 0, 1)))
+
+
 def test_full_crop_with_flip_is_exact():
     sample = block_sample(3, size=64)
     t = make(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=1.0, image_size=64)
     out = t(sample)
     flipped = {k: np.ascontiguousarray(v[:, ::-1]) for k, v in sample.items() if k != "__key__"}
-    expected_rgb = normalize_rgb(torch.from_numpy(flipped["rgb"]).permute(2, 0, 1))
-    assert torch.equal(out["rgb"], expected_rgb)
+    assert torch.equal(out["rgb"], torch.from_numpy(flipped["rgb"]).permute(2, 0, 1))
     assert torch.equal(out["depth"][0], torch.from_numpy(flipped["depth_gt"]))
     assert torch.equal(out["target"], torch.from_numpy(flipped["semseg_gt"]))
     assert torch.equal(out["semseg"], torch.from_numpy(flipped["semseg_gt"][2::4, 2::4]))

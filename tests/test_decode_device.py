@@ -145,3 +145,20 @@ def test_decode_device_is_a_runtime_setting_not_saved_with_the_run():
     assert cfg.data.decode_device == "auto"
     assert "decode_device" not in cfg.to_dict()["data"]
     assert np.isin(["readahead", "storage_options"], list(cfg.to_dict()["data"])).sum() == 0
+
+
+def test_rgb_inputs_cross_the_workers_as_uint8_and_are_normalized_in_the_batch_step(data):
+    """A quarter of float32's bytes through the workers' shared memory: the batch step normalizes, exactly as
+    the per-sample normalization would."""
+    loader = mdata.train_loader(data, ["shard-000000"], ARGS, micro_batch=4, num_workers=1, shuffle_buffer=8,
+                                seed=3, chunk=0, rank=0)  # fmt: skip
+    batch = next(iter(loader))
+    assert batch["rgb"].dtype == torch.uint8 and batch["rgb"].shape == (4, 3, 32, 32)
+    assert batch["depth"].dtype == torch.float32
+    pixels = batch["rgb"].clone()
+    assert mdata.image_domains(ARGS["inputs"]) == ["rgb"]
+    mdata.normalize_images(batch, ["rgb"])
+    assert batch["rgb"].dtype == torch.float32
+    assert torch.equal(batch["rgb"], torch.stack([mdata.normalize_rgb(p) for p in pixels]))
+    with pytest.raises(TypeError, match="expected uint8 pixels"):
+        mdata.normalize_images(batch, ["rgb"])  # twice would be a silent double normalization

@@ -1,18 +1,21 @@
-"""The trainer's streaming data path: reader -> depth space -> joint augmentation -> normalization -> batches.
+"""The trainer's streaming data path: reader -> depth space -> joint augmentation -> batches -> normalization.
 
 Stages, in order:
   1. `shards.reader.ShardDataset` streams the aligned shard set (resampled shards, shuffle buffer, split by
      worker; the split by rank is explicit here: rank r reads train shards r, r+W, r+2W, ...).
   2. `SampleTransform` (run inside the DataLoader workers) brings every depth modality to one space
      (`data.depth_space`, from the `meaning` the manifest records), then applies ONE geometry of the
-     augmentation recipe (augment.py) to every modality of the sample, colour augmentation to rgb, and
-     normalizes rgb with the ImageNet mean/std; semseg *inputs* come out at 1/SEMSEG_STRIDE resolution. Each
-     kind follows its rules in `shards.modalities` (dtype, resize, flip, padding, standardization).
+     augmentation recipe (augment.py) to every modality of the sample and colour augmentation to rgb; semseg
+     *inputs* come out at 1/SEMSEG_STRIDE resolution. Each kind follows its rules in `shards.modalities`
+     (dtype, resize, flip, padding, standardization).
   3. `collate` builds the batch: {domain: (B, C, H, W) or (B, H, W), "target": ..., "__key__": [...]}.
+  4. `normalize_images` (the batch step, on the run's device): rgb inputs cross from the workers as uint8 and
+     are ImageNet-normalized there, a quarter of the bytes of float32 through shared memory and the copy to
+     the GPU. An rgb *target* is normalized in the worker, so evaluation scores it as the model sees it.
 
 With `data.decode_device` on the GPU (`rgb_decode_device`), the workers leave each rgb JPEG encoded with its
-sample's geometry (`DeferredRgb`); the batch step decodes the batch in one nvJPEG call on the GPU and crops,
-flips and normalizes there (`finish_rgb`). The geometry is drawn in the worker as before, so both paths train
+sample's geometry (`DeferredRgb`); the batch step decodes the batch in one nvJPEG call on the GPU and crops
+and flips there (`finish_rgb`). The geometry is drawn in the worker as before, so both paths train
 on the same crops.
 
 Exact resume: the stream is cut into chunks of `chunk_steps` optimizer steps. Chunk c is a fresh DataLoader
@@ -59,6 +62,19 @@ def normalize_rgb(rgb: torch.Tensor) -> torch.Tensor:
     return TF.normalize(rgb.float().div_(255.0), IMAGENET_MEAN, IMAGENET_STD)
 
 
+def image_domains(inputs: dict[str, str]) -> list[str]:
+    """The input domains of image kinds (rgb's `pad: grey`): they reach the batch step as uint8."""
+    return [d for d, m in inputs.items() if modalities.of(m).pad == "grey"]
+
+
+def normalize_images(batch: dict[str, Any], domains: Sequence[str]) -> None:
+    """Image inputs of a collated batch, in place: uint8 (B, 3, H, W) -> ImageNet-normalized float32."""
+    for d in domains:
+        if batch[d].dtype != torch.uint8:
+            raise TypeError(f"input {d!r}: expected uint8 pixels from the loader, got {batch[d].dtype}")
+        batch[d] = normalize_rgb(batch[d])
+
+
 def denormalize_rgb(rgb: torch.Tensor) -> torch.Tensor:
     """Inverse of normalize_rgb, clamped to [0, 1]: (..., 3, H, W) float."""
     mean = torch.tensor(IMAGENET_MEAN, device=rgb.device).view(3, 1, 1)
@@ -82,12 +98,13 @@ class DeferredRgb(NamedTuple):
 
 @dataclass
 class SampleTransform:
-    """Per-sample stage: depth space, the recipe's joint geometry and colour, normalization, renaming to domains.
+    """Per-sample stage: depth space, the recipe's joint geometry and colour, renaming to domains.
 
     inputs: model domain -> shard modality (e.g. {"rgb": "rgb", "depth": "depth_gt"}); target: the shard
     modality of the fine-tuning target or "cls" (None for pre-training); depth_meanings: manifest meaning of
     each depth modality read. The output dict holds one tensor per domain, "target" when fine-tuning, and
-    "__key__".
+    "__key__". Image inputs stay uint8 (`normalize_images` finishes them in the batch step); an image target
+    comes out normalized.
     """
 
     inputs: dict[str, str]
@@ -143,10 +160,11 @@ class SampleTransform:
             rule = modalities.get(kind)
             if isinstance(x, EncodedJpeg):  # no colour augmentation (rgb_decode_device): the plan is all
                 y = DeferredRgb(x, plan)
-            elif rule.pad == "grey":  # rgb: colour, then normalization
+            elif rule.pad == "grey":  # rgb: colour, padding; uint8 (3, S, S), normalized later when an input
                 y = apply_plan(x, kind, plan, pad=False)
                 y = self.color(y, self.rng()) if self.train else y
-                y = normalize_rgb(pad_to(y, plan, fill=RGB_PAD))  # (3, S, S)
+                y = pad_to(y, plan, fill=RGB_PAD)
+                y = normalize_rgb(y) if target else y
             elif rule.is_classes:  # inputs at the adapter's resolution; a fine-tuning target at full resolution
                 ids = map_semseg_labels(x, self.reduce_zero_label, self.ignore_index) if target else x
                 stride = 1 if target else rule.input_stride
@@ -194,7 +212,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 def finish_rgb(batch: dict[str, Any], device: torch.device | str) -> None:
     """Deferred rgb inputs of a collated batch, in place, on `device`: one batched JPEG decode, then each
-    sample's crop, flip, padding and normalization (as `SampleTransform` does them on the CPU); inputs the
+    sample's crop, flip and padding (as `SampleTransform` does them on the CPU), uint8; inputs the
     workers finished (PNG members, say) are stacked with them in order. Raises FormatError naming the key of
     a JPEG that does not decode."""
     for domain, items in batch.items():
@@ -210,8 +228,7 @@ def finish_rgb(batch: dict[str, Any], device: torch.device | str) -> None:
             img = next(images)
             if isinstance(img, Exception):
                 raise fmt.FormatError(f"sample {key!r}: rgb {img}")
-            y = apply_plan(img, "rgb", v.plan, pad=False)
-            out.append(normalize_rgb(pad_to(y, v.plan, fill=RGB_PAD)))
+            out.append(pad_to(apply_plan(img, "rgb", v.plan, pad=False), v.plan, fill=RGB_PAD))
         batch[domain] = torch.stack(out)
 
 

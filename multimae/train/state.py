@@ -117,8 +117,10 @@ class Run:
         return torch.autocast(device, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     def prepare_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """A collated batch on the run's device, deferred rgb decoded there, depth inputs standardized."""
+        """A collated batch on the run's device, deferred rgb decoded there, image inputs normalized, depth inputs
+        standardized."""
         batch = mdata.to_device(batch, self.dist.device)
         mdata.finish_rgb(batch, self.dist.device)
+        mdata.normalize_images(batch, mdata.image_domains(self.cfg.data.inputs))
         mdata.standardize_depth_inputs(batch, self.cfg.data.inputs, self.cfg.data.standardize_depth)
         return batch

@@ -25,7 +25,7 @@ import multimae  # noqa: E402
 from multimae import metrics  # noqa: E402
 from multimae.train.checkpoints import load_model  # noqa: E402
 from multimae.train.config import from_dict  # noqa: E402
-from multimae.train.data import batched, eval_samples, transform_args  # noqa: E402
+from multimae.train.data import batched, eval_samples, image_domains, normalize_images, transform_args  # noqa: E402
 from shards.format import read_manifest  # noqa: E402
 
 INPUTS = {"rgb": "rgb", "depth": "depth_gt", "semseg": "semseg_gt"}
@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
         key = json.dumps(transform, sort_keys=True)
         if key not in data:
             data[key] = list(batched(eval_samples(args.shards, names, transform), args.batch_size))
+            for b in data[key]:
+                normalize_images(b, image_domains(INPUTS))
         batches = data[key]
         if not rows:  # baselines, on the first run's data
             gts = [d for b in batches for d in b["depth"][:, 0]]
