@@ -1,8 +1,9 @@
 """Loader throughput: ShardDataset vs a one-file-per-sample-per-modality folder layout.
 
 Both read the same encoded bytes (rgb JPEG, 16-bit depth PNG, 8-bit semseg PNG), decode them to the
-same arrays and apply the same joint random-resized-crop + flip, in a torch DataLoader with the same
-worker count and batch size. The folder baseline opens three files per sample and decodes them with PIL,
+same arrays and apply the trainer's own pre-training augmentation (`multimae.train.data.SampleTransform`, recipe
+`crop`: one random-resized-crop + flip per sample), in a torch DataLoader with the same worker count and batch
+size. The folder baseline opens three files per sample and decodes them with PIL,
 as the official MultiMAE layout does (its depth ranges come from one index loaded up front, so it pays no
 extra file per sample). A decode-only limit decodes the same bytes from memory with the shard reader's
 decoders (no I/O at all).
@@ -51,9 +52,6 @@ import numpy as np
 import torch
 from fsspec.core import url_to_fs
 from PIL import Image
-from torchvision.transforms import RandomResizedCrop
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from shards import format as F  # noqa: E402
@@ -148,26 +146,14 @@ def evict(root: str) -> None:
 # --- the shared transform -------------------------------------------------------------------------
 
 
-class JointCrop:
-    """The same random-resized-crop and flip on every modality: rgb/depth bilinear, semseg nearest."""
+def pretrain_transform(crop: int):
+    """The trainer's own MultiMAE pre-training transform (`SampleTransform`, recipe `crop`), for both layouts: one
+    random-resized-crop + flip per sample (rgb bicubic, depth bilinear, semseg nearest at 1/4, as the semseg
+    input takes it), rgb left as uint8 for the batch step."""
+    from multimae.train.data import SampleTransform
 
-    def __init__(self, crop: int):
-        self.crop = crop
-
-    def __call__(self, s: dict) -> dict:
-        rgb = torch.from_numpy(np.require(s["rgb"], requirements="W")).permute(2, 0, 1)  # (3, H, W) uint8
-        depth = torch.from_numpy(s["depth"])[None]  # (1, H, W) float32
-        semseg = torch.from_numpy(s["semseg"])[None]  # (1, H, W) int64
-        top, left, h, w = RandomResizedCrop.get_params(rgb, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3))
-        size = [self.crop, self.crop]
-        out = {
-            "rgb": TF.resized_crop(rgb, top, left, h, w, size, InterpolationMode.BILINEAR, antialias=True),
-            "depth": TF.resized_crop(depth, top, left, h, w, size, InterpolationMode.BILINEAR, antialias=True),
-            "semseg": TF.resized_crop(semseg, top, left, h, w, size, InterpolationMode.NEAREST),
-        }
-        if torch.rand(()) < 0.5:
-            out = {k: v.flip(-1) for k, v in out.items()}
-        return out
+    return SampleTransform(inputs={m: m for m in MODS}, target=None, image_size=crop, train=True,
+                           depth_meanings={"depth": "metric_m"})  # fmt: skip
 
 
 # --- the three loaders ----------------------------------------------------------------------------
@@ -213,7 +199,7 @@ class FolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         k = self.keys[i]
         blobs = [_read(fs.join(self.root, m, f"{k}.{F.codec(m).ext}")) for m in MODS]
-        return self.transform(_decode_folder_sample(*blobs, self.ranges[k]))
+        return self.transform({"__key__": k, **_decode_folder_sample(*blobs, self.ranges[k])})
 
 
 class InMemoryDataset(torch.utils.data.Dataset):
@@ -221,7 +207,7 @@ class InMemoryDataset(torch.utils.data.Dataset):
 
     def __init__(self, folder: FolderDataset):
         self.items = [
-            ([_read(os.path.join(folder.root, m, f"{k}.{F.codec(m).ext}")) for m in MODS], folder.ranges[k])
+            (k, [_read(os.path.join(folder.root, m, f"{k}.{F.codec(m).ext}")) for m in MODS], folder.ranges[k])
             for k in folder.keys
         ]
         self.transform = folder.transform
@@ -230,12 +216,12 @@ class InMemoryDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
-        blobs, rng = self.items[i]
-        return self.transform(_decode_members(*blobs, rng))
+        key, blobs, rng = self.items[i]
+        return self.transform({"__key__": key, **_decode_members(*blobs, rng)})
 
 
 def _shard_dataset(root: str, crop: int, **kw) -> ShardDataset:
-    return ShardDataset(root, MODS, shuffle_shards=True, shuffle_buffer=200, transform=JointCrop(crop), **kw)
+    return ShardDataset(root, MODS, shuffle_shards=True, shuffle_buffer=200, transform=pretrain_transform(crop), **kw)
 
 
 # --- the cost of reading untrusted tars safely ----------------------------------------------------
@@ -295,6 +281,7 @@ def best_cpu(*fns, repeats: int) -> dict[str, float]:
 
 def safety_report(root: str, crop: int, repeats: int) -> None:
     """What reading untrusted shards safely costs, in CPU per sample, every figure from this run."""
+    torch.set_num_threads(1)  # one process timed alone, as in a DataLoader worker (no compute threads spinning)
 
     def digests_on() -> None:
         for _ in _shard_dataset(root, crop):
@@ -339,11 +326,11 @@ def decode_report(shard_root: str, folder_root: str, repeats: int) -> None:
     memory = InMemoryDataset(folder)
 
     def pil_in_memory() -> None:
-        for blobs, rng in memory.items:
+        for _, blobs, rng in memory.items:
             _decode_folder_sample(*blobs, rng)
 
     def decoders_in_memory() -> None:
-        for blobs, rng in memory.items:
+        for _, blobs, rng in memory.items:
             _decode_members(*blobs, rng)
 
     n = len(folder)
@@ -451,7 +438,7 @@ def http_scenario(out: str, n_shards: int, latency_ms: float, a: argparse.Namesp
             except Exception:
                 time.sleep(0.1)
         shards = _shard_dataset(f"{url}/shards", a.crop, shards=[F.shard_name(i) for i in range(n_shards)])
-        folder = FolderDataset(f"{url}/folder", JointCrop(a.crop), limit=shards.num_samples)
+        folder = FolderDataset(f"{url}/folder", pretrain_transform(a.crop), limit=shards.num_samples)
         return {
             "folder http": timed_pass(folder, a.workers, a.batch, True),
             "shards http": timed_pass(shards, a.workers, a.batch, False),
@@ -591,7 +578,7 @@ def main() -> None:
         f"torch {torch.__version__}, {os.cpu_count()} CPUs"
     )
 
-    folder = FolderDataset(folder_root, JointCrop(a.crop))
+    folder = FolderDataset(folder_root, pretrain_transform(a.crop))
     shards = _shard_dataset(shard_root, a.crop)
     runs: dict[str, list[tuple[float, float]]] = {}
     for _ in range(a.repeats):  # interleaved, so background load hits every setting alike

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -63,26 +62,31 @@ def timed_steps(step, batches, n: int, warmup: int, sync) -> float:
     return time.perf_counter() - t
 
 
-def cpu_seconds() -> tuple[float, float]:
-    """CPU seconds of this process and of its reaped children (finished DataLoader workers)."""
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+def worker_cpu_seconds(it) -> float:
+    """CPU seconds so far of a DataLoader iterator's live worker processes (Linux /proc; 0 without workers)."""
+    total = 0
+    for w in getattr(it, "_workers", []):
+        with open(f"/proc/{w.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / os.sysconf("SC_CLK_TCK")
 
 
-def loader_alone(batches, prepare, args, sync) -> dict[str, float]:
-    """The data path without the model: samples/s of loader + batch step (`prepare_batch`), and the CPU ms per
-    sample of the workers and of this process, over warmup + steps batches of one fresh loader (`batches()`)."""
-    n = (args.warmup + args.steps) * args.batch
-    (me, kids), start = cpu_seconds(), time.perf_counter()
-    it = batches()
-    for _ in range(args.warmup + args.steps):
+def loader_alone(it, prepare, args, sync) -> dict[str, float]:
+    """The data path without the model, after `args.warmup` batches: samples/s of loader + batch step
+    (`prepare_batch`) over `args.steps` batches of the iterator `it`, and the CPU ms per sample of its workers
+    and of this process over the same batches (the workers' prefetch queue is full at both ends, so what they
+    decoded ahead is not counted)."""
+    for _ in range(args.warmup):
         prepare(next(it))
     sync()
-    seconds = time.perf_counter() - start
-    del it  # the workers exit and are reaped, so their CPU time is counted
-    me2, kids2 = cpu_seconds()
-    return {"samples_per_s": n / seconds, "worker_cpu_ms": (kids2 - kids) / n * 1e3,
-            "main_cpu_ms": (me2 - me) / n * 1e3}  # fmt: skip
+    workers, me, start = worker_cpu_seconds(it), time.process_time(), time.perf_counter()
+    for _ in range(args.steps):
+        prepare(next(it))
+    sync()
+    seconds, n = time.perf_counter() - start, args.steps * args.batch
+    return {"samples_per_s": n / seconds, "worker_cpu_ms": (worker_cpu_seconds(it) - workers) / n * 1e3,
+            "main_cpu_ms": (time.process_time() - me) / n * 1e3}  # fmt: skip
 
 
 def measure(cfg, root: str, device: torch.device, args) -> dict[str, float]:
@@ -133,7 +137,7 @@ def measure(cfg, root: str, device: torch.device, args) -> dict[str, float]:
             out["full"][setting] = {"error": str(e)}
             continue
         full_s = timed_steps(step, iter(loader(where != "cpu")), args.steps, args.warmup, sync)
-        alone = loader_alone(lambda deferred=where != "cpu": iter(loader(deferred)), run.prepare_batch, args, sync)
+        alone = loader_alone(iter(loader(where != "cpu")), run.prepare_batch, args, sync)
         out["full"][setting] = {"rgb_decoded_on": where, "samples_per_s": n / full_s, "loader": alone}
     timed = [f["samples_per_s"] for f in out["full"].values() if "samples_per_s" in f]
     out["full_samples_per_s"] = timed[0] if timed else float("nan")
