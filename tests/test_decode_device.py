@@ -162,3 +162,30 @@ def test_rgb_inputs_cross_the_workers_as_uint8_and_are_normalized_in_the_batch_s
     assert torch.equal(batch["rgb"], torch.stack([mdata.normalize_rgb(p) for p in pixels]))
     with pytest.raises(TypeError, match="expected uint8 pixels"):
         mdata.normalize_images(batch, ["rgb"])  # twice would be a silent double normalization
+
+
+def test_class_ids_cross_the_workers_narrow_and_are_widened_in_the_batch_step(data):
+    """uint8 ids for up to 256 classes (an eighth of int64's bytes), int16 or int64 when the ids need them;
+    values never change."""
+    loader = mdata.train_loader(data, ["shard-000000"], ARGS, micro_batch=4, num_workers=1, shuffle_buffer=8,
+                                seed=3, chunk=0, rank=0)  # fmt: skip
+    batch = next(iter(loader))
+    assert batch["semseg"].dtype == torch.uint8 and batch["semseg"].shape == (4, 8, 8)  # stride-4 input
+    ids = batch["semseg"].clone()
+    mdata.widen_ids(batch, mdata.image_domains(ARGS["inputs"]))
+    assert batch["semseg"].dtype == torch.int64 and torch.equal(batch["semseg"], ids.long())
+    assert batch["rgb"].dtype == torch.uint8  # an image domain: left for normalize_images
+
+
+@pytest.mark.parametrize(
+    "extreme, dtype", [(255, torch.uint8), (256, torch.int16), (-1, torch.int16), (2**15, torch.int64)]
+)
+def test_collate_picks_the_narrowest_dtype_that_holds_every_id(extreme, dtype):
+    samples = [{"__key__": str(i), "target": torch.full((3, 3), 7, dtype=torch.int64), "cls": 3} for i in range(3)]
+    samples[2]["target"][1, 1] = extreme
+    batch = mdata.collate(samples)
+    assert batch["target"].dtype == dtype
+    assert torch.equal(batch["target"].long(), torch.stack([s["target"] for s in samples]))
+    assert batch["cls"].dtype == torch.int64  # labels, not maps: as default_collate gives them
+    mdata.widen_ids(batch, [])
+    assert batch["target"].dtype == torch.int64 and batch["target"][2, 1, 1] == extreme

@@ -9,9 +9,10 @@ Stages, in order:
      *inputs* come out at 1/SEMSEG_STRIDE resolution. Each kind follows its rules in `shards.modalities`
      (dtype, resize, flip, padding, standardization).
   3. `collate` builds the batch: {domain: (B, C, H, W) or (B, H, W), "target": ..., "__key__": [...]}.
-  4. `normalize_images` (the batch step, on the run's device): rgb inputs cross from the workers as uint8 and
-     are ImageNet-normalized there, a quarter of the bytes of float32 through shared memory and the copy to
-     the GPU. An rgb *target* is normalized in the worker, so evaluation scores it as the model sees it.
+  4. The batch step, on the run's device: rgb inputs cross from the workers as uint8 and are ImageNet-normalized
+     there (`normalize_images`), a quarter of the bytes of float32 through shared memory and the copy to the
+     GPU; class-id maps cross as uint8 (int16 when the ids need it) and are widened to int64 (`widen_ids`).
+     An rgb *target* is normalized in the worker, so evaluation scores it as the model sees it.
 
 With `data.decode_device` on the GPU (`rgb_decode_device`), the workers leave each rgb JPEG encoded with its
 sample's geometry (`DeferredRgb`); the batch step decodes the batch in one nvJPEG call on the GPU and crops
@@ -202,12 +203,39 @@ def rgb_decode_device(setting: str, device: torch.device, transform: SampleTrans
     return "cpu"
 
 
+def narrowest_int(values: Sequence[torch.Tensor]) -> torch.dtype:
+    """The smallest of uint8, int16, int64 that holds every value of these integer tensors."""
+    lo, hi = zip(*(map(int, torch.aminmax(v)) for v in values))
+    if min(lo) >= 0 and max(hi) <= 255:
+        return torch.uint8
+    if min(lo) >= -(2**15) and max(hi) < 2**15:
+        return torch.int16
+    return torch.int64
+
+
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """`default_collate`, except that a domain with deferred rgb inputs stays a list (for `finish_rgb`)."""
+    """`default_collate` for the training stream's workers, except that a domain with deferred rgb inputs stays a
+    list (for `finish_rgb`), and class-id maps (int64 tensors of 2 or more dims) travel in the narrowest integer
+    dtype that holds the batch's ids (`narrowest_int`: uint8 for up to 256 classes and an ignore index of 255),
+    an eighth of the bytes through shared memory; `widen_ids` brings them back to int64 on the device."""
     deferred = {k for s in samples for k, v in s.items() if isinstance(v, DeferredRgb)}
-    batch = default_collate([{k: v for k, v in s.items() if k not in deferred} for s in samples])
+    rows = [{k: v for k, v in s.items() if k not in deferred} for s in samples]
+    for k, v in rows[0].items():
+        if isinstance(v, torch.Tensor) and v.dtype == torch.int64 and v.ndim >= 2:
+            dtype = narrowest_int([r[k] for r in rows])
+            for r in rows:
+                r[k] = r[k].to(dtype)
+    batch = default_collate(rows)
     batch.update({k: [s[k] for s in samples] for k in deferred})
     return batch
+
+
+def widen_ids(batch: dict[str, Any], image_domains: Sequence[str]) -> None:
+    """Class-id maps of a collated batch, in place: back to int64 (what the semseg adapter, the losses and the
+    metrics take) from the narrow dtype `collate` sent them in; image domains stay uint8 for `normalize_images`."""
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor) and v.dtype in (torch.uint8, torch.int16) and k not in image_domains:
+            batch[k] = v.long()
 
 
 def finish_rgb(batch: dict[str, Any], device: torch.device | str) -> None:

@@ -117,10 +117,12 @@ class Run:
         return torch.autocast(device, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     def prepare_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """A collated batch on the run's device, deferred rgb decoded there, image inputs normalized, depth inputs
-        standardized."""
+        """A collated batch on the run's device, deferred rgb decoded there, class ids widened to int64, image
+        inputs normalized, depth inputs standardized."""
         batch = mdata.to_device(batch, self.dist.device)
         mdata.finish_rgb(batch, self.dist.device)
-        mdata.normalize_images(batch, mdata.image_domains(self.cfg.data.inputs))
+        images = mdata.image_domains(self.cfg.data.inputs)
+        mdata.widen_ids(batch, images)
+        mdata.normalize_images(batch, images)
         mdata.standardize_depth_inputs(batch, self.cfg.data.inputs, self.cfg.data.standardize_depth)
         return batch
