@@ -59,9 +59,11 @@ def _raw_samples(root: str, name: str, mods: list[str]) -> list[dict]:
     return list(iter_shard_members(root, name, mods))
 
 
-def stream(root: str, shards: list[str], defer: bool, batch: int = 4, buffer: int = 8, args: dict = ARGS):
-    """The trainer's training stream (chunk 0, rank 0, no workers), rgb deferred or decoded by the worker."""
-    loader = mdata.train_loader(root, shards, args, micro_batch=batch, num_workers=0, shuffle_buffer=buffer,
+def stream(root: str, shards: list[str], defer: bool, batch: int = 4, buffer: int = 8, args: dict = ARGS,
+           workers: int = 0):  # fmt: skip
+    """The trainer's training stream (chunk 0, rank 0, no workers by default), rgb deferred or decoded by the
+    worker."""
+    loader = mdata.train_loader(root, shards, args, micro_batch=batch, num_workers=workers, shuffle_buffer=buffer,
                                 seed=11, chunk=0, rank=0, defer_rgb=defer)  # fmt: skip
     return iter(loader)
 
@@ -150,9 +152,7 @@ def test_decode_device_is_a_runtime_setting_not_saved_with_the_run():
 def test_rgb_inputs_cross_the_workers_as_uint8_and_are_normalized_in_the_batch_step(data):
     """A quarter of float32's bytes through the workers' shared memory: the batch step normalizes, exactly as
     the per-sample normalization would."""
-    loader = mdata.train_loader(data, ["shard-000000"], ARGS, micro_batch=4, num_workers=1, shuffle_buffer=8,
-                                seed=3, chunk=0, rank=0)  # fmt: skip
-    batch = next(iter(loader))
+    batch = next(stream(data, ["shard-000000"], defer=False, workers=1))
     assert batch["rgb"].dtype == torch.uint8 and batch["rgb"].shape == (4, 3, 32, 32)
     assert batch["depth"].dtype == torch.float32
     pixels = batch["rgb"].clone()
@@ -167,9 +167,7 @@ def test_rgb_inputs_cross_the_workers_as_uint8_and_are_normalized_in_the_batch_s
 def test_class_ids_cross_the_workers_narrow_and_are_widened_in_the_batch_step(data):
     """uint8 ids for up to 256 classes (an eighth of int64's bytes), int16 or int64 when the ids need them;
     values never change."""
-    loader = mdata.train_loader(data, ["shard-000000"], ARGS, micro_batch=4, num_workers=1, shuffle_buffer=8,
-                                seed=3, chunk=0, rank=0)  # fmt: skip
-    batch = next(iter(loader))
+    batch = next(stream(data, ["shard-000000"], defer=False, workers=1))
     assert batch["semseg"].dtype == torch.uint8 and batch["semseg"].shape == (4, 8, 8)  # stride-4 input
     ids = batch["semseg"].clone()
     mdata.widen_ids(batch, mdata.image_domains(ARGS["inputs"]))

@@ -29,6 +29,7 @@ from multimae.train.data import batched, eval_samples, image_domains, normalize_
 from shards.format import read_manifest  # noqa: E402
 
 INPUTS = {"rgb": "rgb", "depth": "depth_gt", "semseg": "semseg_gt"}
+IMAGES = image_domains(INPUTS)  # uint8 from the transform, normalized here as the trainer's batch step does
 
 
 def scores(depth_pred, depth_gt, seg_pred, seg_gt, num_classes: int, align: bool = True) -> dict[str, float]:
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         if key not in data:
             data[key] = list(batched(eval_samples(args.shards, names, transform), args.batch_size))
             for b in data[key]:
-                normalize_images(b, image_domains(INPUTS))
+                normalize_images(b, IMAGES)
         batches = data[key]
         if not rows:  # baselines, on the first run's data
             gts = [d for b in batches for d in b["depth"][:, 0]]
