@@ -5,8 +5,9 @@ same arrays and apply the trainer's own pre-training augmentation (`multimae.tra
 `crop`: one random-resized-crop + flip per sample), in a torch DataLoader with the same worker count and batch
 size. The folder baseline opens three files per sample and decodes them with PIL,
 as the official MultiMAE layout does (its depth ranges come from one index loaded up front, so it pays no
-extra file per sample). A decode-only limit decodes the same bytes from memory with the shard reader's
-decoders (no I/O at all).
+extra file per sample). The official loader reads the same folder as the official MultiMAE pre-training code
+does, with its own augmentation (`OfficialLoader`): what its users run. A decode-only limit decodes the same
+bytes from memory with the shard reader's decoders (no I/O at all).
 
 Each layout is timed with a cold page cache (every file evicted with posix_fadvise(DONTNEED) just
 before the pass, as on first read from disk or network storage) and warm (second pass). Peak RSS of
@@ -41,6 +42,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import resource
 import shutil
 import statistics
@@ -200,6 +202,44 @@ class FolderDataset(torch.utils.data.Dataset):
         k = self.keys[i]
         blobs = [_read(fs.join(self.root, m, f"{k}.{F.codec(m).ext}")) for m in MODS]
         return self.transform({"__key__": k, **_decode_folder_sample(*blobs, self.ranges[k])})
+
+
+class OfficialLoader(torch.utils.data.Dataset):
+    """The official MultiMAE pre-training loader on the same folder: its `MultiTaskImageFolder` reading (PIL opens
+    every file; rgb converted to RGB, semseg to mode P) and its `DataAugmentationForMultiMAE`, written here from
+    its description: one RandomResizedCrop box (scale 0.2-1, ratio 0.75-1.3333) and one flip for all three,
+    PIL's resize with its default filter, then rgb to float32 and ImageNet-normalized, depth as float32 16-bit
+    levels / 2^16, semseg resized to 1/4 (nearest, mode P) as int64. Its random draws use Python's `random`,
+    which the DataLoader seeds per worker."""
+
+    def __init__(self, folder: FolderDataset, crop: int):
+        self.root, self.keys, self.crop = folder.root, folder.keys, crop
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> dict:
+        import torchvision.transforms as T
+        import torchvision.transforms.functional as TF
+
+        k, size = self.keys[i], self.crop
+        images = {}
+        for m in MODS:
+            im = Image.open(io.BytesIO(_read(fs.join(self.root, m, f"{k}.{F.codec(m).ext}"))))
+            images[m] = im.convert("RGB") if m == "rgb" else im.convert("P") if m == "semseg" else im
+        flip = random.random() < 0.5
+        box = T.RandomResizedCrop.get_params(images["rgb"], scale=(0.2, 1.0), ratio=(0.75, 1.3333))
+        for m, im in images.items():
+            im = TF.crop(im, *box).resize((size, size))
+            images[m] = TF.hflip(im) if flip else im
+        rgb = TF.normalize(TF.to_tensor(images["rgb"]), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        semseg = images["semseg"].resize((size // 4, size // 4))
+        return {
+            "__key__": k,
+            "rgb": rgb,
+            "depth": torch.Tensor(np.array(images["depth"]) / 2**16)[None],
+            "semseg": TF.pil_to_tensor(semseg).to(torch.long)[0],
+        }
 
 
 class InMemoryDataset(torch.utils.data.Dataset):
@@ -579,11 +619,13 @@ def main() -> None:
     )
 
     folder = FolderDataset(folder_root, pretrain_transform(a.crop))
+    official = OfficialLoader(folder, a.crop)
     shards = _shard_dataset(shard_root, a.crop)
     runs: dict[str, list[tuple[float, float]]] = {}
     for _ in range(a.repeats):  # interleaved, so background load hits every setting alike
         for cache in ("cold", "warm"):
             for name, ds, root, shuffle in (
+                ("official", official, folder_root, True),
                 ("folder", folder, folder_root, True),
                 ("shards", shards, shard_root, False),
             ):
@@ -603,14 +645,21 @@ def main() -> None:
     for k in runs:
         print(f"{k:<14}{rate[k]:>10.0f}{cpu[k]:>15.2f}   {', '.join(f'{r:.0f}' for r, _ in runs[k])}")
     print("\nratios (> 1: shards better)     throughput   CPU cost")
+    print("  shards vs folder (the same transform):")
     for cache in ("cold", "warm", "http"):
         if f"shards {cache}" in rate:
             label = f"{cache} cache" if cache != "http" else f"HTTP {a.http_latency_ms:.0f} ms"
             print(
-                f"  shards vs folder, {label}:{' ' * (13 - len(label))}"
+                f"    {label}:{' ' * (27 - len(label))}"
                 f"{rate[f'shards {cache}'] / rate[f'folder {cache}']:>8.2f}x"
                 f"   {cpu[f'folder {cache}'] / cpu[f'shards {cache}']:>7.2f}x"
             )
+    print("  shards vs the official loader (each its own augmentation):")
+    for cache in ("cold", "warm"):
+        print(
+            f"    {cache} cache:{' ' * (21 - len(cache))}{rate[f'shards {cache}'] / rate[f'official {cache}']:>8.2f}x"
+            f"   {cpu[f'official {cache}'] / cpu[f'shards {cache}']:>7.2f}x"
+        )
     print(
         f"  shards warm vs decode-only limit: {rate['shards warm'] / rate['decode-only']:>6.2f}x"
         f"   {cpu['decode-only'] / cpu['shards warm']:>7.2f}x"
