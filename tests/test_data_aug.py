@@ -125,8 +125,8 @@ def test_cls_target_and_missing_label_error():
 
 
 def test_reduce_zero_label():
-    ids = torch.tensor([[0, 1, 2], [5, 0, 3]])
-    assert map_semseg_labels(ids, True, 255).tolist() == [[255, 0, 1], [4, 255, 2]]
+    ids = torch.tensor([[0, 1, 2], [5, 0, 3], [255, 254, 1]])
+    assert map_semseg_labels(ids, True, 255).tolist() == [[255, 0, 1], [4, 255, 2], [255, 253, 0]]  # 255 stays ignored
     assert torch.equal(map_semseg_labels(ids, False, 255), ids)
 
 

@@ -84,10 +84,11 @@ def denormalize_rgb(rgb: torch.Tensor) -> torch.Tensor:
 
 
 def map_semseg_labels(ids: torch.Tensor, reduce_zero_label: bool, ignore_index: int) -> torch.Tensor:
-    """ADE20K-style label reduction: 0 ("unlabeled") -> ignore_index, k -> k - 1."""
+    """ADE20K-style label reduction: 0 ("unlabeled") -> ignore_index, k -> k - 1; ignore_index stays ignored (as
+    the official fine-tuning code keeps it)."""
     if not reduce_zero_label:
         return ids
-    return torch.where(ids == 0, torch.full_like(ids, ignore_index), ids - 1)
+    return torch.where((ids == 0) | (ids == ignore_index), torch.full_like(ids, ignore_index), ids - 1)
 
 
 class DeferredRgb(NamedTuple):
