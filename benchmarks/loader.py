@@ -52,6 +52,8 @@ import time
 
 import numpy as np
 import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
 from fsspec.core import url_to_fs
 from PIL import Image
 
@@ -198,10 +200,13 @@ class FolderDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.keys)
 
+    def read(self, key: str) -> list[bytes]:
+        """The three files of one sample, in MODS order."""
+        return [_read(fs.join(self.root, m, f"{key}.{F.codec(m).ext}")) for m in MODS]
+
     def __getitem__(self, i: int) -> dict:
         k = self.keys[i]
-        blobs = [_read(fs.join(self.root, m, f"{k}.{F.codec(m).ext}")) for m in MODS]
-        return self.transform({"__key__": k, **_decode_folder_sample(*blobs, self.ranges[k])})
+        return self.transform({"__key__": k, **_decode_folder_sample(*self.read(k), self.ranges[k])})
 
 
 class OfficialLoader(torch.utils.data.Dataset):
@@ -213,19 +218,16 @@ class OfficialLoader(torch.utils.data.Dataset):
     which the DataLoader seeds per worker."""
 
     def __init__(self, folder: FolderDataset, crop: int):
-        self.root, self.keys, self.crop = folder.root, folder.keys, crop
+        self.folder, self.crop = folder, crop
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.folder)
 
     def __getitem__(self, i: int) -> dict:
-        import torchvision.transforms as T
-        import torchvision.transforms.functional as TF
-
-        k, size = self.keys[i], self.crop
+        k, size = self.folder.keys[i], self.crop
         images = {}
-        for m in MODS:
-            im = Image.open(io.BytesIO(_read(fs.join(self.root, m, f"{k}.{F.codec(m).ext}"))))
+        for m, blob in zip(MODS, self.folder.read(k)):
+            im = Image.open(io.BytesIO(blob))
             images[m] = im.convert("RGB") if m == "rgb" else im.convert("P") if m == "semseg" else im
         flip = random.random() < 0.5
         box = T.RandomResizedCrop.get_params(images["rgb"], scale=(0.2, 1.0), ratio=(0.75, 1.3333))
@@ -246,10 +248,7 @@ class InMemoryDataset(torch.utils.data.Dataset):
     """The decode-only limit: the folder files' bytes held in memory, decoded as the shard reader does."""
 
     def __init__(self, folder: FolderDataset):
-        self.items = [
-            (k, [_read(os.path.join(folder.root, m, f"{k}.{F.codec(m).ext}")) for m in MODS], folder.ranges[k])
-            for k in folder.keys
-        ]
+        self.items = [(k, folder.read(k), folder.ranges[k]) for k in folder.keys]
         self.transform = folder.transform
 
     def __len__(self) -> int:
@@ -645,21 +644,16 @@ def main() -> None:
     for k in runs:
         print(f"{k:<14}{rate[k]:>10.0f}{cpu[k]:>15.2f}   {', '.join(f'{r:.0f}' for r, _ in runs[k])}")
     print("\nratios (> 1: shards better)     throughput   CPU cost")
-    print("  shards vs folder (the same transform):")
-    for cache in ("cold", "warm", "http"):
-        if f"shards {cache}" in rate:
-            label = f"{cache} cache" if cache != "http" else f"HTTP {a.http_latency_ms:.0f} ms"
-            print(
-                f"    {label}:{' ' * (27 - len(label))}"
-                f"{rate[f'shards {cache}'] / rate[f'folder {cache}']:>8.2f}x"
-                f"   {cpu[f'folder {cache}'] / cpu[f'shards {cache}']:>7.2f}x"
-            )
-    print("  shards vs the official loader (each its own augmentation):")
-    for cache in ("cold", "warm"):
-        print(
-            f"    {cache} cache:{' ' * (21 - len(cache))}{rate[f'shards {cache}'] / rate[f'official {cache}']:>8.2f}x"
-            f"   {cpu[f'official {cache}'] / cpu[f'shards {cache}']:>7.2f}x"
-        )
+    for base, title in (("folder", "the same transform"), ("official", "each its own augmentation")):
+        print(f"  shards vs {'the official loader' if base == 'official' else base} ({title}):")
+        for cache in ("cold", "warm", "http"):
+            if f"{base} {cache}" in rate:
+                label = f"{cache} cache" if cache != "http" else f"HTTP {a.http_latency_ms:.0f} ms"
+                print(
+                    f"    {label}:{' ' * (27 - len(label))}"
+                    f"{rate[f'shards {cache}'] / rate[f'{base} {cache}']:>8.2f}x"
+                    f"   {cpu[f'{base} {cache}'] / cpu[f'shards {cache}']:>7.2f}x"
+                )
     print(
         f"  shards warm vs decode-only limit: {rate['shards warm'] / rate['decode-only']:>6.2f}x"
         f"   {cpu['decode-only'] / cpu['shards warm']:>7.2f}x"
